@@ -1685,6 +1685,18 @@ def usage() -> str:
 # ==============================================================================================
 
 
+def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
+    """SIGTERM and SIGINT write their number to the first socket of the returned pair (keep both
+    open).  The handlers do nothing: one that took a lock could deadlock against the main thread
+    holding it."""
+    receiver, sender = socket.socketpair()
+    sender.setblocking(False)
+    signal.set_wakeup_fd(sender.fileno())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    return receiver, sender
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = parse_flags(sys.argv[1:] if argv is None else argv)
@@ -1704,14 +1716,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as err:
         logger.log("error", "Cannot listen", address=settings.listen_address, err=str(err))
         return 1
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    wakeup, _sender = install_stop_signals()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
     logger.log("info", "Listening", address=format_address(server.server_address), version=__version__)
-    while not stop.wait(1.0):
-        pass
-    logger.log("info", "Shutting down")
+    signum = wakeup.recv(1)
+    logger.log("info", "Shutting down", signal=signal.Signals(signum[0]).name if signum else "")
     server.shutdown()
     server.server_close()
     return 0
