@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 import base64
+import calendar
 import codecs
+import collections
 import dataclasses
 import enum
 import hashlib
@@ -57,6 +59,7 @@ import urllib.parse
 from typing import (
     IO,
     Callable,
+    Deque,
     Dict,
     Iterable,
     Iterator,
@@ -145,8 +148,26 @@ FAILURE_REASONS = frozenset(
         "protocol_error",  # close/check: a frame that breaks RFC 6455
         "message_too_large",  # close/check: a message over the size limit
         "internal_error",  # a bug in the exporter; the traceback is logged at debug level
+        "no_response",  # check: no pong or JSON-RPC response before the check's time ran out
+        "rpc_error",  # check: the node answered a JSON-RPC request with an error
+        "rate_limited",  # check: that error says rate limit (code 429 or -32005, or its message)
+        "bad_json",  # check: a text message that is not JSON, or JSON-RPC of the wrong shape
+        "no_notification",  # check: subscribed, but no notification before the check's time ran out
+        "too_few_notifications",  # check: some notifications, fewer than min_notifications
+        "chain_id_mismatch",  # check: the node serves another chain than expect_chain_id
+        "head_too_old",  # check: the newest block is older than max_head_age
+        "expectation_failed",  # check: a step's regex or JSON path expectation did not hold
     )
 )
+# Checks stop this long (at most this share of the probe's timeout) before the deadline, so that a
+# silent node fails as no_notification and the clean close still has time to run.
+CHECK_RESERVE_SECONDS = 0.5
+CHECK_RESERVE_SHARE = 0.1
+PING_PAYLOAD_BYTES = 16
+MAX_CHECK_MESSAGES = 10000  # messages a check reads before giving up on a chatty node
+# JSON-RPC error codes that mean "slow down": HTTP's 429 as some gateways send it, and the
+# -32005 "limit exceeded" of EIP-1474.
+RATE_LIMIT_CODES = frozenset((429, -32005))
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
 LOG_FORMATS = ("logfmt", "json")
@@ -648,6 +669,29 @@ def _bad_target(detail: str) -> ProbeError:
     return ProbeError("bad_target", detail, "target")
 
 
+class TLSOptions(NamedTuple):
+    """A module's TLS settings for wss targets; the defaults are the system trust store."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""  # SNI and the name the certificate must carry; "" is the target's host
+    insecure_skip_verify: bool = False
+    min_version: str = ""  # "TLS12" or "TLS13"; "" is the ssl module's default
+
+
+class Step(NamedTuple):
+    """One step of a generic check: send a text frame, or wait for a message that matches a
+    regex or whose JSON value at ``path`` compares as asked."""
+
+    send: Optional[str] = None
+    regex: str = ""
+    path: str = ""
+    equals: Tuple[object, ...] = ()  # empty: no equality test; else the one value to equal
+    at_least: Optional[float] = None
+    at_most: Optional[float] = None
+
+
 class Module(NamedTuple):
     """What a probe does and with which settings."""
 
@@ -655,18 +699,64 @@ class Module(NamedTuple):
     timeout: Optional[float] = None  # seconds; None: the --timeout flag
     headers: Tuple[Tuple[str, str], ...] = ()
     subprotocols: Tuple[str, ...] = ()
+    preset: str = "connect"  # the checks run after the upgrade: a key of PRESETS
+    origin: str = ""
+    tls: TLSOptions = TLSOptions()
+    tls_context: Optional[ssl.SSLContext] = None  # built from ``tls`` when the config loads
+    ip_protocol: str = ""  # "ip4" or "ip6": that family first; "" keeps the resolver's order
+    ip_protocol_fallback: bool = True  # with ip_protocol: may the other family be used?
+    proxy_url: str = ""  # http://[user:pass@]host:port, reached with HTTP CONNECT
+    expect_chain_id: Optional[int] = None
+    max_head_age: Optional[float] = None  # seconds
+    min_notifications: int = 1
+    steps: Tuple[Step, ...] = ()
 
     def settings(self) -> Dict[str, object]:
-        """The module as shown on the debug page, header values redacted."""
+        """The module as shown on the debug page, header values and proxy credentials redacted."""
         return {
             "name": self.name,
             "timeout": self.timeout,
             "headers": {name: "<redacted>" for name, _ in self.headers},
             "subprotocols": list(self.subprotocols),
+            "preset": self.preset,
+            "origin": self.origin,
+            "tls": self.tls._asdict(),
+            "ip_protocol": self.ip_protocol,
+            "ip_protocol_fallback": self.ip_protocol_fallback,
+            "proxy_url": redact_proxy_url(self.proxy_url),
+            "expect_chain_id": self.expect_chain_id,
+            "max_head_age": self.max_head_age,
+            "min_notifications": self.min_notifications,
+            "steps": [step_settings(step) for step in self.steps],
         }
 
+    def runs_checks(self) -> bool:
+        return self.preset != "connect" or bool(self.steps)
 
-DEFAULT_MODULES = {"connect": Module("connect")}
+
+def redact_proxy_url(url: str) -> str:
+    """scheme://host:port of a proxy URL: its credentials never show."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return "%s://%s:%s" % (parts.scheme, "[%s]" % host if ":" in host else host, parts.port or 80)
+
+
+def step_settings(step: Step) -> Dict[str, object]:
+    """A step for the debug page; sent text may carry keys, so only its length shows."""
+    if step.send is not None:
+        return {"send": "<%d characters>" % len(step.send)}
+    shown: Dict[str, object] = {"regex": step.regex} if step.regex else {"path": step.path}
+    if step.equals:
+        shown["equals"] = step.equals[0]
+    shown.update((k, v) for k, v in (("at_least", step.at_least), ("at_most", step.at_most)) if v is not None)
+    return {"expect": shown}
+
+
+# The built-in modules: one per preset, each named after it (see PRESETS in the checks section).
+PRESET_NAMES = ("connect", "ping", "evm", "evm_newheads", "solana_slot", "substrate_newheads", "cometbft_newblock")
+DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
 
 
 class Deadline:
@@ -715,6 +805,16 @@ class ProbeResult:
         self.cert_expiry: Optional[float] = None
         self.failure: Optional[Tuple[str, str]] = None  # (phase, reason)
         self.total = 0.0
+        # What the module's checks measured; None or empty when it did not get that far.
+        self.ping_rtt: Optional[float] = None
+        self.rpc_durations: Dict[str, float] = {}
+        self.rpc_error_codes: Dict[str, int] = {}
+        self.notifications: Optional[int] = None
+        self.first_notification: Optional[float] = None  # seconds from subscribing
+        self.chain_id: Optional[int] = None
+        self.head_number: Optional[int] = None
+        self.head_timestamp: Optional[float] = None
+        self.head_age: Optional[float] = None
 
     @property
     def success(self) -> bool:
@@ -773,6 +873,8 @@ def run_probe(raw_target: str, module: Module, deadline: Deadline, result: Probe
         target = parse_target(raw_target)
         conn = open_websocket(target, module, deadline, result, log)
         sock = conn.sock
+        if module.runs_checks():
+            run_checks(conn, module, result, log)
         close_websocket(conn, result, log)
     except ProbeError as err:
         _record_failure(result, err, log)
@@ -811,7 +913,7 @@ def open_websocket(target: Target, module: Module, deadline: Deadline, result: P
     """Resolve, connect, negotiate TLS and upgrade; return the open WebSocket."""
     log.log("debug", "Beginning probe", timeout=deadline.seconds)
     with _Phase(result, "resolve"):
-        addresses = resolve(target.host, target.port, deadline)
+        addresses = by_family(resolve(target.host, target.port, deadline), module)
     log.log("debug", "Resolved", addresses=len(addresses))
     with _Phase(result, "connect"):
         sock = connect(addresses, deadline, result)
@@ -819,7 +921,7 @@ def open_websocket(target: Target, module: Module, deadline: Deadline, result: P
         log.log("debug", "Connected", ip_protocol=result.ip_protocol)
         if target.secure:
             with _Phase(result, "tls"):
-                sock = start_tls(sock, target.host, deadline, result)
+                sock = start_tls(sock, target.host, deadline, result, module.tls_context, module.tls.server_name)
             log.log("debug", "TLS established", version=result.tls_version, cipher=result.tls_cipher)
         with _Phase(result, "upgrade"):
             conn = Connection(sock, deadline)
@@ -865,6 +967,18 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     return outcome
 
 
+def by_family(addresses: List[AddrInfo], module: Module) -> List[AddrInfo]:
+    """The addresses of the module's ip_protocol first, the others only with the fallback on."""
+    if not module.ip_protocol:
+        return addresses
+    wanted = socket.AF_INET6 if module.ip_protocol == "ip6" else socket.AF_INET
+    preferred = [a for a in addresses if a[0] == wanted]
+    others = [a for a in addresses if a[0] != wanted] if module.ip_protocol_fallback else []
+    if not preferred and not others:
+        raise ProbeError("dns_error", "no %s address" % module.ip_protocol, "resolve")
+    return preferred + others
+
+
 def _getaddrinfo(host: str, port: int, flags: int) -> List[AddrInfo]:
     infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP, flags)
     if not infos:
@@ -906,10 +1020,20 @@ def default_tls_context() -> ssl.SSLContext:
         return _TLS_CONTEXT
 
 
-def start_tls(sock: socket.socket, host: str, deadline: Deadline, result: ProbeResult) -> ssl.SSLSocket:
-    """TLS with SNI and certificate verification, within the deadline."""
+def start_tls(
+    sock: socket.socket,
+    host: str,
+    deadline: Deadline,
+    result: ProbeResult,
+    context: Optional[ssl.SSLContext] = None,
+    server_name: str = "",
+) -> ssl.SSLSocket:
+    """TLS with SNI and certificate verification, within the deadline; ``context`` and
+    ``server_name`` come from a module's tls settings."""
     sock.settimeout(deadline.remaining())
-    tls = default_tls_context().wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    tls = (context or default_tls_context()).wrap_socket(
+        sock, server_hostname=server_name or host, do_handshake_on_connect=False
+    )
     try:
         tls.do_handshake()
     except BaseException:
@@ -946,6 +1070,8 @@ def upgrade(conn: Connection, target: Target, module: Module, result: ProbeResul
 
 def upgrade_headers(target: Target, module: Module) -> List[Tuple[str, str]]:
     headers = list(module.headers)
+    if module.origin:
+        headers.append(("Origin", module.origin))
     if module.subprotocols:
         headers.append(("Sec-WebSocket-Protocol", ", ".join(module.subprotocols)))
     if target.userinfo:
@@ -999,6 +1125,421 @@ def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
     return module
 
 
+class CheckError(ProbeError):
+    """A module's check failed; always charged to the check phase."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail, "check")
+
+
+class Head(NamedTuple):
+    """The newest block (or slot) a node reported, and its time when the chain gives one."""
+
+    number: Optional[int]
+    timestamp: Optional[float]  # unix seconds
+
+
+JsonObject = Dict[str, object]
+Expiry = Callable[[], CheckError]
+
+
+class RpcSession:
+    """JSON-RPC 2.0 over an open WebSocket: requests with increasing ids, answers matched by id,
+    server pings answered (RFC 6455 §5.5.2), and subscription events set aside as they arrive,
+    even before the answer to the subscribe request."""
+
+    def __init__(self, conn: Connection, result: ProbeResult, log: ProbeLog, until: float) -> None:
+        self.conn = conn
+        self.result = result
+        self.log = log
+        self.until = until  # time.monotonic() by which the check must end
+        self.events: Deque[Event] = collections.deque()
+        self.messages = 0
+        self.next_id = 0
+        self.is_event: Callable[[JsonObject], Optional[object]] = lambda message: None
+        self.notifications: List[Tuple[float, object]] = []  # (time.perf_counter(), payload)
+
+    def next_event(self, expired: Expiry) -> Union[Message, Pong]:
+        """The next message or pong; raises ``expired()`` when the check's time runs out."""
+        while True:
+            while self.events:
+                event = self.events.popleft()
+                if isinstance(event, Ping):
+                    self.conn.send(encode_pong(event))
+                elif isinstance(event, Close):
+                    raise CheckError("connection_closed", "server closed the connection (code %d)" % event.code)
+                else:
+                    return self._counted(event)
+            left = self.until - time.monotonic()
+            if left <= 0:
+                raise expired()
+            try:
+                self.events.extend(self.conn.reader.feed(self.conn.recv(left)))
+            except socket.timeout:
+                continue
+
+    def _counted(self, event: Union[Message, Pong]) -> Union[Message, Pong]:
+        self.messages += 1
+        if self.messages > MAX_CHECK_MESSAGES:
+            raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
+        return event
+
+    def next_json(self, expired: Expiry) -> JsonObject:
+        """The next data message, parsed as a JSON object."""
+        while True:
+            event = self.next_event(expired)
+            if isinstance(event, Message):
+                return parse_json_object(event.data)
+
+    def receive(self, expired: Expiry) -> Optional[JsonObject]:
+        """The next JSON message, or None when it was a subscription event (set aside)."""
+        message = self.next_json(expired)
+        payload = self.is_event(message)
+        if payload is None:
+            return message
+        self.notifications.append((time.perf_counter(), payload))
+        return None
+
+    def send_text(self, text: str) -> None:
+        self.conn.send(encode_frame(Opcode.TEXT, text.encode("utf-8")))
+
+    def call(self, method: str, params: object) -> object:
+        """Send a request and return its result; an error answer, or an error without an id
+        (JSON-RPC 2.0 §5: the server could not tell which request failed), raises."""
+        self.next_id += 1
+        request_id = self.next_id
+        start = time.perf_counter()
+        self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
+
+        def expired() -> CheckError:
+            return CheckError("no_response", "no answer to %s" % method)
+
+        while True:
+            message = self.receive(expired)
+            if message is None:
+                continue
+            answer_id = message.get("id")
+            if answer_id != request_id and not (answer_id is None and "error" in message):
+                continue  # an answer to nobody we know, or a notification nobody subscribed to
+            self.result.rpc_durations[method] = time.perf_counter() - start
+            if "error" in message:
+                raise rpc_failure(method, message["error"], self.result)
+            if "result" not in message:
+                raise CheckError("bad_json", "the answer to %s has neither result nor error" % method)
+            self.log.log("debug", "RPC answered", method=method, seconds=round(self.result.rpc_durations[method], 6))
+            return message["result"]
+
+
+_RATE_LIMIT_TEXT = re.compile(r"rate.?limit|too many requests", re.IGNORECASE)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def rpc_failure(method: str, error: object, result: ProbeResult) -> CheckError:
+    """The failure a JSON-RPC error object stands for: rate_limited or rpc_error."""
+    code = error.get("code") if isinstance(error, dict) else None
+    text = str(error.get("message", "")) if isinstance(error, dict) else str(error)
+    if isinstance(code, int) and not isinstance(code, bool):
+        result.rpc_error_codes[method] = code
+    limited = code in RATE_LIMIT_CODES or bool(_RATE_LIMIT_TEXT.search(text))
+    detail = "%s answered error %s: %s" % (method, code, _UNPRINTABLE.sub(" ", text)[:100])
+    return CheckError("rate_limited" if limited else "rpc_error", detail)
+
+
+def parse_json_object(data: bytes) -> JsonObject:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        raise CheckError("bad_json", "a message that is not JSON")
+    if not isinstance(value, dict):
+        raise CheckError("bad_json", "a JSON message that is not an object")
+    return value
+
+
+def json_at(value: object, path: str) -> object:
+    """The value at a dotted path ("result.number", "params.result.0"); KeyError when absent."""
+    for part in path.split(".") if path else ():
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(part)
+    return value
+
+
+def as_number(value: object, what: str) -> int:
+    """An integer as chains write them: a JSON number, "0x…" hex or a decimal string."""
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return int(value, 16) if value[:2].lower() == "0x" else int(value)
+    except ValueError:
+        pass
+    raise CheckError("bad_json", "%s is not an integer" % what)
+
+
+def field(value: object, path: str, what: str) -> object:
+    try:
+        return json_at(value, path)
+    except KeyError:
+        raise CheckError("bad_json", "%s lacks %s" % (what, path))
+
+
+_RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?(?:[Zz]|([+-])(\d\d):(\d\d))")
+
+
+def rfc3339_seconds(text: object) -> float:
+    """RFC 3339 date-time to unix seconds; CometBFT writes nanoseconds, which fromisoformat
+    refuses before Python 3.11."""
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise CheckError("bad_json", "block time is not an RFC 3339 date-time")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)) + float(match.group(7) or 0)
+    if match.group(8):
+        offset = int(match.group(9)) * 3600 + int(match.group(10)) * 60
+        seconds -= offset if match.group(8) == "+" else -offset
+    return seconds
+
+
+def evm_head(block: object) -> Head:
+    """An Ethereum block header (eth_getBlockByNumber, newHeads): hex number and timestamp."""
+    return Head(
+        as_number(field(block, "number", "block"), "block number"),
+        float(as_number(field(block, "timestamp", "block"), "block timestamp")),
+    )
+
+
+def solana_head(slot_info: object) -> Head:
+    return Head(as_number(field(slot_info, "slot", "slotNotification"), "slot"), None)
+
+
+def substrate_head(header: object) -> Head:
+    return Head(as_number(field(header, "number", "chain_newHead"), "block number"), None)
+
+
+def cometbft_head(data: object) -> Head:
+    header = field(data, "value.header", "NewBlockHeader event")
+    return Head(as_number(field(header, "height", "header"), "height"), rfc3339_seconds(field(header, "time", "header")))
+
+
+def notification_of(method: str) -> Callable[[JsonObject], Optional[object]]:
+    """JSON-RPC notifications of ``method`` carry the payload in params.result."""
+
+    def event(message: JsonObject) -> Optional[object]:
+        if message.get("method") != method:
+            return None
+        return field(message, "params.result", method + " notification")
+
+    return event
+
+
+def cometbft_event(message: JsonObject) -> Optional[object]:
+    """CometBFT sends events as answers carrying the subscribe request's id; only the content
+    tells them from the (empty) acknowledgement."""
+    result = message.get("result")
+    if "id" not in message or not isinstance(result, dict) or "data" not in result:
+        return None
+    data: object = result["data"]
+    return data
+
+
+class Subscription(NamedTuple):
+    """A preset that subscribes, waits for notifications and unsubscribes, as data."""
+
+    subscribe: str
+    params: object
+    unsubscribe: str
+    unsubscribe_params: Callable[[object], object]  # from the subscribe answer's result
+    event: Callable[[JsonObject], Optional[object]]  # a message's payload when it is an event
+    head: Callable[[object], Head]
+    chain_id_method: str = ""  # asked first when the chain has a numeric id
+    head_time: bool = False  # do notifications carry the block time (for max_head_age)?
+
+
+_COMETBFT_QUERY = {"query": "tm.event='NewBlockHeader'"}
+
+SUBSCRIPTIONS: Dict[str, Subscription] = {
+    "evm_newheads": Subscription(
+        "eth_subscribe", ["newHeads"], "eth_unsubscribe", lambda sub: [sub],
+        notification_of("eth_subscription"), evm_head, "eth_chainId", True),
+    "solana_slot": Subscription(
+        "slotSubscribe", [], "slotUnsubscribe", lambda sub: [sub],
+        notification_of("slotNotification"), solana_head),
+    "substrate_newheads": Subscription(
+        "chain_subscribeNewHeads", [], "chain_unsubscribeNewHeads", lambda sub: [sub],
+        notification_of("chain_newHead"), substrate_head),
+    "cometbft_newblock": Subscription(
+        "subscribe", _COMETBFT_QUERY, "unsubscribe", lambda _: _COMETBFT_QUERY,
+        cometbft_event, cometbft_head, "", True),
+}
+
+
+def check_until(deadline: Deadline) -> float:
+    """When checks must end: a little before the deadline, leaving time for the clean close."""
+    return deadline.expires - min(CHECK_RESERVE_SECONDS, deadline.seconds * CHECK_RESERVE_SHARE)
+
+
+def run_checks(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> None:
+    """Run the module's checks in the check phase.  When one fails while the connection is
+    still usable, the clean close runs before the failure is raised."""
+    try:
+        with _Phase(result, "check"):
+            session = RpcSession(conn, result, log, check_until(conn.deadline))
+            PRESETS[module.preset](session, module, result)
+            run_steps(session, module.steps)
+    except (ProbeError, OSError) as err:
+        failure = err if isinstance(err, ProbeError) else _classify_os_error(err)
+        if conn.reader.closed is None and failure.reason not in _CONNECTION_LOST:
+            close_after_failure(conn, result, log)
+        raise ProbeError(failure.reason, failure.detail, failure.phase or "check")
+    log.log("debug", "Checks passed", preset=module.preset, steps=len(module.steps))
+
+
+_CONNECTION_LOST = frozenset(("connection_closed", "protocol_error", "message_too_large", "timeout"))
+
+
+def close_after_failure(conn: Connection, result: ProbeResult, log: ProbeLog) -> None:
+    try:
+        close_websocket(conn, result, log)
+    except (ProbeError, OSError) as err:
+        log.log("debug", "Close after a failed check failed too", err=type(err).__name__)
+
+
+def check_nothing(session: RpcSession, module: Module, result: ProbeResult) -> None:
+    """connect: the upgrade was the whole check."""
+
+
+def check_ping(session: RpcSession, module: Module, result: ProbeResult) -> None:
+    """RFC 6455 §5.5.2-3: a ping with a random payload, answered by a pong echoing it."""
+    payload = os.urandom(PING_PAYLOAD_BYTES)
+    start = time.perf_counter()
+    session.conn.send(encode_frame(Opcode.PING, payload))
+    while True:
+        event = session.next_event(lambda: CheckError("no_response", "no pong to our ping"))
+        if isinstance(event, Pong) and event.payload == payload:
+            result.ping_rtt = time.perf_counter() - start
+            return
+
+
+def check_chain_id(session: RpcSession, method: str, module: Module, result: ProbeResult) -> None:
+    result.chain_id = as_number(session.call(method, []), "chain id")
+    if module.expect_chain_id is not None and result.chain_id != module.expect_chain_id:
+        raise CheckError("chain_id_mismatch", "chain id %d, expected %d" % (result.chain_id, module.expect_chain_id))
+
+
+def record_head(head: Head, module: Module, result: ProbeResult) -> None:
+    result.head_number = head.number
+    if head.timestamp is None:
+        return
+    result.head_timestamp = head.timestamp
+    result.head_age = time.time() - head.timestamp
+    if module.max_head_age is not None and result.head_age > module.max_head_age:
+        raise CheckError("head_too_old", "head is %.1fs old, over %gs" % (result.head_age, module.max_head_age))
+
+
+def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> None:
+    """The chain id, then the latest block's number and time."""
+    check_chain_id(session, "eth_chainId", module, result)
+    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False])), module, result)
+
+
+def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> None:
+    """Subscribe, wait for min_notifications notifications, unsubscribe."""
+    sub = SUBSCRIPTIONS[module.preset]
+    if sub.chain_id_method:
+        check_chain_id(session, sub.chain_id_method, module, result)
+    session.is_event = sub.event
+    start = time.perf_counter()
+    try:
+        subscription = session.call(sub.subscribe, sub.params)
+        wait_for_notifications(session, module.min_notifications)
+    finally:
+        result.notifications = len(session.notifications)
+        if session.notifications:
+            result.first_notification = session.notifications[0][0] - start
+    record_head(sub.head(session.notifications[-1][1]), module, result)
+    session.call(sub.unsubscribe, sub.unsubscribe_params(subscription))
+    result.notifications = len(session.notifications)
+
+
+def wait_for_notifications(session: RpcSession, count: int) -> None:
+    def expired() -> CheckError:
+        got = len(session.notifications)
+        if not got:
+            return CheckError("no_notification", "no notification before the check's time ran out")
+        return CheckError("too_few_notifications", "%d of %d notifications" % (got, count))
+
+    while len(session.notifications) < count:
+        session.receive(expired)
+
+
+PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
+    "connect": check_nothing,
+    "ping": check_ping,
+    "evm": check_evm,
+    "evm_newheads": check_subscription,
+    "solana_slot": check_subscription,
+    "substrate_newheads": check_subscription,
+    "cometbft_newblock": check_subscription,
+}
+# Presets whose answers carry a numeric chain id or a block time (for expect_chain_id, max_head_age).
+CHAIN_ID_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.chain_id_method])
+HEAD_TIME_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
+
+
+def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
+    for index, step in enumerate(steps):
+        if step.send is not None:
+            session.send_text(step.send)
+        else:
+            expect(session, step, index)
+
+
+def expect(session: RpcSession, step: Step, index: int) -> None:
+    """Wait for a message the step accepts.  Messages that do not match the regex, or lack the
+    JSON path, are skipped; one that has the path with a wrong value fails at once."""
+
+    def expired() -> CheckError:
+        return CheckError("expectation_failed", "step %d: no matching message" % index)
+
+    while True:
+        event = session.next_event(expired)
+        if not isinstance(event, Message):
+            continue
+        text = event.data.decode("utf-8", "replace")
+        if step.regex:
+            if re.search(step.regex, text):
+                return
+            continue
+        try:
+            value = json_at(json.loads(text), step.path)
+        except (ValueError, KeyError):
+            continue
+        problem = mismatch(value, step)
+        if problem:
+            raise CheckError("expectation_failed", "step %d: %s %s" % (index, step.path, problem))
+        return
+
+
+def mismatch(value: object, step: Step) -> str:
+    """Why ``value`` fails the step's comparisons; "" when it passes."""
+    if step.equals and value != step.equals[0]:
+        return "is %s, expected %s" % (json.dumps(value)[:60], json.dumps(step.equals[0])[:60])
+    if step.at_least is None and step.at_most is None:
+        return ""
+    try:
+        number = float(as_number(value, step.path)) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
+    except (CheckError, TypeError, ValueError):
+        return "is not a number"
+    if step.at_least is not None and number < step.at_least:
+        return "is %g, expected at least %g" % (number, step.at_least)
+    if step.at_most is not None and number > step.at_most:
+        return "is %g, expected at most %g" % (number, step.at_most)
+    return ""
+
+
 # ==============================================================================================
 # Exposition (Prometheus text format 0.0.4)
 # ==============================================================================================
@@ -1028,6 +1569,17 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "probe_tls_cipher_info": ("gauge", "Returns the TLS cipher negotiated during handshake"),
     "probe_ssl_earliest_cert_expiry": ("gauge", "Returns last SSL chain expiry in unixtime"),
     "probe_failure_info": ("gauge", "Why the probe failed: the phase and a reason from a fixed set"),
+    "probe_websocket_ping_rtt_seconds": ("gauge", "Time from our ping to the pong echoing it in seconds"),
+    "probe_rpc_duration_seconds": ("gauge", "Time from a JSON-RPC request to its answer in seconds, by method"),
+    "probe_rpc_error_code": ("gauge", "JSON-RPC error code the node answered a request with, by method"),
+    "probe_subscription_first_notification_seconds": ("gauge", "Time from the subscribe request to the first notification in seconds"),
+    "probe_subscription_notifications": ("gauge", "Notifications received during the probe"),
+    "probe_chain_id": ("gauge", "Chain id the node reported"),
+    "probe_chain_head_number": ("gauge", "Number of the newest block (or slot) the node reported"),
+    "probe_chain_head_timestamp_seconds": ("gauge", "Time of the newest block the node reported in unix seconds"),
+    "probe_chain_head_age_seconds": ("gauge", "Age of the newest block the node reported in seconds"),
+    "ws_exporter_config_last_reload_successful": ("gauge", "Whether the last configuration reload attempt was successful"),
+    "ws_exporter_config_last_reload_success_timestamp_seconds": ("gauge", "Timestamp of the last successful configuration reload"),
     "ws_exporter_build_info": ("gauge", "A metric with a constant '1' value labeled by version and python_version"),
     "ws_exporter_probes_total": ("counter", "Probes run, by module"),
     "ws_exporter_probes_failed_total": ("counter", "Probes that failed, by module and reason"),
@@ -1108,9 +1660,27 @@ def probe_samples(result: ProbeResult) -> List[Sample]:
         samples.append(gauge("probe_tls_cipher_info", 1, (("cipher", result.tls_cipher),)))
     if result.cert_expiry is not None:
         samples.append(gauge("probe_ssl_earliest_cert_expiry", result.cert_expiry))
+    samples += check_samples(result)
     if result.failure is not None:
         phase, reason = result.failure
         samples.append(gauge("probe_failure_info", 1, (("phase", phase), ("reason", reason))))
+    return samples
+
+
+def check_samples(result: ProbeResult) -> List[Sample]:
+    """What the module's checks measured, each metric only when it was measured."""
+    samples = [Sample("probe_rpc_duration_seconds", (("method", m),), d) for m, d in sorted(result.rpc_durations.items())]
+    samples += [Sample("probe_rpc_error_code", (("method", m),), c) for m, c in sorted(result.rpc_error_codes.items())]
+    optional: Tuple[Tuple[str, Optional[float]], ...] = (
+        ("probe_websocket_ping_rtt_seconds", result.ping_rtt),
+        ("probe_subscription_first_notification_seconds", result.first_notification),
+        ("probe_subscription_notifications", result.notifications),
+        ("probe_chain_id", result.chain_id),
+        ("probe_chain_head_number", result.head_number),
+        ("probe_chain_head_timestamp_seconds", result.head_timestamp),
+        ("probe_chain_head_age_seconds", result.head_age),
+    )
+    samples += [Sample(name, (), value) for name, value in optional if value is not None]
     return samples
 
 
