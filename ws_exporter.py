@@ -122,6 +122,7 @@ KEEPALIVE_IDLE_SECONDS = 90.0  # an idle keep-alive connection is closed after t
 REQUEST_READ_SECONDS = 10.0  # a client must send a whole request within this
 RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
+MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
 
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -912,11 +913,15 @@ def _classify_os_error(err: Exception) -> ProbeError:
 def open_websocket(target: Target, module: Module, deadline: Deadline, result: ProbeResult, log: ProbeLog) -> Connection:
     """Resolve, connect, negotiate TLS and upgrade; return the open WebSocket."""
     log.log("debug", "Beginning probe", timeout=deadline.seconds)
+    proxy = proxy_for(target, module)
+    host, port = (proxy.hostname or "", proxy.port or 80) if proxy else (target.host, target.port)
     with _Phase(result, "resolve"):
-        addresses = by_family(resolve(target.host, target.port, deadline), module)
-    log.log("debug", "Resolved", addresses=len(addresses))
+        addresses = by_family(resolve(host, port, deadline), module)
+    log.log("debug", "Resolved", addresses=len(addresses), proxy=redact_proxy_url(proxy.geturl()) if proxy else "")
     with _Phase(result, "connect"):
         sock = connect(addresses, deadline, result)
+        if proxy:
+            tunnel(sock, target, proxy, deadline)
     try:
         log.log("debug", "Connected", ip_protocol=result.ip_protocol)
         if target.secure:
@@ -965,6 +970,60 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+def proxy_for(target: Target, module: Module) -> Optional[urllib.parse.SplitResult]:
+    """The module's proxy_url, else https_proxy (wss) or http_proxy (ws) from the environment
+    unless no_proxy names the host; None for a direct connection."""
+    url = module.proxy_url
+    if not url and not bypasses_proxy(target.host):
+        url = environment("https_proxy" if target.secure else "http_proxy")
+    if not url:
+        return None
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ProbeError("connect_error", "unsupported proxy URL", "connect")
+    return parts
+
+
+def environment(name: str) -> str:
+    """A proxy variable: the lower-case spelling wins, as in curl and urllib."""
+    return os.environ.get(name) or os.environ.get(name.upper()) or ""
+
+
+def bypasses_proxy(host: str) -> bool:
+    """no_proxy: "*", or comma-separated names that match the host or a domain above it."""
+    for entry in environment("no_proxy").split(","):
+        name = entry.strip().lstrip(".").lower()
+        if name == "*" or (name and (host == name or host.endswith("." + name))):
+            return True
+    return False
+
+
+def tunnel(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult, deadline: Deadline) -> None:
+    """RFC 9110 §9.3.6: ask an HTTP proxy to CONNECT to the target; the socket is closed on failure."""
+    lines = ["CONNECT %s HTTP/1.1" % target.host_port, "Host: %s" % target.host_port, "User-Agent: %s" % USER_AGENT]
+    if proxy.username:
+        credentials = "%s:%s" % (urllib.parse.unquote(proxy.username), urllib.parse.unquote(proxy.password or ""))
+        lines.append("Proxy-Authorization: Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii"))
+    try:
+        conn = Connection(sock, deadline)
+        conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+        parser = ResponseParser()
+        response = None
+        while response is None:
+            response = parser.feed(conn.recv())
+    except HandshakeError as err:
+        sock.close()
+        raise ProbeError("connect_error", "proxy: %s" % err.detail, "connect")
+    except BaseException:
+        sock.close()
+        raise
+    if response.status != 200 or response.rest:
+        sock.close()
+        raise ProbeError("connect_error", "proxy answered CONNECT with status %d" % response.status, "connect")
 
 
 def by_family(addresses: List[AddrInfo], module: Module) -> List[AddrInfo]:
@@ -1836,6 +1895,7 @@ class Settings(NamedTuple):
     log_format: str = "logfmt"
     show_help: bool = False
     show_version: bool = False
+    config_file: str = ""
 
 
 class Exporter:
@@ -1844,8 +1904,36 @@ class Exporter:
     def __init__(self, settings: Settings, logger: Logger, modules: Optional[Dict[str, Module]] = None) -> None:
         self.settings = settings
         self.logger = logger
-        self.modules = dict(DEFAULT_MODULES if modules is None else modules)
+        # Replaced whole on reload: a request reads self.config once and sees one consistent
+        # config, without a lock.
+        self.config = Config(dict(DEFAULT_MODULES if modules is None else modules), {})
         self.stats = Stats()
+        self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
+
+    @property
+    def modules(self) -> Dict[str, Module]:
+        return self.config.modules
+
+    def reload(self) -> Optional[str]:
+        """Load --config.file again; on error keep the old config and return why."""
+        path = self.settings.config_file
+        try:
+            config = load_config(path) if path else DEFAULT_CONFIG
+        except ConfigError as err:
+            self.last_reload = (False, self.last_reload[1])
+            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
+            return str(err)
+        self.config = config
+        self.last_reload = (True, time.time())
+        self.logger.log("info", "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
+        return None
+
+    def reload_samples(self) -> List[Sample]:
+        successful, when = self.last_reload
+        return [
+            Sample("ws_exporter_config_last_reload_successful", (), int(successful)),
+            Sample("ws_exporter_config_last_reload_success_timestamp_seconds", (), when),
+        ]
 
     def probe_timeout(self, module: Module, scrape_timeout: Optional[str]) -> float:
         """The module's timeout (or --timeout), lowered to the scrape timeout minus the offset."""
@@ -1860,9 +1948,10 @@ class Exporter:
             timeout = min(timeout, header - self.settings.timeout_offset)
         return max(timeout, MIN_PROBE_TIMEOUT_SECONDS)
 
-    def probe(self, target: str, module: Module, timeout: float) -> Tuple[ProbeResult, ProbeLog]:
+    def probe(self, target: str, module: Module, timeout: float, alias: str = "") -> Tuple[ProbeResult, ProbeLog]:
+        """Probe ``target``; logs name it by ``alias`` when given (its URL may hold a token)."""
         result = ProbeResult(module.name, timeout)
-        log = ProbeLog(self.logger, module=module.name, target=_redact_raw_target(target))
+        log = ProbeLog(self.logger, module=module.name, target=alias or _redact_raw_target(target))
         self.stats.begin()
         try:
             run_probe(target, module, Deadline(timeout), result, log)
@@ -1873,7 +1962,7 @@ class Exporter:
         return result, log
 
     def telemetry(self) -> str:
-        return render_samples(build_samples() + self.stats.samples() + process_samples())
+        return render_samples(build_samples() + self.stats.samples() + self.reload_samples() + process_samples())
 
 
 def _redact_raw_target(raw: str) -> str:
@@ -2004,6 +2093,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             settings.telemetry_path: self.serve_telemetry,
             "/": self.serve_landing,
             "/-/healthy": self.serve_healthy,
+            "/-/reload": self.serve_reload_get,
         }
         route = routes.get(url.path)
         if route is None:
@@ -2013,18 +2103,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def serve_probe(self, query: str) -> None:
         exporter = self.server.exporter
+        config = exporter.config
         params = urllib.parse.parse_qs(query, keep_blank_values=True)
         try:
             target = single_param(params, "target")
             if not target:
                 raise BadRequest("Target parameter is missing")
-            module = lookup_module(single_param(params, "module") or "connect", exporter.modules)
+            alias = config.targets.get(target)
+            default_module = alias.module if alias else "connect"
+            module = lookup_module(single_param(params, "module") or default_module, config.modules)
             timeout = exporter.probe_timeout(module, self.headers.get(SCRAPE_TIMEOUT_HEADER))
             debug = (single_param(params, "debug") or "").lower() == "true"
         except BadRequest as err:
             self.respond(400, "%s\n" % err)
             return
-        result, log = exporter.probe(target, module, timeout)
+        result, log = exporter.probe(alias.url, module, timeout, alias.name) if alias else exporter.probe(target, module, timeout)
         metrics = render_samples(probe_samples(result))
         if debug:
             self.respond(200, debug_page(log, metrics, module))
@@ -2045,6 +2138,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def serve_healthy(self, query: str) -> None:
         self.respond(200, "Healthy\n")
+
+    def serve_reload_get(self, query: str) -> None:
+        self.respond(405, "Method Not Allowed\n", headers=(("Allow", "POST"),))
+
+    def do_POST(self) -> None:
+        if urllib.parse.urlsplit(self.path).path != "/-/reload":
+            self._method_not_allowed()
+            return
+        if not self.discard_body():
+            return
+        error = self.server.exporter.reload()
+        if error is None:
+            self.respond(200, "Config reloaded\n")
+        else:
+            self.respond(500, "Config reload failed: %s\n" % error)
+
+    def discard_body(self) -> bool:
+        """Read and drop a small request body so the connection can carry the next request."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_RELOAD_BODY_BYTES:
+            self.close_connection = True
+            self.respond(413, "Request body not accepted\n")
+            return False
+        self.rfile.read(length)
+        return True
 
     def respond(
         self,
@@ -2202,6 +2323,7 @@ FLAG_SPECS = (
     FlagSpec("web.probe-path", "probe_path", "/probe", "Path under which to expose the probe endpoint.", _url_path),
     FlagSpec("timeout", "timeout", "10s", "Probe timeout (Go duration: 500ms, 5s, 1m30s; a bare number is seconds).", positive_duration),
     FlagSpec("timeout-offset", "timeout_offset", "0.5", "Subtracted from the scraper's X-Prometheus-Scrape-Timeout-Seconds (seconds or duration).", parse_duration),
+    FlagSpec("config.file", "config_file", "", "JSON file with modules and target aliases; reloaded on SIGHUP and POST /-/reload.", str),
     FlagSpec("log.level", "log_level", "info", "Only log messages with the given severity or above: debug, info, warn, error.", _choice(LOG_LEVELS)),
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
@@ -2242,6 +2364,295 @@ def parse_flags(argv: Sequence[str]) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
+class ConfigError(Exception):
+    """A configuration file cannot be read or is invalid; the message starts with the path of
+    the offending key ("modules.eth.tls.ca_fle: unknown key")."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__("%s: %s" % (path, message) if path else message)
+
+
+class Alias(NamedTuple):
+    """A target alias: /probe?target=NAME probes ``url`` (which may hold a token) with ``module``."""
+
+    name: str
+    url: str
+    module: str
+
+
+class Config(NamedTuple):
+    modules: Dict[str, Module]
+    targets: Dict[str, Alias]
+
+
+DEFAULT_CONFIG = Config(DEFAULT_MODULES, {})
+
+_SUBSTITUTION = re.compile(r"\$\{(env|file):([^}]*)\}")
+_JSON_TYPES = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"), (dict, "object"))
+
+
+def load_config(path: str) -> Config:
+    """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}}."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except OSError as err:
+        raise ConfigError("", "cannot read %s: %s" % (path, err.strerror or err))
+    except ValueError as err:
+        raise ConfigError("", "%s is not valid JSON: %s" % (path, err))
+    return parse_config(data)
+
+
+def parse_config(data: object) -> Config:
+    top = _object(data, "", ("modules", "targets"))
+    modules = dict(DEFAULT_MODULES)
+    for name, raw in _object(top.get("modules", {}), "modules").items():
+        modules[name] = parse_module(name, raw, _key_path("modules", name))
+    targets = {}
+    for name, raw in _object(top.get("targets", {}), "targets").items():
+        targets[name] = parse_alias(name, raw, _key_path("targets", name), modules)
+    return Config(modules, targets)
+
+
+def _key_path(parent: str, key: str) -> str:
+    return "%s.%s" % (parent, key) if parent else key
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    return next(name for kind, name in _JSON_TYPES if isinstance(value, kind))
+
+
+def _object(value: object, path: str, keys: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    if not isinstance(value, dict):
+        raise ConfigError(path or "(top level)", "want an object, got %s" % _json_type(value))
+    unknown = sorted(set(value) - set(keys)) if keys is not None else []
+    if unknown:
+        raise ConfigError(_key_path(path, unknown[0]), "unknown key")
+    return value
+
+
+def _string(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, "want a string, got %s" % _json_type(value))
+    return value
+
+
+def _boolean(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, "want true or false, got %s" % _json_type(value))
+    return value
+
+
+def _integer(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, "want an integer, got %s" % _json_type(value))
+    return value
+
+
+def _number(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, "want a number, got %s" % _json_type(value))
+    return float(value)
+
+
+def _duration(value: object, path: str) -> float:
+    try:
+        return positive_duration(_string(value, path))
+    except ValueError as err:
+        raise ConfigError(path, str(err))
+
+
+def _strings(value: object, path: str) -> Tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(path, "want an array of strings, got %s" % _json_type(value))
+    return tuple(_string(item, "%s[%d]" % (path, i)) for i, item in enumerate(value))
+
+
+def _one_of(*options: str) -> Callable[[object, str], str]:
+    def convert(value: object, path: str) -> str:
+        text = _string(value, path)
+        if text not in options:
+            raise ConfigError(path, "want one of: %s" % ", ".join(options))
+        return text
+
+    return convert
+
+
+def expand(value: object, path: str) -> str:
+    """A string with ${env:NAME} and ${file:/path} replaced (a file's trailing newline dropped),
+    so that secrets stay out of the config file."""
+
+    def substitute(match: "re.Match[str]") -> str:
+        kind, name = match.group(1), match.group(2)
+        if kind == "env":
+            if name not in os.environ:
+                raise ConfigError(path, "environment variable %s is not set" % name)
+            return os.environ[name]
+        try:
+            with open(name, "r", encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except (OSError, ValueError) as err:
+            raise ConfigError(path, "cannot read %s: %s" % (name, getattr(err, "strerror", None) or type(err).__name__))
+
+    return _SUBSTITUTION.sub(substitute, _string(value, path))
+
+
+def _headers(value: object, path: str) -> Tuple[Tuple[str, str], ...]:
+    headers = []
+    for name, raw in _object(value, path).items():
+        where = _key_path(path, name)
+        if _HEADER_NAME.fullmatch(name) is None:
+            raise ConfigError(where, "not a valid header name")
+        text = expand(raw, where)
+        if "\r" in text or "\n" in text:
+            raise ConfigError(where, "header value holds a line break")  # RFC 7230 §3.2.4
+        headers.append((name, text))
+    return tuple(headers)
+
+
+_TLS_KEYS: Dict[str, Callable[[object, str], object]] = {
+    "ca_file": _string,
+    "cert_file": _string,
+    "key_file": _string,
+    "server_name": _string,
+    "insecure_skip_verify": _boolean,
+    "min_version": _one_of("TLS12", "TLS13"),
+}
+
+
+def _tls(value: object, path: str) -> TLSOptions:
+    fields = _object(value, path, tuple(_TLS_KEYS))
+    options = TLSOptions(**{k: _TLS_KEYS[k](v, _key_path(path, k)) for k, v in fields.items()})  # type: ignore[arg-type]
+    if options.key_file and not options.cert_file:
+        raise ConfigError(_key_path(path, "key_file"), "needs cert_file")
+    return options
+
+
+def tls_context(options: TLSOptions, path: str) -> ssl.SSLContext:
+    """A client context for a module's tls settings, built once when the config loads."""
+    try:
+        context = ssl.create_default_context(cafile=options.ca_file or None)
+        if options.cert_file:
+            context.load_cert_chain(options.cert_file, options.key_file or None)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(path, "cannot load certificates: %s" % (getattr(err, "strerror", None) or err))
+    if options.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if options.min_version:
+        context.minimum_version = ssl.TLSVersion.TLSv1_3 if options.min_version == "TLS13" else ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _proxy_url(value: object, path: str) -> str:
+    text = expand(value, path)
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port
+    except ValueError:
+        raise ConfigError(path, "malformed URL")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(path, "want http://host:port")
+    return text
+
+
+_STEP_KEYS = ("send", "expect")
+_EXPECT_KEYS = ("regex", "path", "equals", "at_least", "at_most")
+
+
+def _steps(value: object, path: str) -> Tuple[Step, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(path, "want an array of steps, got %s" % _json_type(value))
+    return tuple(_step(item, "%s[%d]" % (path, i)) for i, item in enumerate(value))
+
+
+def _step(value: object, path: str) -> Step:
+    fields = _object(value, path, _STEP_KEYS)
+    if len(fields) != 1:
+        raise ConfigError(path, "want exactly one of send, expect")
+    if "send" in fields:
+        return Step(send=expand(fields["send"], _key_path(path, "send")))
+    where = _key_path(path, "expect")
+    expect = _object(fields["expect"], where, _EXPECT_KEYS)
+    if ("regex" in expect) == ("path" in expect):
+        raise ConfigError(where, "want exactly one of regex, path")
+    if "regex" in expect:
+        if len(expect) > 1:
+            raise ConfigError(where, "a regex takes no comparison")
+        regex = _string(expect["regex"], _key_path(where, "regex"))
+        try:
+            re.compile(regex)
+        except re.error as err:
+            raise ConfigError(_key_path(where, "regex"), "bad regex: %s" % err)
+        return Step(regex=regex)
+    return Step(
+        path=_string(expect["path"], _key_path(where, "path")),
+        equals=(expect["equals"],) if "equals" in expect else (),
+        at_least=_number(expect["at_least"], _key_path(where, "at_least")) if "at_least" in expect else None,
+        at_most=_number(expect["at_most"], _key_path(where, "at_most")) if "at_most" in expect else None,
+    )
+
+
+def _min_notifications(value: object, path: str) -> int:
+    count = _integer(value, path)
+    if count < 1:
+        raise ConfigError(path, "must be at least 1")
+    return count
+
+
+_MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
+    "preset": _one_of(*PRESET_NAMES),
+    "timeout": _duration,
+    "headers": _headers,
+    "subprotocols": _strings,
+    "origin": expand,
+    "tls": _tls,
+    "ip_protocol": _one_of("ip4", "ip6"),
+    "ip_protocol_fallback": _boolean,
+    "proxy_url": _proxy_url,
+    "expect_chain_id": _integer,
+    "max_head_age": _duration,
+    "min_notifications": _min_notifications,
+    "steps": _steps,
+}
+
+
+def parse_module(name: str, raw: object, path: str) -> Module:
+    """A module from the config; one named after a preset overrides that built-in module."""
+    fields = _object(raw, path, tuple(_MODULE_KEYS))
+    values = {key: _MODULE_KEYS[key](value, _key_path(path, key)) for key, value in fields.items()}
+    values.setdefault("preset", name if name in PRESETS else "connect")
+    if "tls" in values:
+        values["tls_context"] = tls_context(values["tls"], _key_path(path, "tls"))  # type: ignore[arg-type]
+    module = Module(name, **values)  # type: ignore[arg-type]
+    if module.expect_chain_id is not None and module.preset not in CHAIN_ID_PRESETS:
+        raise ConfigError(_key_path(path, "expect_chain_id"), "preset %s reports no chain id" % module.preset)
+    if module.max_head_age is not None and module.preset not in HEAD_TIME_PRESETS:
+        raise ConfigError(_key_path(path, "max_head_age"), "preset %s reports no block time" % module.preset)
+    if "min_notifications" in fields and module.preset not in SUBSCRIPTIONS:
+        raise ConfigError(_key_path(path, "min_notifications"), "preset %s subscribes to nothing" % module.preset)
+    return module
+
+
+def parse_alias(name: str, raw: object, path: str, modules: Dict[str, Module]) -> Alias:
+    """A target alias.  Errors never quote the URL: it may hold a token."""
+    fields = _object(raw, path, ("url", "module"))
+    if "url" not in fields:
+        raise ConfigError(_key_path(path, "url"), "missing")
+    url = expand(fields["url"], _key_path(path, "url"))
+    try:
+        parse_target(url)
+    except ProbeError as err:
+        raise ConfigError(_key_path(path, "url"), "not a probe target: %s" % err.detail)
+    module = _string(fields.get("module", "connect"), _key_path(path, "module"))
+    if module not in modules:
+        raise ConfigError(_key_path(path, "module"), 'unknown module "%s"' % module)
+    return Alias(name, url, module)
+
+
 def usage() -> str:
     lines = ["usage: ws_exporter.py [flags]", "", "%s %s: probes WebSocket endpoints for Prometheus." % (EXPORTER_NAME, __version__), "", "Flags:"]
     for spec in FLAG_SPECS:
@@ -2256,15 +2667,29 @@ def usage() -> str:
 
 
 def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
-    """SIGTERM and SIGINT write their number to the first socket of the returned pair (keep both
-    open).  The handlers do nothing: one that took a lock could deadlock against the main thread
-    holding it."""
+    """SIGTERM, SIGINT (stop) and SIGHUP (reload) write their number to the first socket of the
+    returned pair (keep both open).  The handlers do nothing: one that took a lock could deadlock
+    against the main thread holding it."""
     receiver, sender = socket.socketpair()
     sender.setblocking(False)
     signal.set_wakeup_fd(sender.fileno())
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT) + RELOAD_SIGNALS:
         signal.signal(signum, lambda *_: None)
     return receiver, sender
+
+
+RELOAD_SIGNALS: Tuple[int, ...] = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+
+
+def wait_for_stop(wakeup: socket.socket, exporter: Exporter) -> int:
+    """Reload on SIGHUP until a stop signal arrives; return its number (0 if the pair broke)."""
+    while True:
+        signum = wakeup.recv(1)
+        if not signum:
+            return 0
+        if signum[0] not in RELOAD_SIGNALS:
+            return signum[0]
+        exporter.reload()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -2281,6 +2706,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(settings, logger)
+    if settings.config_file:
+        try:
+            exporter.config = load_config(settings.config_file)
+        except ConfigError as err:
+            sys.stderr.write("ws_exporter: config file %s: %s\n" % (settings.config_file, err))
+            return 2
     try:
         server = make_server(exporter)
     except OSError as err:
@@ -2289,8 +2720,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wakeup, _sender = install_stop_signals()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
     logger.log("info", "Listening", address=format_address(server.server_address), version=__version__)
-    signum = wakeup.recv(1)
-    logger.log("info", "Shutting down", signal=signal.Signals(signum[0]).name if signum else "")
+    signum = wait_for_stop(wakeup, exporter)
+    logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
     server.shutdown()
     server.server_close()
     return 0
