@@ -1191,6 +1191,595 @@ class TestProgram(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------------------------
+# Checks: modules that speak to the node after the upgrade
+# ----------------------------------------------------------------------------------------------
+
+RpcHandlers = Dict[str, Callable[[Dict[str, object]], List[bytes]]]
+
+
+def text_frame(message: object) -> bytes:
+    return server_frame(wx.Opcode.TEXT, json.dumps(message).encode())
+
+
+def rpc_reply(request: Dict[str, object], result: object) -> bytes:
+    return text_frame({"jsonrpc": "2.0", "id": request["id"], "result": result})
+
+
+def rpc_error(request_id: object, code: int, message: str) -> bytes:
+    return text_frame({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}})
+
+
+def rpc_notification(method: str, result: object, subscription: object = 7) -> bytes:
+    return text_frame({"jsonrpc": "2.0", "method": method, "params": {"subscription": subscription, "result": result}})
+
+
+def rpc_server(handlers: RpcHandlers, seen: Optional[List[Dict[str, object]]] = None) -> Behaviour:
+    """Accept the upgrade; answer each request with the frames handlers[method] returns (nothing
+    for other methods), a pong from the client with handlers["<pong>"], pings with pongs; echo
+    our close."""
+
+    def behave(sock: socket.socket) -> None:
+        head, rest = read_request_head(sock)
+        sock.sendall(switching_response(request_key(head)))
+        while True:
+            opcode, payload, rest = read_client_frame(sock, rest)
+            if opcode == wx.Opcode.CLOSE:
+                sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+                return
+            if opcode == wx.Opcode.PING:
+                sock.sendall(server_frame(wx.Opcode.PONG, payload))
+                continue
+            request = json.loads(payload) if opcode == wx.Opcode.TEXT else {"method": "<pong>"}
+            if seen is not None:
+                seen.append(request)
+            handler = handlers.get(str(request.get("method")))
+            for frame in handler(request) if handler else []:
+                sock.sendall(frame)
+
+    return behave
+
+
+def replies(result: object) -> Callable[[Dict[str, object]], List[bytes]]:
+    return lambda request: [rpc_reply(request, result)]
+
+
+SOLANA_SLOT = {"parent": 41, "root": 9, "slot": 42}
+SUBSTRATE_HEADER = {"number": "0x1b4", "parentHash": "0x00", "stateRoot": "0x00", "extrinsicsRoot": "0x00", "digest": {"logs": []}}
+
+
+def cometbft_event(request_id: object, height: str, time_text: str) -> bytes:
+    header = {"chain_id": "test-1", "height": height, "time": time_text}
+    data = {"type": "tendermint/event/NewBlockHeader", "value": {"header": header}}
+    return text_frame({"jsonrpc": "2.0", "id": request_id, "result": {"query": "tm.event='NewBlockHeader'", "data": data, "events": {}}})
+
+
+def evm_block(number: int, timestamp: float) -> Dict[str, object]:
+    return {"number": hex(number), "timestamp": hex(int(timestamp)), "hash": "0x00"}
+
+
+class ChecksTestCase(ProbeTestCase):
+    def probe_rpc(self, handlers: RpcHandlers, module: str, scrape_timeout: str = "5", seen: Optional[List[Dict[str, object]]] = None) -> Dict[str, float]:
+        server = self.serve(rpc_server(handlers, seen))
+        return self.exporter.probe("ws://127.0.0.1:%d/" % server.port, scrape_timeout, module=module)
+
+    def use_config(self, config: Dict[str, object]) -> None:
+        self.exporter.exporter.config = wx.parse_config(config)
+
+    def assert_check_failed(self, metrics: Dict[str, float], reason: str) -> None:
+        self.assert_failed(metrics, "check", reason, up=1)
+        self.assertEqual(metrics["probe_websocket_close_code"], 1000)  # the clean close still ran
+
+
+class TestCheckParsing(unittest.TestCase):
+    def test_rfc3339_with_nanoseconds_and_offsets(self) -> None:
+        self.assertEqual(wx.rfc3339_seconds("2024-01-02T03:04:05.5Z"), 1704164645.5)
+        self.assertEqual(wx.rfc3339_seconds("2024-01-02T03:04:05.123456789Z"), 1704164645.123456789)
+        self.assertEqual(wx.rfc3339_seconds("2024-01-02T05:04:05+02:00"), 1704164645)
+        with self.assertRaises(wx.CheckError) as caught:
+            wx.rfc3339_seconds("yesterday")
+        self.assertEqual(caught.exception.reason, "bad_json")
+
+    def test_numbers_as_chains_write_them(self) -> None:
+        self.assertEqual([wx.as_number(v, "n") for v in ("0x1b4", "436", 436)], [436, 436, 436])
+        for bad in ("0xzz", None, True, 1.5):
+            with self.assertRaises(wx.CheckError):
+                wx.as_number(bad, "n")
+
+    def test_json_path(self) -> None:
+        doc = {"result": {"list": [1, {"x": "y"}]}}
+        self.assertEqual(wx.json_at(doc, "result.list.1.x"), "y")
+        self.assertEqual(wx.json_at(doc, ""), doc)
+        with self.assertRaises(KeyError):
+            wx.json_at(doc, "result.list.2")
+
+    def test_rpc_errors_tell_rate_limits_apart(self) -> None:
+        result = wx.ProbeResult("evm", 1.0)
+        cases = [({"code": 429, "message": "slow down"}, "rate_limited"), ({"code": -32005, "message": "x"}, "rate_limited"),
+                 ({"code": -32000, "message": "Rate limit exceeded"}, "rate_limited"), ({"code": -32601, "message": "no such method"}, "rpc_error"),
+                 ("not an object", "rpc_error")]
+        for error, reason in cases:
+            self.assertEqual(wx.rpc_failure("m", error, result).reason, reason, error)
+        self.assertEqual(result.rpc_error_codes, {"m": -32601})
+
+    def test_builtin_modules_need_no_config(self) -> None:
+        self.assertEqual(set(wx.DEFAULT_MODULES), set(wx.PRESETS))
+        self.assertEqual(wx.Module("connect").preset, "connect")
+        self.assertFalse(wx.Module("connect").runs_checks())
+
+
+class TestChecks(ChecksTestCase):
+    def test_connect_module_adds_no_check_phase(self) -> None:
+        metrics = self.probe_local(good_server)
+        self.assertNotIn('probe_websocket_duration_seconds{phase="check"}', metrics)
+
+    def test_ping_waits_for_the_pong_that_echoes_its_payload(self) -> None:
+        def behave(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            sock.sendall(switching_response(request_key(head)))
+            opcode, payload, rest = read_client_frame(sock, rest)
+            self.assertEqual((opcode, len(payload)), (wx.Opcode.PING, wx.PING_PAYLOAD_BYTES))
+            sock.sendall(server_frame(wx.Opcode.PONG, b"unsolicited") + server_frame(wx.Opcode.PING, b"srv"))
+            opcode, answer, rest = read_client_frame(sock, rest)
+            self.assertEqual((opcode, answer), (wx.Opcode.PONG, b"srv"))  # the server's ping is answered
+            sock.sendall(server_frame(wx.Opcode.PONG, payload))
+            opcode, payload, rest = read_client_frame(sock, rest)
+            sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+
+        server = self.serve(behave)
+        metrics = self.exporter.probe("ws://127.0.0.1:%d/" % server.port, "5", module="ping")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertGreater(metrics["probe_websocket_ping_rtt_seconds"], 0)
+        self.assertGreater(metrics['probe_websocket_duration_seconds{phase="check"}'], 0)
+
+    def test_ping_without_pong_fails_inside_the_deadline(self) -> None:
+        start = time.monotonic()
+        metrics = self.probe_rpc({}, "ping", scrape_timeout="1.5")  # pings are answered, but...
+        self.assertEqual(metrics["probe_success"], 1)
+        self.assertLess(time.monotonic() - start, 1.0)
+
+        def no_pong(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            sock.sendall(switching_response(request_key(head)))
+            while True:
+                opcode, payload, rest = read_client_frame(sock, rest)
+                if opcode == wx.Opcode.CLOSE:
+                    sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+                    return
+
+        server = self.serve(no_pong)
+        metrics = self.exporter.probe("ws://127.0.0.1:%d/" % server.port, "1.5", module="ping")
+        self.assert_check_failed(metrics, "no_response")
+        self.assertLess(metrics["probe_duration_seconds"], 1.0)
+
+    def test_evm_reports_chain_id_and_head(self) -> None:
+        now = time.time()
+        seen: List[Dict[str, object]] = []
+        handlers = {"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies(evm_block(1234, now - 3))}
+        metrics = self.probe_rpc(handlers, "evm", seen=seen)
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual((metrics["probe_chain_id"], metrics["probe_chain_head_number"]), (1, 1234))
+        self.assertEqual(metrics["probe_chain_head_timestamp_seconds"], int(now - 3))
+        self.assertTrue(3 <= metrics["probe_chain_head_age_seconds"] < 10)
+        self.assertGreater(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0)
+        self.assertEqual(seen[1]["params"], ["latest", False])
+        self.assertEqual([r["jsonrpc"] for r in seen], ["2.0", "2.0"])
+
+    def test_evm_expectations_fail_but_keep_their_metrics(self) -> None:
+        self.use_config({"modules": {"eth": {"preset": "evm", "expect_chain_id": 1}, "fresh": {"preset": "evm", "max_head_age": "60s"}}})
+        handlers = {"eth_chainId": replies("0x89"), "eth_getBlockByNumber": replies(evm_block(5, time.time() - 600))}
+        metrics = self.probe_rpc(handlers, "eth")
+        self.assert_check_failed(metrics, "chain_id_mismatch")
+        self.assertEqual(metrics["probe_chain_id"], 137)
+        metrics = self.probe_rpc(handlers, "fresh")
+        self.assert_check_failed(metrics, "head_too_old")
+        self.assertGreaterEqual(metrics["probe_chain_head_age_seconds"], 600)
+
+    def test_solana_notification_before_the_subscription_answer(self) -> None:
+        handlers = {
+            "slotSubscribe": lambda r: [rpc_notification("slotNotification", SOLANA_SLOT), rpc_reply(r, 7)],
+            "slotUnsubscribe": replies(True),
+        }
+        seen: List[Dict[str, object]] = []
+        metrics = self.probe_rpc(handlers, "solana_slot", seen=seen)
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_chain_head_number"], 42)
+        self.assertEqual(metrics["probe_subscription_notifications"], 1)
+        self.assertGreater(metrics["probe_subscription_first_notification_seconds"], 0)
+        self.assertNotIn("probe_chain_head_age_seconds", metrics)
+        self.assertEqual([(r["method"], r["params"]) for r in seen], [("slotSubscribe", []), ("slotUnsubscribe", [7])])
+
+    def test_substrate_new_heads(self) -> None:
+        handlers = {
+            "chain_subscribeNewHeads": lambda r: [rpc_reply(r, "sub-1"), rpc_notification("chain_newHead", SUBSTRATE_HEADER, "sub-1")],
+            "chain_unsubscribeNewHeads": replies(True),
+        }
+        seen: List[Dict[str, object]] = []
+        metrics = self.probe_rpc(handlers, "substrate_newheads", seen=seen)
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_chain_head_number"], 0x1B4)
+        self.assertEqual(seen[-1]["params"], ["sub-1"])
+
+    def test_cometbft_event_shares_the_ack_id_and_server_pings_are_answered(self) -> None:
+        stamp = "2024-05-06T07:08:09.123456789Z"
+        handlers = {
+            "subscribe": lambda r: [rpc_reply(r, {}), server_frame(wx.Opcode.PING, b"are you there")],
+            "<pong>": lambda _: [cometbft_event(1, "1000", stamp)],
+            "unsubscribe": replies({}),
+        }
+        seen: List[Dict[str, object]] = []
+        metrics = self.probe_rpc(handlers, "cometbft_newblock", seen=seen)
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_chain_head_number"], 1000)
+        self.assertAlmostEqual(metrics["probe_chain_head_timestamp_seconds"], wx.rfc3339_seconds(stamp), places=3)
+        self.assertEqual(seen[0]["params"], {"query": "tm.event='NewBlockHeader'"})
+        self.assertEqual(seen[1], {"method": "<pong>"})
+        self.assertEqual(seen[2]["method"], "unsubscribe")
+
+    def test_cometbft_event_before_its_ack(self) -> None:
+        handlers = {"subscribe": lambda r: [cometbft_event(r["id"], "7", "2024-05-06T07:08:09Z"), rpc_reply(r, {})], "unsubscribe": replies({})}
+        metrics = self.probe_rpc(handlers, "cometbft_newblock")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_chain_head_number"], 7)
+
+    def test_silent_subscription_fails_as_no_notification_inside_the_deadline(self) -> None:
+        start = time.monotonic()
+        metrics = self.probe_rpc({"slotSubscribe": replies(3)}, "solana_slot", scrape_timeout="1.5")
+        self.assertLess(time.monotonic() - start, 1.5)
+        self.assert_check_failed(metrics, "no_notification")
+        self.assertEqual(metrics["probe_subscription_notifications"], 0)
+        self.assertNotIn("probe_subscription_first_notification_seconds", metrics)
+
+    def test_too_few_notifications(self) -> None:
+        self.use_config({"modules": {"three": {"preset": "substrate_newheads", "min_notifications": 3}}})
+        handlers = {"chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s"), rpc_notification("chain_newHead", SUBSTRATE_HEADER)]}
+        metrics = self.probe_rpc(handlers, "three", scrape_timeout="1.5")
+        self.assert_check_failed(metrics, "too_few_notifications")
+        self.assertEqual(metrics["probe_subscription_notifications"], 1)
+
+    def test_error_answers(self) -> None:
+        cases = [
+            ("rpc_error", -32601, lambda r: [rpc_error(r["id"], -32601, "Method not found")]),
+            ("rate_limited", -32005, lambda r: [rpc_error(r["id"], -32005, "limit exceeded")]),
+            ("rpc_error", None, lambda r: [rpc_error(None, -32700, "Parse error")]),  # no id: fails the pending request
+            ("rate_limited", None, lambda r: [text_frame({"jsonrpc": "2.0", "error": {"code": 429, "message": "Too Many Requests"}})]),
+        ]
+        for reason, code, handler in cases:
+            with self.subTest(reason=reason, code=code):
+                metrics = self.probe_rpc({"chain_subscribeNewHeads": handler}, "substrate_newheads")
+                self.assert_check_failed(metrics, reason)
+                if code is not None:
+                    self.assertEqual(metrics['probe_rpc_error_code{method="chain_subscribeNewHeads"}'], code)
+
+    def test_bad_json(self) -> None:
+        for frame in (server_frame(wx.Opcode.TEXT, b"{not json"), text_frame([1, 2])):
+            with self.subTest(frame=frame):
+                metrics = self.probe_rpc({"eth_chainId": lambda r, f=frame: [f]}, "evm")  # type: ignore[misc]
+                self.assert_check_failed(metrics, "bad_json")
+        metrics = self.probe_rpc({"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies({"hash": "0x0"})}, "evm")
+        self.assert_check_failed(metrics, "bad_json")
+
+    def test_server_closing_during_the_check(self) -> None:
+        metrics = self.probe_rpc({"eth_chainId": lambda r: [server_close(1001)]}, "evm")
+        self.assert_failed(metrics, "check", "connection_closed", up=1)
+
+    def test_generic_steps(self) -> None:
+        config = {"modules": {
+            "hello": {"steps": [{"send": "hello ${env:WSX_TEST_NAME}"}, {"expect": {"regex": "^welcome"}},
+                                {"send": "{\"q\": 1}"}, {"expect": {"path": "data.height", "at_least": 10, "at_most": 20}},
+                                {"expect": {"path": "data.ok", "equals": True}}]},
+            "wrong": {"steps": [{"send": "x"}, {"expect": {"path": "data.ok", "equals": False}}]},
+            "never": {"steps": [{"expect": {"regex": "never"}}]},
+        }}
+        with mock.patch.dict(os.environ, {"WSX_TEST_NAME": "node"}):
+            self.use_config(config)
+        sent: List[bytes] = []
+
+        def behave(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            sock.sendall(switching_response(request_key(head)))
+            while True:
+                opcode, payload, rest = read_client_frame(sock, rest)
+                if opcode == wx.Opcode.CLOSE:
+                    sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+                    return
+                sent.append(payload)
+                for reply in (b"noise", b"welcome node", b'{"data": {}}', b'{"data": {"height": "0xf", "ok": true}}'):
+                    sock.sendall(server_frame(wx.Opcode.TEXT, reply))
+
+        server = self.serve(behave)
+        target = "ws://127.0.0.1:%d/" % server.port
+        metrics = self.exporter.probe(target, "5", module="hello")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(sent, [b"hello node", b'{"q": 1}'])
+        self.assert_check_failed(self.exporter.probe(target, "5", module="wrong"), "expectation_failed")
+        start = time.monotonic()
+        self.assert_check_failed(self.exporter.probe(target, "1", module="never"), "expectation_failed")
+        self.assertLess(time.monotonic() - start, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration file: modules, target aliases, reload
+# ----------------------------------------------------------------------------------------------
+
+
+def write_config(directory: str, config: object, name: str = "config.json") -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write(config if isinstance(config, str) else json.dumps(config))
+    return path
+
+
+class TestConfig(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def error_of(self, config: object) -> str:
+        with self.assertRaises(wx.ConfigError) as caught:
+            wx.parse_config(config)
+        return str(caught.exception)
+
+    def test_errors_name_the_key(self) -> None:
+        cases = [
+            ({"modules": {"eth": {"tls": {"ca_fle": "x"}}}}, "modules.eth.tls.ca_fle: unknown key"),
+            ({"modules": {"eth": {"timeout": 5}}}, "modules.eth.timeout: want a string, got number"),
+            ({"modules": {"eth": {"timeout": "soon"}}}, "modules.eth.timeout: not a duration (examples: 500ms, 5s, 1m30s)"),
+            ({"modules": {"eth": {"expect_chain_id": "1"}}}, "modules.eth.expect_chain_id: want an integer, got string"),
+            ({"modules": {"eth": {"preset": "bitcoin"}}}, "modules.eth.preset: want one of: %s" % ", ".join(wx.PRESET_NAMES)),
+            ({"modules": {"eth": {"subprotocols": ["a", 1]}}}, "modules.eth.subprotocols[1]: want a string, got number"),
+            ({"modules": {"eth": {"steps": [{"expect": {"path": "a", "at_least": "1"}}]}}}, "modules.eth.steps[0].expect.at_least: want a number, got string"),
+            ({"modules": {"s": {"preset": "solana_slot", "max_head_age": "1m"}}}, "modules.s.max_head_age: preset solana_slot reports no block time"),
+            ({"modules": {"p": {"preset": "ping", "expect_chain_id": 1}}}, "modules.p.expect_chain_id: preset ping reports no chain id"),
+            ({"modules": []}, "modules: want an object, got array"),
+            ({"module": {}}, "module: unknown key"),
+            ({"targets": {"x": {"url": "ftp://h/", "module": "evm"}}}, "targets.x.url: not a probe target: unsupported scheme"),
+            ({"targets": {"x": {"url": "ws://h/", "module": "nope"}}}, 'targets.x.module: unknown module "nope"'),
+            ({"modules": {"eth": {"headers": {"Bad Name": "v"}}}}, "modules.eth.headers.Bad Name: not a valid header name"),
+            ({"modules": {"eth": {"tls": {"ca_file": os.path.join(self.dir, "missing.pem")}}}}, "modules.eth.tls: cannot load certificates: No such file or directory"),
+        ]
+        for config, message in cases:
+            with self.subTest(message):
+                self.assertEqual(self.error_of(config), message)
+
+    def test_env_and_file_substitution(self) -> None:
+        secret = os.path.join(self.dir, "key")
+        with open(secret, "w") as f:
+            f.write("from-file\n")
+        config = {"modules": {"m": {"headers": {"X-Key": "${env:WSX_KEY}", "Authorization": "Bearer ${file:%s}" % secret}}}}
+        with mock.patch.dict(os.environ, {"WSX_KEY": "from-env"}):
+            module = wx.parse_config(config).modules["m"]
+        self.assertEqual(module.headers, (("X-Key", "from-env"), ("Authorization", "Bearer from-file")))
+        self.assertEqual(module.settings()["headers"], {"X-Key": "<redacted>", "Authorization": "<redacted>"})
+        with mock.patch.dict(os.environ, {}, clear=True):
+            self.assertEqual(self.error_of(config), "modules.m.headers.X-Key: environment variable WSX_KEY is not set")
+
+    def test_modules_override_presets_and_default_to_connect(self) -> None:
+        config = wx.parse_config({"modules": {"evm": {"expect_chain_id": 1}, "plain": {"timeout": "2s"}}})
+        self.assertEqual((config.modules["evm"].preset, config.modules["evm"].expect_chain_id), ("evm", 1))
+        self.assertEqual((config.modules["plain"].preset, config.modules["plain"].timeout), ("connect", 2.0))
+        self.assertEqual(config.modules["ping"], wx.DEFAULT_MODULES["ping"])
+
+    def test_bad_file_at_start_exits_2_with_one_line(self) -> None:
+        for content in ('{"modules": {"eth": {"tls": {"ca_fle": "x"}}}}', "{not json"):
+            path = write_config(self.dir, content)
+            result = subprocess.run([sys.executable, os.path.join(HERE, "ws_exporter.py"), "--config.file", path],
+                                    capture_output=True, text=True, timeout=30)
+            self.assertEqual(result.returncode, 2)
+            self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertIn("modules.eth.tls.ca_fle: unknown key", subprocess.run(
+            [sys.executable, os.path.join(HERE, "ws_exporter.py"), "--config.file", write_config(self.dir, '{"modules": {"eth": {"tls": {"ca_fle": 1}}}}')],
+            capture_output=True, text=True, timeout=30).stderr)
+
+
+class TestAliasesAndReload(ChecksTestCase):
+    TOKEN = "s3cr3t-t0ken-zz"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.dir = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def test_alias_probes_its_url_and_module_without_showing_the_token(self) -> None:
+        handlers = {"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies(evm_block(9, time.time()))}
+        paths: List[bytes] = []
+
+        def recording(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            paths.append(head.split(b"\r\n")[0])
+            sock.sendall(switching_response(request_key(head)))
+            opcode, payload, rest = read_client_frame(sock, rest)
+            sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+
+        rpc = self.serve(rpc_server(handlers))
+        plain = self.serve(recording)
+        config = {"targets": {
+            "eth-mainnet": {"url": "ws://127.0.0.1:%d/v3/${env:WSX_TOKEN}" % rpc.port, "module": "evm"},
+            "other": {"url": "ws://127.0.0.1:%d/key/${env:WSX_TOKEN}?k=${env:WSX_TOKEN}" % plain.port},
+            "down": {"url": "ws://127.0.0.1:%d/${env:WSX_TOKEN}" % free_port(), "module": "ping"},
+        }}
+        with mock.patch.dict(os.environ, {"WSX_TOKEN": self.TOKEN}):
+            self.use_config(config)
+        metrics = self.exporter.probe("eth-mainnet")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_chain_head_number"], 9)
+        metrics = self.exporter.probe("eth-mainnet", module="connect")  # an explicit module wins
+        self.assertNotIn("probe_chain_id", metrics)
+        self.assertEqual(self.exporter.probe("other")["probe_success"], 1)
+        self.assertEqual(paths, [("GET /key/%s?k=%s HTTP/1.1" % (self.TOKEN, self.TOKEN)).encode()])
+        self.assertEqual(failure_of(self.exporter.probe("down")), ("connect", "connect_refused"))
+        pages = [self.exporter.probe_raw(name, debug="true")[2] for name in ("eth-mainnet", "other", "down")]
+        self.assertIn("target=eth-mainnet", pages[0])
+        for text in pages + [self.exporter.log.getvalue()]:
+            self.assertNotIn(self.TOKEN, text)
+        self.assertIn("target=down", self.exporter.log.getvalue())
+
+    def test_post_reload_swaps_config_and_a_bad_file_keeps_the_old(self) -> None:
+        path = write_config(self.dir, {"modules": {"mine": {"preset": "ping"}}})
+        fixture = ExporterFixture(config_file=path)
+        self.addCleanup(fixture.close)
+        self.assertEqual(fixture.get("/-/reload")[0], 405)
+        self.assertEqual(fixture.get("/-/reload", method="POST")[0], 200)
+        self.assertEqual(fixture.exporter.modules["mine"].preset, "ping")
+        metrics = parse_metrics(fixture.get("/metrics")[2])
+        self.assertEqual(metrics["ws_exporter_config_last_reload_successful"], 1)
+        good_time = metrics["ws_exporter_config_last_reload_success_timestamp_seconds"]
+        write_config(self.dir, {"modules": {"mine": {"preset": "pong"}}})
+        status, _, body = fixture.get("/-/reload", method="POST")
+        self.assertEqual((status, body), (500, "Config reload failed: modules.mine.preset: want one of: %s\n" % ", ".join(wx.PRESET_NAMES)))
+        self.assertEqual(fixture.exporter.modules["mine"].preset, "ping")
+        metrics = parse_metrics(fixture.get("/metrics")[2])
+        self.assertEqual(metrics["ws_exporter_config_last_reload_successful"], 0)
+        self.assertEqual(metrics["ws_exporter_config_last_reload_success_timestamp_seconds"], good_time)
+        self.assertIn("Config reload failed", fixture.log.getvalue())
+        self.assertEqual(fixture.get("/probe?target=x&module=mine")[0], 200)
+
+    def test_sighup_reloads_and_a_bad_file_keeps_the_old(self) -> None:
+        path = write_config(self.dir, {"modules": {"first": {}}})
+        proc = ExporterProcess("--config.file=" + path)
+        self.addCleanup(proc.stop)
+
+        def status_of(module: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
+            conn.request("GET", "/probe?target=ws://127.0.0.1:%d/&module=%s" % (free_port(), module))
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        self.assertEqual((status_of("first"), status_of("second")), (200, 400))
+        assert proc.proc.stderr is not None
+        for content, expect in ({"modules": {"second": {}}}, "Config loaded"), ("{broken", "Config reload failed"):
+            write_config(self.dir, content)
+            proc.proc.send_signal(signal.SIGHUP)
+            line = ""
+            while "msg=Config" not in line and 'msg="Config' not in line:
+                line = proc.proc.stderr.readline()  # probe lines come first; a dead process gives ""
+                self.assertTrue(line, "exporter exited")
+            self.assertIn(expect, line)
+        self.assertEqual((status_of("first"), status_of("second")), (400, 200))
+        self.assertEqual(proc.stop(), 0)
+
+
+class TestModuleTransport(ChecksTestCase):
+    def test_origin_and_headers_are_sent(self) -> None:
+        self.use_config({"modules": {"o": {"origin": "https://app.example", "headers": {"X-Api-Key": "k1"}}}})
+        heads: List[bytes] = []
+
+        def record(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            heads.append(head)
+            good_server_after_head(sock, head)
+
+        server = self.serve(record)
+        self.assertEqual(self.exporter.probe("ws://127.0.0.1:%d/" % server.port, module="o")["probe_success"], 1)
+        self.assertIn(b"\r\nOrigin: https://app.example", heads[0])
+        self.assertIn(b"\r\nX-Api-Key: k1", heads[0])
+
+    def test_ip_protocol_without_fallback(self) -> None:
+        self.use_config({"modules": {"v6": {"ip_protocol": "ip6", "ip_protocol_fallback": False}, "v6f": {"ip_protocol": "ip6"}}})
+        server = self.serve(good_server)
+        self.assertEqual(failure_of(self.exporter.probe("ws://127.0.0.1:%d/" % server.port, module="v6")), ("resolve", "dns_error"))
+        self.assertEqual(self.exporter.probe("ws://127.0.0.1:%d/" % server.port, module="v6f")["probe_success"], 1)
+
+    def test_tls_options(self) -> None:
+        pki = shared_pki()
+        self.use_config({"modules": {
+            "ca": {"tls": {"ca_file": pki["ca.pem"], "min_version": "TLS12"}},
+            "named": {"tls": {"ca_file": pki["ca.pem"], "server_name": "other.example"}},
+            "insecure": {"tls": {"insecure_skip_verify": True}},
+        }})
+        good = self.serve(good_server, server_tls(pki, "good"))
+        wrong = self.serve(good_server, server_tls(pki, "wrongname"))
+        self.assertEqual(self.exporter.probe("wss://127.0.0.1:%d/" % good.port, module="ca")["probe_success"], 1)
+        self.assertEqual(self.exporter.probe("wss://127.0.0.1:%d/" % wrong.port, module="named")["probe_success"], 1)
+        self.assertEqual(self.exporter.probe("wss://127.0.0.1:%d/" % wrong.port, module="insecure")["probe_success"], 1)
+        self.assertEqual(failure_of(self.exporter.probe("wss://127.0.0.1:%d/" % wrong.port, module="ca")), ("tls", "tls_verify"))
+
+    def test_proxy_connect(self) -> None:
+        requests: List[bytes] = []
+
+        def proxy(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            requests.append(head)
+            host, _, port = head.split(b" ")[1].decode().rpartition(":")
+            upstream = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            upstream.sendall(rest)
+            pump = threading.Thread(target=lambda: _pipe(upstream, sock), daemon=True)
+            pump.start()
+            _pipe(sock, upstream)
+            pump.join(5)
+            upstream.close()
+
+        server = self.serve(good_server)
+        proxy_server = self.serve(proxy)
+        self.use_config({"modules": {"p": {"proxy_url": "http://user:pw@127.0.0.1:%d" % proxy_server.port}}})
+        metrics = self.exporter.probe("ws://127.0.0.1:%d/secret" % server.port, module="p")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertTrue(requests[0].startswith(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n" % server.port))
+        self.assertIn(b"Proxy-Authorization: Basic " + base64.b64encode(b"user:pw"), requests[0])
+        page = self.exporter.probe_raw("ws://127.0.0.1:%d/" % server.port, module="p", debug="true")[2]
+        self.assertIn('"proxy_url": "http://127.0.0.1:%d"' % proxy_server.port, page)
+        with mock.patch.dict(os.environ, {"http_proxy": "http://127.0.0.1:%d" % free_port(), "no_proxy": ""}):
+            self.assertEqual(failure_of(self.exporter.probe("ws://127.0.0.1:%d/" % server.port)), ("connect", "connect_refused"))
+            with mock.patch.dict(os.environ, {"no_proxy": "localhost,127.0.0.1"}):
+                self.assertEqual(self.exporter.probe("ws://127.0.0.1:%d/" % server.port)["probe_success"], 1)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+
+class TestCheckInterop(unittest.TestCase):
+    """Modules against real nodes: ganache (an EVM dev chain: chainId 1337, a block a second)
+    and node's ws server for pings."""
+
+    def setUp(self) -> None:
+        self.exporter = ExporterFixture()
+        self.addCleanup(self.exporter.close)
+
+    def start(self, starter: Callable[[], Tuple["subprocess.Popen[bytes]", int]]) -> int:
+        proc, port = starter()
+        self.addCleanup(stop, proc)
+        return port
+
+    def test_ganache_evm_and_new_heads(self) -> None:
+        require_peer(self, "WS_GANACHE", "WS_PEER_NODE", "WS_PEER_NODE_PATH")
+        target = "ws://127.0.0.1:%d/" % self.start(start_ganache)
+        heads = self.exporter.probe(target, module="evm_newheads")
+        self.assertEqual(heads["probe_success"], 1, failure_of(heads))
+        self.assertLess(heads["probe_subscription_first_notification_seconds"], 2.5)
+        self.assertGreaterEqual(heads["probe_subscription_notifications"], 1)
+        latest = self.exporter.probe(target, module="evm")
+        self.assertEqual(latest["probe_success"], 1, failure_of(latest))
+        for metrics in heads, latest:
+            self.assertEqual(metrics["probe_chain_id"], 1337)
+            self.assertGreaterEqual(metrics["probe_chain_head_number"], 1)
+            self.assertLess(metrics["probe_chain_head_age_seconds"], 5)
+            self.assertEqual(metrics["probe_websocket_close_code"], 1000)
+        self.exporter.exporter.config = wx.parse_config({"modules": {"mainnet": {"preset": "evm", "expect_chain_id": 1}}})
+        wrong = self.exporter.probe(target, module="mainnet")
+        self.assertEqual(failure_of(wrong), ("check", "chain_id_mismatch"))
+        self.assertEqual((wrong["probe_websocket_up"], wrong["probe_chain_id"]), (1, 1337))
+
+    def test_ping_a_real_server(self) -> None:
+        require_peer(self, "WS_PEER_NODE", "WS_PEER_NODE_PATH")
+        metrics = self.exporter.probe("ws://127.0.0.1:%d/" % self.start(start_node_ws_server), module="ping")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertGreater(metrics["probe_websocket_ping_rtt_seconds"], 0)
+
+
+
+# ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits
 # when its stdin closes, so none outlives the test process.
