@@ -917,7 +917,9 @@ def open_websocket(target: Target, module: Module, deadline: Deadline, result: P
     host, port = (proxy.hostname or "", proxy.port or 80) if proxy else (target.host, target.port)
     with _Phase(result, "resolve"):
         addresses = by_family(resolve(host, port, deadline), module)
-    log.log("debug", "Resolved", addresses=len(addresses), proxy=redact_proxy_url(proxy.geturl()) if proxy else "")
+    log.log("debug", "Resolved", addresses=len(addresses))
+    if proxy:
+        log.log("debug", "Connecting through a proxy", proxy=redact_proxy_url(proxy.geturl()))
     with _Phase(result, "connect"):
         sock = connect(addresses, deadline, result)
         if proxy:
@@ -1582,6 +1584,12 @@ def expect(session: RpcSession, step: Step, index: int) -> None:
         return
 
 
+def _json_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckError("expectation_failed", "not a number")
+    return float(value)
+
+
 def mismatch(value: object, step: Step) -> str:
     """Why ``value`` fails the step's comparisons; "" when it passes."""
     if step.equals and value != step.equals[0]:
@@ -1589,8 +1597,8 @@ def mismatch(value: object, step: Step) -> str:
     if step.at_least is None and step.at_most is None:
         return ""
     try:
-        number = float(as_number(value, step.path)) if isinstance(value, str) else float(value)  # type: ignore[arg-type]
-    except (CheckError, TypeError, ValueError):
+        number = float(as_number(value, step.path) if isinstance(value, str) else _json_number(value))
+    except CheckError:
         return "is not a number"
     if step.at_least is not None and number < step.at_least:
         return "is %g, expected at least %g" % (number, step.at_least)
