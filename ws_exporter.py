@@ -38,6 +38,7 @@ import base64
 import codecs
 import dataclasses
 import enum
+import fnmatch
 import hashlib
 import http.server
 import io
@@ -113,12 +114,15 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one (reassembled) message
 MAX_CLOSE_FRAMES = 1000  # frames we read while waiting for the server's close
 CLOSE_WAIT_SECONDS = 2.0  # how long a probe waits for the server to answer our close
 RECV_BYTES = 65536
+MAX_RESOLVER_THREADS = 64  # lookups running at once; a hung resolver cannot pile up threads
 
 # The exporter's own HTTP server.
 KEEPALIVE_IDLE_SECONDS = 90.0  # an idle keep-alive connection is closed after this
 REQUEST_READ_SECONDS = 10.0  # a client must send a whole request within this
 RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
+DEFAULT_MAX_CONCURRENT_PROBES = 512
+DEFAULT_MAX_CONNECTIONS = 1024
 
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -226,6 +230,10 @@ class FlagError(Exception):
 
 class BadRequest(Exception):
     """A /probe request the exporter cannot serve; answered with 400 and this message."""
+
+
+class Overloaded(Exception):
+    """Too many probes in flight; answered with 503 and this message."""
 
 
 # ==============================================================================================
@@ -669,6 +677,38 @@ class Module(NamedTuple):
 DEFAULT_MODULES = {"connect": Module("connect")}
 
 
+class TargetPolicy(NamedTuple):
+    """Which targets probes may reach.  The default allows every target, as the original did."""
+
+    allow_hosts: Tuple[str, ...] = ()  # shell-style patterns on the host; empty: any host
+    deny_private: bool = False  # refuse names that resolve to loopback, private or local space
+
+    def check_host(self, host: str) -> None:
+        if self.allow_hosts and not any(fnmatch.fnmatchcase(host, p.lower()) for p in self.allow_hosts):
+            raise ProbeError("blocked_target", "host not matched by --probe.allow-target", "target")
+
+    def check_addresses(self, addresses: List["AddrInfo"]) -> None:
+        """Checked on the resolved addresses, so a public name pointing inside is refused too."""
+        if self.deny_private and any(not is_public_address(str(sockaddr[0])) for _, sockaddr in addresses):
+            raise ProbeError("blocked_target", "resolves to a non-public address", "resolve")
+
+
+_NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: embeds an IPv4 address
+
+
+def is_public_address(text: str) -> bool:
+    """False for loopback, RFC 1918, link-local (169.254.169.254 included), unique-local,
+    shared, reserved and multicast space, also when an IPv4 address hides inside IPv6."""
+    address = ipaddress.ip_address(text.partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64_PREFIX:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public_address(str(embedded))
+    return address.is_global and not address.is_multicast
+
+
 class Deadline:
     """One deadline for a whole probe."""
 
@@ -764,14 +804,22 @@ class Connection:
         return data
 
 
-def run_probe(raw_target: str, module: Module, deadline: Deadline, result: ProbeResult, log: ProbeLog) -> None:
+def run_probe(
+    raw_target: str,
+    module: Module,
+    deadline: Deadline,
+    result: ProbeResult,
+    log: ProbeLog,
+    policy: TargetPolicy = TargetPolicy(),
+) -> None:
     """Probe ``raw_target`` with ``module``, recording into ``result``.  Never raises: every
     failure ends up as ``result.failure``."""
     start = time.perf_counter()
     sock: Optional[socket.socket] = None
     try:
         target = parse_target(raw_target)
-        conn = open_websocket(target, module, deadline, result, log)
+        policy.check_host(target.host)
+        conn = open_websocket(target, module, deadline, result, log, policy)
         sock = conn.sock
         close_websocket(conn, result, log)
     except ProbeError as err:
@@ -807,11 +855,19 @@ def _classify_os_error(err: Exception) -> ProbeError:
     return ProbeError("connect_error", str(err) or type(err).__name__)
 
 
-def open_websocket(target: Target, module: Module, deadline: Deadline, result: ProbeResult, log: ProbeLog) -> Connection:
+def open_websocket(
+    target: Target,
+    module: Module,
+    deadline: Deadline,
+    result: ProbeResult,
+    log: ProbeLog,
+    policy: TargetPolicy = TargetPolicy(),
+) -> Connection:
     """Resolve, connect, negotiate TLS and upgrade; return the open WebSocket."""
     log.log("debug", "Beginning probe", timeout=deadline.seconds)
     with _Phase(result, "resolve"):
         addresses = resolve(target.host, target.port, deadline)
+        policy.check_addresses(addresses)
     log.log("debug", "Resolved", addresses=len(addresses))
     with _Phase(result, "connect"):
         sock = connect(addresses, deadline, result)
@@ -852,8 +908,12 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
             box.append(_getaddrinfo(host, port, flags))
         except BaseException as err:
             box.append(err)
+        finally:
+            _RESOLVER_SLOTS.release()
         done.set()
 
+    if not _RESOLVER_SLOTS.acquire(timeout=deadline.remaining()):
+        raise ProbeError("timeout", "every resolver thread is busy")
     threading.Thread(target=lookup, name="resolve", daemon=True).start()
     if not done.wait(deadline.remaining()):
         raise ProbeError("timeout", "name resolution did not finish before the deadline")
@@ -863,6 +923,9 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+_RESOLVER_SLOTS = threading.BoundedSemaphore(MAX_RESOLVER_THREADS)
 
 
 def _getaddrinfo(host: str, port: int, flags: int) -> List[AddrInfo]:
@@ -1032,6 +1095,7 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "ws_exporter_probes_total": ("counter", "Probes run, by module"),
     "ws_exporter_probes_failed_total": ("counter", "Probes that failed, by module and reason"),
     "ws_exporter_probes_in_flight": ("gauge", "Probes running now"),
+    "ws_exporter_requests_rejected_total": ("counter", "Requests refused with 503, by reason"),
     "process_cpu_seconds_total": ("counter", "Total user and system CPU time spent in seconds."),
     "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
     "process_virtual_memory_bytes": ("gauge", "Virtual memory size in bytes."),
@@ -1121,7 +1185,12 @@ class Stats:
         self._lock = threading.Lock()
         self.probes: Dict[str, int] = {}
         self.failed: Dict[Tuple[str, str], int] = {}
+        self.rejected: Dict[str, int] = {"connections": 0, "overloaded": 0}
         self.in_flight = 0
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason] += 1
 
     def begin(self) -> None:
         with self._lock:
@@ -1139,10 +1208,12 @@ class Stats:
         with self._lock:
             probes = sorted(self.probes.items())
             failed = sorted(self.failed.items())
+            rejected = sorted(self.rejected.items())
             in_flight = self.in_flight
         out = [Sample("ws_exporter_probes_total", (("module", m),), n) for m, n in probes]
         out += [Sample("ws_exporter_probes_failed_total", (("module", m), ("reason", r)), n) for (m, r), n in failed]
         out.append(Sample("ws_exporter_probes_in_flight", (), in_flight))
+        out += [Sample("ws_exporter_requests_rejected_total", (("reason", r),), n) for r, n in rejected]
         return out
 
 
@@ -1264,6 +1335,10 @@ class Settings(NamedTuple):
     timeout_offset: float = DEFAULT_TIMEOUT_OFFSET_SECONDS
     log_level: str = "info"
     log_format: str = "logfmt"
+    allow_targets: Tuple[str, ...] = ()
+    deny_private: bool = False
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     show_help: bool = False
     show_version: bool = False
 
@@ -1276,6 +1351,8 @@ class Exporter:
         self.logger = logger
         self.modules = dict(DEFAULT_MODULES if modules is None else modules)
         self.stats = Stats()
+        self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
+        self.probe_slots = threading.BoundedSemaphore(settings.max_concurrent)
 
     def probe_timeout(self, module: Module, scrape_timeout: Optional[str]) -> float:
         """The module's timeout (or --timeout), lowered to the scrape timeout minus the offset."""
@@ -1291,13 +1368,18 @@ class Exporter:
         return max(timeout, MIN_PROBE_TIMEOUT_SECONDS)
 
     def probe(self, target: str, module: Module, timeout: float) -> Tuple[ProbeResult, ProbeLog]:
+        """Run one probe; Overloaded when --probe.max-concurrent probes are already running."""
+        if not self.probe_slots.acquire(blocking=False):
+            self.stats.reject("overloaded")
+            raise Overloaded("Too many probes in flight")
         result = ProbeResult(module.name, timeout)
         log = ProbeLog(self.logger, module=module.name, target=_redact_raw_target(target))
         self.stats.begin()
         try:
-            run_probe(target, module, Deadline(timeout), result, log)
+            run_probe(target, module, Deadline(timeout), result, log, self.policy)
         finally:
             self.stats.end(result)
+            self.probe_slots.release()
         if result.success:
             log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
         return result, log
@@ -1454,7 +1536,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except BadRequest as err:
             self.respond(400, "%s\n" % err)
             return
-        result, log = exporter.probe(target, module, timeout)
+        try:
+            result, log = exporter.probe(target, module, timeout)
+        except Overloaded as err:
+            self.respond(503, "%s\n" % err, headers=(("Retry-After", "1"),))
+            return
         metrics = render_samples(probe_samples(result))
         if debug:
             self.respond(200, debug_page(log, metrics, module))
@@ -1511,7 +1597,26 @@ class ExporterServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: Tuple[str, int], family: int, exporter: Exporter) -> None:
         self.address_family = family
         self.exporter = exporter
+        self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
         super().__init__(address, Handler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        """A thread per connection, up to --web.max-connections; past that a quick 503."""
+        if self.connection_slots.acquire(blocking=False):
+            try:
+                super().process_request(request, client_address)
+                return
+            except RuntimeError:  # the system refused another thread
+                self.connection_slots.release()
+        self.exporter.stats.reject("connections")
+        _refuse_connection(request)
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_slots.release()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -1524,6 +1629,21 @@ class ExporterServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         self.exporter.logger.log("debug", "HTTP connection error", traceback=traceback.format_exc())
+
+
+_OVERLOADED_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\nToo many connections\n"
+)
+
+
+def _refuse_connection(sock: socket.socket) -> None:
+    """Best effort and never blocking: this runs in the accept loop."""
+    try:
+        sock.setblocking(False)
+        sock.send(_OVERLOADED_RESPONSE)
+    except OSError:
+        pass
 
 
 def split_listen_address(value: str) -> Tuple[str, int]:
@@ -1617,6 +1737,19 @@ def _choice(options: Iterable[str]) -> Callable[[str], str]:
     return convert
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _host_pattern(text: str) -> str:
+    if not text or _CONTROL_CHARS.search(text) or "/" in text:
+        raise ValueError("want a host name or pattern such as *.example.net")
+    return text.lower()
+
+
 class FlagSpec(NamedTuple):
     name: str
     field: str  # the Settings field it sets
@@ -1624,6 +1757,7 @@ class FlagSpec(NamedTuple):
     help: str
     convert: Callable[[str], object]
     boolean: bool = False
+    repeatable: bool = False  # each use adds to a tuple
 
 
 FLAG_SPECS = (
@@ -1634,6 +1768,10 @@ FLAG_SPECS = (
     FlagSpec("timeout-offset", "timeout_offset", "0.5", "Subtracted from the scraper's X-Prometheus-Scrape-Timeout-Seconds (seconds or duration).", parse_duration),
     FlagSpec("log.level", "log_level", "info", "Only log messages with the given severity or above: debug, info, warn, error.", _choice(LOG_LEVELS)),
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
+    FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive_int),
+    FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive_int),
+    FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
+    FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
     FlagSpec("version", "show_version", "false", "Print the version and exit.", parse_bool, True),
     FlagSpec("help", "show_help", "false", "Show this help and exit.", parse_bool, True),
@@ -1665,6 +1803,8 @@ def parse_flags(argv: Sequence[str]) -> Settings:
             raise FlagError('invalid value "%s" for flag --%s: %s' % (value, spec.name, err))
         if spec.name == "debug":
             debug = debug or converted is not None
+        elif spec.repeatable:
+            values[spec.field] = tuple(values.get(spec.field, ())) + (converted,)  # type: ignore[arg-type]
         else:
             values[spec.field] = converted
     if debug:
