@@ -710,11 +710,12 @@ def is_public_address(text: str) -> bool:
 
 
 class Deadline:
-    """One deadline for a whole probe."""
+    """One deadline for a whole probe, counted from ``start`` (a time.monotonic() value; by
+    default now)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, start: Optional[float] = None) -> None:
         self.seconds = seconds
-        self.expires = time.monotonic() + seconds
+        self.expires = (time.monotonic() if start is None else start) + seconds
 
     def remaining(self) -> float:
         """Seconds left; raises ProbeError(timeout) once none are."""
@@ -1367,8 +1368,9 @@ class Exporter:
             timeout = min(timeout, header - self.settings.timeout_offset)
         return max(timeout, MIN_PROBE_TIMEOUT_SECONDS)
 
-    def probe(self, target: str, module: Module, timeout: float) -> Tuple[ProbeResult, ProbeLog]:
-        """Run one probe; Overloaded when --probe.max-concurrent probes are already running."""
+    def probe(self, target: str, module: Module, timeout: float, start: Optional[float] = None) -> Tuple[ProbeResult, ProbeLog]:
+        """Run one probe whose deadline counts from ``start`` (when its request arrived);
+        Overloaded when --probe.max-concurrent probes are already running."""
         if not self.probe_slots.acquire(blocking=False):
             self.stats.reject("overloaded")
             raise Overloaded("Too many probes in flight")
@@ -1376,7 +1378,7 @@ class Exporter:
         log = ProbeLog(self.logger, module=module.name, target=_redact_raw_target(target))
         self.stats.begin()
         try:
-            run_probe(target, module, Deadline(timeout), result, log, self.policy)
+            run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
         finally:
             self.stats.end(result)
             self.probe_slots.release()
@@ -1437,10 +1439,12 @@ class _RequestReader(io.RawIOBase):
     KEEPALIVE_IDLE_SECONDS for its next request; once the first byte of a request arrives, the
     rest must arrive within REQUEST_READ_SECONDS, however slowly it drips."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, accepted: float) -> None:
         super().__init__()
         self.sock = sock
         self.deadline: Optional[float] = None
+        self.accepted = accepted  # when the connection was accepted, until its first request
+        self.started = 0.0  # when the current request arrived
 
     def readable(self) -> bool:
         return True
@@ -1455,7 +1459,11 @@ class _RequestReader(io.RawIOBase):
         self.sock.settimeout(timeout)
         count = self.sock.recv_into(buffer)
         if count and self.deadline is None:
-            self.deadline = time.monotonic() + REQUEST_READ_SECONDS
+            # A new connection's first request was sent when it connected, however long the
+            # exporter took to get a thread to it; a later request arrives as it is read.
+            self.started = self.accepted or time.monotonic()
+            self.accepted = 0.0
+            self.deadline = self.started + REQUEST_READ_SECONDS
         return count
 
 
@@ -1488,7 +1496,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.connection = self.request
-        self._reader = _RequestReader(self.connection)
+        self._reader = _RequestReader(self.connection, self.server.accepted.pop(self.connection.fileno(), 0.0))
         self.rfile = io.BufferedReader(self._reader)
         self.wfile = _SocketWriter(self.connection)
 
@@ -1537,7 +1545,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.respond(400, "%s\n" % err)
             return
         try:
-            result, log = exporter.probe(target, module, timeout)
+            # The deadline counts from the request's arrival: time it waited here is the scraper's too.
+            result, log = exporter.probe(target, module, timeout, self._reader.started)
         except Overloaded as err:
             self.respond(503, "%s\n" % err, headers=(("Retry-After", "1"),))
             return
@@ -1598,7 +1607,13 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.address_family = family
         self.exporter = exporter
         self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
+        self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
         super().__init__(address, Handler)
+
+    def get_request(self) -> Tuple[socket.socket, object]:
+        sock, address = self.socket.accept()
+        self.accepted[sock.fileno()] = time.monotonic()
+        return sock, address
 
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         """A thread per connection, up to --web.max-connections; past that a quick 503."""
@@ -1609,6 +1624,7 @@ class ExporterServer(http.server.ThreadingHTTPServer):
             except RuntimeError:  # the system refused another thread
                 self.connection_slots.release()
         self.exporter.stats.reject("connections")
+        self.accepted.pop(request.fileno(), None)
         _refuse_connection(request)
         self.shutdown_request(request)
 
