@@ -1628,9 +1628,11 @@ def start_websockets_server(tls_cert: Optional[str] = None,
                             tls_key: Optional[str] = None) -> Tuple["subprocess.Popen[bytes]", int]:
     """Echo server (python websockets); wss:// when tls_cert/tls_key are given."""
     argv = [_env_path("WS_PEER_PYTHON"), "-c", _WEBSOCKETS_SERVER]
-    if tls_cert and tls_key:
-        argv += [tls_cert, tls_key]
-    return _spawn(argv, {"PYTHONPATH": _env_path("WS_PEER_PYTHONPATH")}, "websockets server")
+    return _spawn(argv + _tls_args(tls_cert, tls_key), {"PYTHONPATH": _env_path("WS_PEER_PYTHONPATH")}, "websockets server")
+
+
+def _tls_args(tls_cert: Optional[str], tls_key: Optional[str]) -> List[str]:
+    return [tls_cert, tls_key] if tls_cert and tls_key else []
 
 
 # --- node `ws` echo server ---------------------------------------------------
@@ -1655,9 +1657,7 @@ def start_node_ws_server(tls_cert: Optional[str] = None,
                          tls_key: Optional[str] = None) -> Tuple["subprocess.Popen[bytes]", int]:
     """Echo server (node ws); wss:// (https server) when tls_cert/tls_key are given."""
     argv = [_env_path("WS_PEER_NODE"), "-e", _NODE_WS_SERVER]
-    if tls_cert and tls_key:
-        argv += [tls_cert, tls_key]
-    return _spawn(argv, {"NODE_PATH": _env_path("WS_PEER_NODE_PATH")}, "node ws server")
+    return _spawn(argv + _tls_args(tls_cert, tls_key), {"NODE_PATH": _env_path("WS_PEER_NODE_PATH")}, "node ws server")
 
 
 # --- ganache (Ethereum JSON-RPC over HTTP and WebSocket, same port) ---------

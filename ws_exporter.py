@@ -66,6 +66,7 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    TypeVar,
     Union,
 )
 
@@ -1715,11 +1716,22 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def positive_duration(text: str) -> float:
-    seconds = parse_duration(text)
-    if seconds <= 0:
-        raise ValueError("must be greater than zero")
-    return seconds
+_Number = TypeVar("_Number", int, float)
+
+
+def _positive(convert: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    """``convert``, refusing zero and negative values."""
+
+    def checked(text: str) -> _Number:
+        value = convert(text)
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    return checked
+
+
+positive_duration = _positive(parse_duration)
 
 
 def parse_bool(text: str) -> bool:
@@ -1753,13 +1765,6 @@ def _choice(options: Iterable[str]) -> Callable[[str], str]:
     return convert
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("must be greater than zero")
-    return value
-
-
 def _host_pattern(text: str) -> str:
     if not text or _CONTROL_CHARS.search(text) or "/" in text:
         raise ValueError("want a host name or pattern such as *.example.net")
@@ -1784,8 +1789,8 @@ FLAG_SPECS = (
     FlagSpec("timeout-offset", "timeout_offset", "0.5", "Subtracted from the scraper's X-Prometheus-Scrape-Timeout-Seconds (seconds or duration).", parse_duration),
     FlagSpec("log.level", "log_level", "info", "Only log messages with the given severity or above: debug, info, warn, error.", _choice(LOG_LEVELS)),
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
-    FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive_int),
-    FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive_int),
+    FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
+    FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
