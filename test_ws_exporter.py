@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import os
+import random
 import re
 import select
 import shutil
@@ -1191,6 +1192,306 @@ class TestProgram(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------------------------
+# Hostile servers, hostile requests, load and guards
+# ----------------------------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (for counts that settle as threads
+    finish, which no event announces)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class TestHostileServers(ProbeTestCase):
+    def test_headers_dripped_a_byte_at_a_time_still_work(self) -> None:
+        def drip(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            for byte in switching_response(request_key(head)):
+                sock.sendall(bytes([byte]))
+            opcode, payload, _ = read_client_frame(sock, rest)
+            sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+
+        metrics = self.probe_local(drip)
+        self.assertEqual(metrics["probe_success"], 1)
+
+    def test_dripping_past_the_deadline_times_out_in_upgrade(self) -> None:
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def slow_drip(sock: socket.socket) -> None:
+            read_request_head(sock)
+            for byte in b"HTTP/1.1 101 Switching Protocols\r\n" * 100:
+                if stop.wait(0.05):  # the hostile server's pace, not synchronisation
+                    return
+                sock.sendall(bytes([byte]))
+
+        start = time.monotonic()
+        metrics = self.probe_local(slow_drip, scrape_timeout="1.5")
+        self.assert_failed(metrics, "upgrade", "timeout")
+        self.assertLess(time.monotonic() - start, 2.5)
+
+    def test_endless_and_oversized_heads_hit_the_limits(self) -> None:
+        def endless(sock: socket.socket) -> None:
+            read_request_head(sock)
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\n")
+            for i in range(100000):
+                sock.sendall(b"X-Filler-%d: yes\r\n" % i)
+
+        cases = {
+            "endless headers": endless,
+            "long status line": answer(b"HTTP/1.1 101 " + b"a" * 20000),
+            "long header": answer(b"HTTP/1.1 101 OK\r\nX: " + b"a" * 20000 + b"\r\n\r\n"),
+        }
+        for name, behaviour in cases.items():
+            with self.subTest(name):
+                self.assert_failed(self.probe_local(behaviour), "upgrade", "response_too_large")
+
+    def test_reset_mid_handshake_is_connection_closed(self) -> None:
+        def reset(sock: socket.socket) -> None:
+            read_request_head(sock)
+            sock.sendall(b"HTTP/1.1 101 Swit")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+        self.assert_failed(self.probe_local(reset), "upgrade", "connection_closed")
+
+    def test_threads_and_files_return_to_where_they_were(self) -> None:
+        behaviours = [silent, good_server, answer(b"garbage\r\n\r\n"), upgrade_then(), upgrade_then(b"\x81\xff")]
+        self.exporter.get("/-/healthy")
+        threads, fds = threading.active_count(), open_fds()
+        servers = [self.serve(b) for b in behaviours]
+        for server in servers:
+            self.exporter.probe("ws://127.0.0.1:%d/" % server.port, scrape_timeout="1")
+        for server in servers:
+            server.close()
+        self.assertTrue(wait_until(lambda: threading.active_count() <= threads), (threading.active_count(), threads))
+        self.assertTrue(wait_until(lambda: open_fds() <= fds), (open_fds(), fds))
+
+
+class TestHostileRequests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.exporter = ExporterFixture()
+        self.addCleanup(self.exporter.close)
+
+    def test_malformed_targets_are_failed_probes(self) -> None:
+        targets = ["ws://", "ws://:8080/", "ws://host:99999/", "ws://host:-1/", "ws://" + "a" * 10000 + "/",
+                   "ws://h/\x01", "ws://h\u00e9\u4e2d:1/", "ws://user:pass@", "file:///etc/passwd",
+                   "javascript:alert(1)", "ws://::1/", "ws://[::1/", "ws://[zz::1]/", "%%%", "ws://h/%zz"]
+        for raw in targets:
+            with self.subTest(raw=raw[:40]):
+                status, headers, body = self.exporter.probe_raw(raw, "1")
+                self.assertEqual(status, 200)
+                metrics = parse_metrics(body)
+                self.assertEqual(metrics["probe_success"], 0)
+                self.assertIsNotNone(failure_of(metrics))
+
+    def test_huge_request_headers_get_a_client_error(self) -> None:
+        conn = socket.create_connection(("127.0.0.1", self.exporter.port), timeout=10)
+        self.addCleanup(conn.close)
+        conn.sendall(b"GET /-/healthy HTTP/1.1\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        status_line = conn.makefile("rb").readline()
+        self.assertRegex(status_line, rb"^HTTP/1\.[01] 4\d\d ")
+
+    def test_too_many_request_headers_get_a_client_error(self) -> None:
+        conn = socket.create_connection(("127.0.0.1", self.exporter.port), timeout=10)
+        self.addCleanup(conn.close)
+        conn.sendall(b"GET /-/healthy HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n")
+        self.assertRegex(conn.makefile("rb").readline(), rb"^HTTP/1\.[01] 4\d\d ")
+
+    def test_client_leaving_mid_probe_frees_its_thread(self) -> None:
+        server = LocalServer(silent)
+        self.addCleanup(server.close)
+        self.exporter.get("/-/healthy")
+        threads = threading.active_count()
+        conn = socket.create_connection(("127.0.0.1", self.exporter.port), timeout=10)
+        conn.sendall(b"GET /probe?target=ws://127.0.0.1:%d/ HTTP/1.1\r\nX-Prometheus-Scrape-Timeout-Seconds: 1\r\n\r\n" % server.port)
+        self.assertTrue(wait_until(lambda: self.exporter.exporter.stats.in_flight == 1))
+        conn.close()
+        self.assertTrue(wait_until(lambda: self.exporter.exporter.stats.in_flight == 0))
+        self.assertTrue(wait_until(lambda: threading.active_count() <= threads + 1))  # + the silent server's
+        self.assertEqual(self.exporter.get("/-/healthy")[0], 200)
+
+
+class TestCodecFuzz(unittest.TestCase):
+    """Random inputs for the two parsers: nothing but the codec's own errors may escape."""
+
+    def test_handshake_parser(self) -> None:
+        rng = random.Random(6455)
+        valid = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n"
+        for _ in range(3000):
+            data = bytearray(valid)
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            if rng.random() < 0.3:
+                data = bytearray(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))
+            parser = wx.ResponseParser()
+            try:
+                for i in range(0, len(data), rng.randint(1, 40)):
+                    response = parser.feed(bytes(data[i : i + 40]))
+                    if response is not None:
+                        wx.validate_handshake(response, "dGhlIHNhbXBsZSBub25jZQ==")
+                        break
+            except wx.ProbeError:
+                pass
+
+    def test_frame_reader(self) -> None:
+        rng = random.Random(1337)
+        seeds = [server_frame(wx.Opcode.TEXT, b"hello"), server_frame(wx.Opcode.BINARY, b"x" * 300),
+                 server_frame(wx.Opcode.PING, b"p"), server_close(1000, b"bye"),
+                 server_frame(wx.Opcode.TEXT, b"a", fin=False) + server_frame(wx.Opcode.CONTINUATION, b"b")]
+        for _ in range(3000):
+            data = bytearray(b"".join(rng.choice(seeds) for _ in range(rng.randint(1, 4))))
+            for _ in range(rng.randint(0, 6)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            reader = wx.FrameReader(max_message=4096)
+            try:
+                for i in range(0, len(data), rng.randint(1, 64)):
+                    for event in reader.feed(bytes(data[i : i + 64])):
+                        self.assertIsInstance(event, (wx.Message, wx.Ping, wx.Pong, wx.Close))
+            except wx.ProbeError as err:
+                self.assertIn(err.reason, wx.FAILURE_REASONS)
+
+
+class TestLoad(unittest.TestCase):
+    def test_over_the_probe_cap_requests_get_a_quick_503(self) -> None:
+        fixture = ExporterFixture(max_concurrent=2)
+        self.addCleanup(fixture.close)
+        server = LocalServer(silent)
+        self.addCleanup(server.close)
+        results: List[int] = []
+
+        def slow_probe() -> None:
+            results.append(fixture.probe_raw("ws://127.0.0.1:%d/" % server.port, "3")[0])
+
+        threads = [threading.Thread(target=slow_probe) for _ in range(2)]
+        for t in threads:
+            t.start()
+        self.assertTrue(wait_until(lambda: fixture.exporter.stats.in_flight == 2))
+        start = time.monotonic()
+        status, headers, body = fixture.probe_raw("ws://127.0.0.1:%d/" % server.port, "3")
+        self.assertEqual((status, body), (503, "Too many probes in flight\n"))
+        self.assertLess(time.monotonic() - start, 1.0)
+        self.assertEqual(headers["retry-after"], "1")
+        for t in threads:
+            t.join(10)
+        self.assertEqual(results, [200, 200])
+        metrics = parse_metrics(fixture.get("/metrics")[2])
+        self.assertEqual(metrics['ws_exporter_requests_rejected_total{reason="overloaded"}'], 1)
+
+    def test_over_the_connection_cap_connections_get_a_quick_503(self) -> None:
+        fixture = ExporterFixture(max_connections=2)
+        self.addCleanup(fixture.close)
+        held = [socket.create_connection(("127.0.0.1", fixture.port), timeout=5) for _ in range(2)]
+        for conn in held:
+            self.addCleanup(conn.close)
+        self.assertTrue(wait_until(lambda: fixture.server.connection_slots._value == 0))  # type: ignore[attr-defined]
+        extra = socket.create_connection(("127.0.0.1", fixture.port), timeout=5)
+        self.addCleanup(extra.close)
+        self.assertTrue(extra.makefile("rb").readline().startswith(b"HTTP/1.1 503 "))
+        for conn in held:
+            conn.close()
+        self.assertTrue(wait_until(lambda: fixture.get("/-/healthy")[0] == 200))
+        metrics = parse_metrics(fixture.get("/metrics")[2])
+        self.assertGreaterEqual(metrics['ws_exporter_requests_rejected_total{reason="connections"}'], 1)
+
+    def test_200_concurrent_probes_of_a_silent_server_answer_within_the_scrape_timeout(self) -> None:
+        # The exporter runs in its own process, as in production; the silent server is a listening
+        # socket that never accepts: the kernel completes each TCP handshake, nobody answers.
+        exporter = ExporterProcess()
+        self.addCleanup(exporter.stop)
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(512)
+        url = "/probe?target=ws://127.0.0.1:%d/" % listener.getsockname()[1]
+        elapsed: List[float] = []
+        statuses: List[int] = []
+        sent = threading.Semaphore(0)
+
+        def request(path: str, headers: Dict[str, str]) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=30)
+            try:
+                conn.request("GET", path, headers=headers)
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        def scrape() -> None:
+            start = time.monotonic()
+            sent.release()
+            statuses.append(request(url, {wx.SCRAPE_TIMEOUT_HEADER: "2"}))
+            elapsed.append(time.monotonic() - start)
+
+        threads = [threading.Thread(target=scrape) for _ in range(200)]
+        for t in threads:
+            t.start()
+        for _ in threads:
+            sent.acquire()
+        side = time.monotonic()
+        self.assertEqual(request("/-/healthy", {}), 200)
+        self.assertEqual(request("/metrics", {}), 200)
+        side_elapsed = time.monotonic() - side
+        for t in threads:
+            t.join(30)
+        self.assertEqual(statuses, [200] * 200)
+        self.assertLess(max(elapsed), 2.0)  # what each scraper saw: within its scrape timeout
+        self.assertLess(side_elapsed, 1.0)
+
+
+class TestGuards(ProbeTestCase):
+    def test_public_and_private_addresses(self) -> None:
+        private = ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+                   "::1", "fe80::1%eth0", "fd00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::a00:1", "2002:a00:1::", "224.0.0.1", "::"]
+        public = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+        for address in private:
+            self.assertFalse(wx.is_public_address(address), address)
+        for address in public:
+            self.assertTrue(wx.is_public_address(address), address)
+
+    def test_deny_private_checks_the_resolved_addresses(self) -> None:
+        fixture = ExporterFixture(deny_private=True)
+        self.addCleanup(fixture.close)
+        server = self.serve(good_server)
+
+        def rebinding(host: str, port: int, flags: int) -> List[wx.AddrInfo]:
+            return [(socket.AF_INET, ("127.0.0.1", port))]
+
+        with mock.patch.object(wx, "_getaddrinfo", rebinding):
+            for target in ("ws://127.0.0.1:%d/" % server.port, "ws://public-looking.example:%d/" % server.port):
+                metrics = fixture.probe(target)
+                self.assertEqual(failure_of(metrics), ("resolve", "blocked_target"), target)
+        self.assertEqual(self.exporter.probe("ws://127.0.0.1:%d/" % server.port)["probe_success"], 1)
+        counted = parse_metrics(fixture.get("/metrics")[2])
+        self.assertEqual(counted['ws_exporter_probes_failed_total{module="connect",reason="blocked_target"}'], 2)
+
+    def test_allow_target_patterns(self) -> None:
+        fixture = ExporterFixture(allow_targets=("localhost", "*.example.net"))
+        self.addCleanup(fixture.close)
+        server = self.serve(good_server)
+        self.assertEqual(fixture.probe("ws://localhost:%d/" % server.port)["probe_success"], 1)
+        self.assertEqual(failure_of(fixture.probe("ws://127.0.0.1:%d/" % server.port)), ("target", "blocked_target"))
+        self.assertEqual(failure_of(fixture.probe("ws://evil.example.net.attacker.example/")), ("target", "blocked_target"))
+
+    def test_guard_flags(self) -> None:
+        settings = wx.parse_flags(["--probe.allow-target=*.Example.net", "-probe.allow-target", "localhost", "--probe.deny-private",
+                                   "--probe.max-concurrent=7", "--web.max-connections", "9"])
+        self.assertEqual((settings.allow_targets, settings.deny_private, settings.max_concurrent, settings.max_connections),
+                         (("*.example.net", "localhost"), True, 7, 9))
+        for argv in (["--probe.max-concurrent=0"], ["--probe.allow-target=a/b"]):
+            with self.assertRaises(wx.FlagError):
+                wx.parse_flags(argv)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checks: modules that speak to the node after the upgrade
 # ----------------------------------------------------------------------------------------------
 
@@ -1725,6 +2026,14 @@ class TestModuleTransport(ChecksTestCase):
                 self.assertEqual(self.exporter.probe("ws://127.0.0.1:%d/" % server.port)["probe_success"], 1)
 
 
+class TestProxyPolicy(unittest.TestCase):
+    def test_deny_private_still_checks_the_target_behind_a_proxy(self) -> None:
+        fixture = ExporterFixture(deny_private=True)
+        self.addCleanup(fixture.close)
+        fixture.exporter.config = wx.parse_config({"modules": {"p": {"proxy_url": "http://127.0.0.1:%d" % free_port()}}})
+        self.assertEqual(failure_of(fixture.probe("ws://127.0.0.1:1/", module="p")), ("resolve", "blocked_target"))
+
+
 def _pipe(source: socket.socket, sink: socket.socket) -> None:
     try:
         while True:
@@ -1916,9 +2225,11 @@ def start_websockets_server(tls_cert: Optional[str] = None,
                             tls_key: Optional[str] = None) -> Tuple["subprocess.Popen[bytes]", int]:
     """Echo server (python websockets); wss:// when tls_cert/tls_key are given."""
     argv = [_env_path("WS_PEER_PYTHON"), "-c", _WEBSOCKETS_SERVER]
-    if tls_cert and tls_key:
-        argv += [tls_cert, tls_key]
-    return _spawn(argv, {"PYTHONPATH": _env_path("WS_PEER_PYTHONPATH")}, "websockets server")
+    return _spawn(argv + _tls_args(tls_cert, tls_key), {"PYTHONPATH": _env_path("WS_PEER_PYTHONPATH")}, "websockets server")
+
+
+def _tls_args(tls_cert: Optional[str], tls_key: Optional[str]) -> List[str]:
+    return [tls_cert, tls_key] if tls_cert and tls_key else []
 
 
 # --- node `ws` echo server ---------------------------------------------------
@@ -1943,9 +2254,7 @@ def start_node_ws_server(tls_cert: Optional[str] = None,
                          tls_key: Optional[str] = None) -> Tuple["subprocess.Popen[bytes]", int]:
     """Echo server (node ws); wss:// (https server) when tls_cert/tls_key are given."""
     argv = [_env_path("WS_PEER_NODE"), "-e", _NODE_WS_SERVER]
-    if tls_cert and tls_key:
-        argv += [tls_cert, tls_key]
-    return _spawn(argv, {"NODE_PATH": _env_path("WS_PEER_NODE_PATH")}, "node ws server")
+    return _spawn(argv + _tls_args(tls_cert, tls_key), {"NODE_PATH": _env_path("WS_PEER_NODE_PATH")}, "node ws server")
 
 
 # --- ganache (Ethereum JSON-RPC over HTTP and WebSocket, same port) ---------

@@ -40,6 +40,7 @@ import codecs
 import collections
 import dataclasses
 import enum
+import fnmatch
 import hashlib
 import http.server
 import io
@@ -68,6 +69,7 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    TypeVar,
     Union,
 )
 
@@ -116,12 +118,15 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one (reassembled) message
 MAX_CLOSE_FRAMES = 1000  # frames we read while waiting for the server's close
 CLOSE_WAIT_SECONDS = 2.0  # how long a probe waits for the server to answer our close
 RECV_BYTES = 65536
+MAX_RESOLVER_THREADS = 64  # lookups running at once; a hung resolver cannot pile up threads
 
 # The exporter's own HTTP server.
 KEEPALIVE_IDLE_SECONDS = 90.0  # an idle keep-alive connection is closed after this
 REQUEST_READ_SECONDS = 10.0  # a client must send a whole request within this
 RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
+DEFAULT_MAX_CONCURRENT_PROBES = 512
+DEFAULT_MAX_CONNECTIONS = 1024
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
 
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -248,6 +253,10 @@ class FlagError(Exception):
 
 class BadRequest(Exception):
     """A /probe request the exporter cannot serve; answered with 400 and this message."""
+
+
+class Overloaded(Exception):
+    """Too many probes in flight; answered with 503 and this message."""
 
 
 # ==============================================================================================
@@ -760,12 +769,45 @@ PRESET_NAMES = ("connect", "ping", "evm", "evm_newheads", "solana_slot", "substr
 DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
 
 
-class Deadline:
-    """One deadline for a whole probe."""
+class TargetPolicy(NamedTuple):
+    """Which targets probes may reach.  The default allows every target, as the original did."""
 
-    def __init__(self, seconds: float) -> None:
+    allow_hosts: Tuple[str, ...] = ()  # shell-style patterns on the host; empty: any host
+    deny_private: bool = False  # refuse names that resolve to loopback, private or local space
+
+    def check_host(self, host: str) -> None:
+        if self.allow_hosts and not any(fnmatch.fnmatchcase(host, p.lower()) for p in self.allow_hosts):
+            raise ProbeError("blocked_target", "host not matched by --probe.allow-target", "target")
+
+    def check_addresses(self, addresses: List["AddrInfo"]) -> None:
+        """Checked on the resolved addresses, so a public name pointing inside is refused too."""
+        if self.deny_private and any(not is_public_address(str(sockaddr[0])) for _, sockaddr in addresses):
+            raise ProbeError("blocked_target", "resolves to a non-public address", "resolve")
+
+
+_NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: embeds an IPv4 address
+
+
+def is_public_address(text: str) -> bool:
+    """False for loopback, RFC 1918, link-local (169.254.169.254 included), unique-local,
+    shared, reserved and multicast space, also when an IPv4 address hides inside IPv6."""
+    address = ipaddress.ip_address(text.partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64_PREFIX:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public_address(str(embedded))
+    return address.is_global and not address.is_multicast
+
+
+class Deadline:
+    """One deadline for a whole probe, counted from ``start`` (a time.monotonic() value; by
+    default now)."""
+
+    def __init__(self, seconds: float, start: Optional[float] = None) -> None:
         self.seconds = seconds
-        self.expires = time.monotonic() + seconds
+        self.expires = (time.monotonic() if start is None else start) + seconds
 
     def remaining(self) -> float:
         """Seconds left; raises ProbeError(timeout) once none are."""
@@ -865,14 +907,22 @@ class Connection:
         return data
 
 
-def run_probe(raw_target: str, module: Module, deadline: Deadline, result: ProbeResult, log: ProbeLog) -> None:
+def run_probe(
+    raw_target: str,
+    module: Module,
+    deadline: Deadline,
+    result: ProbeResult,
+    log: ProbeLog,
+    policy: TargetPolicy = TargetPolicy(),
+) -> None:
     """Probe ``raw_target`` with ``module``, recording into ``result``.  Never raises: every
     failure ends up as ``result.failure``."""
     start = time.perf_counter()
     sock: Optional[socket.socket] = None
     try:
         target = parse_target(raw_target)
-        conn = open_websocket(target, module, deadline, result, log)
+        policy.check_host(target.host)
+        conn = open_websocket(target, module, deadline, result, log, policy)
         sock = conn.sock
         if module.runs_checks():
             run_checks(conn, module, result, log)
@@ -910,13 +960,25 @@ def _classify_os_error(err: Exception) -> ProbeError:
     return ProbeError("connect_error", str(err) or type(err).__name__)
 
 
-def open_websocket(target: Target, module: Module, deadline: Deadline, result: ProbeResult, log: ProbeLog) -> Connection:
+def open_websocket(
+    target: Target,
+    module: Module,
+    deadline: Deadline,
+    result: ProbeResult,
+    log: ProbeLog,
+    policy: TargetPolicy = TargetPolicy(),
+) -> Connection:
     """Resolve, connect, negotiate TLS and upgrade; return the open WebSocket."""
     log.log("debug", "Beginning probe", timeout=deadline.seconds)
     proxy = proxy_for(target, module)
     host, port = (proxy.hostname or "", proxy.port or 80) if proxy else (target.host, target.port)
     with _Phase(result, "resolve"):
         addresses = by_family(resolve(host, port, deadline), module)
+        if proxy is None:
+            policy.check_addresses(addresses)
+        elif policy.deny_private:
+            # The proxy resolves the target itself: check what the name means from here.
+            policy.check_addresses(resolve(target.host, target.port, deadline))
     log.log("debug", "Resolved", addresses=len(addresses))
     if proxy:
         log.log("debug", "Connecting through a proxy", proxy=redact_proxy_url(proxy.geturl()))
@@ -961,8 +1023,12 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
             box.append(_getaddrinfo(host, port, flags))
         except BaseException as err:
             box.append(err)
+        finally:
+            _RESOLVER_SLOTS.release()
         done.set()
 
+    if not _RESOLVER_SLOTS.acquire(timeout=deadline.remaining()):
+        raise ProbeError("timeout", "every resolver thread is busy")
     threading.Thread(target=lookup, name="resolve", daemon=True).start()
     if not done.wait(deadline.remaining()):
         raise ProbeError("timeout", "name resolution did not finish before the deadline")
@@ -972,6 +1038,9 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+_RESOLVER_SLOTS = threading.BoundedSemaphore(MAX_RESOLVER_THREADS)
 
 
 def proxy_for(target: Target, module: Module) -> Optional[urllib.parse.SplitResult]:
@@ -1651,6 +1720,7 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "ws_exporter_probes_total": ("counter", "Probes run, by module"),
     "ws_exporter_probes_failed_total": ("counter", "Probes that failed, by module and reason"),
     "ws_exporter_probes_in_flight": ("gauge", "Probes running now"),
+    "ws_exporter_requests_rejected_total": ("counter", "Requests refused with 503, by reason"),
     "process_cpu_seconds_total": ("counter", "Total user and system CPU time spent in seconds."),
     "process_resident_memory_bytes": ("gauge", "Resident memory size in bytes."),
     "process_virtual_memory_bytes": ("gauge", "Virtual memory size in bytes."),
@@ -1758,7 +1828,12 @@ class Stats:
         self._lock = threading.Lock()
         self.probes: Dict[str, int] = {}
         self.failed: Dict[Tuple[str, str], int] = {}
+        self.rejected: Dict[str, int] = {"connections": 0, "overloaded": 0}
         self.in_flight = 0
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason] += 1
 
     def begin(self) -> None:
         with self._lock:
@@ -1776,10 +1851,12 @@ class Stats:
         with self._lock:
             probes = sorted(self.probes.items())
             failed = sorted(self.failed.items())
+            rejected = sorted(self.rejected.items())
             in_flight = self.in_flight
         out = [Sample("ws_exporter_probes_total", (("module", m),), n) for m, n in probes]
         out += [Sample("ws_exporter_probes_failed_total", (("module", m), ("reason", r)), n) for (m, r), n in failed]
         out.append(Sample("ws_exporter_probes_in_flight", (), in_flight))
+        out += [Sample("ws_exporter_requests_rejected_total", (("reason", r),), n) for r, n in rejected]
         return out
 
 
@@ -1901,6 +1978,10 @@ class Settings(NamedTuple):
     timeout_offset: float = DEFAULT_TIMEOUT_OFFSET_SECONDS
     log_level: str = "info"
     log_format: str = "logfmt"
+    allow_targets: Tuple[str, ...] = ()
+    deny_private: bool = False
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     show_help: bool = False
     show_version: bool = False
     config_file: str = ""
@@ -1916,6 +1997,8 @@ class Exporter:
         # config, without a lock.
         self.config = Config(dict(DEFAULT_MODULES if modules is None else modules), {})
         self.stats = Stats()
+        self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
+        self.probe_slots = threading.BoundedSemaphore(settings.max_concurrent)
         self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
 
     @property
@@ -1956,15 +2039,23 @@ class Exporter:
             timeout = min(timeout, header - self.settings.timeout_offset)
         return max(timeout, MIN_PROBE_TIMEOUT_SECONDS)
 
-    def probe(self, target: str, module: Module, timeout: float, alias: str = "") -> Tuple[ProbeResult, ProbeLog]:
-        """Probe ``target``; logs name it by ``alias`` when given (its URL may hold a token)."""
+    def probe(
+        self, target: str, module: Module, timeout: float, start: Optional[float] = None, alias: str = ""
+    ) -> Tuple[ProbeResult, ProbeLog]:
+        """Run one probe whose deadline counts from ``start`` (when its request arrived);
+        Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
+        by ``alias`` when given (its URL may hold a token)."""
+        if not self.probe_slots.acquire(blocking=False):
+            self.stats.reject("overloaded")
+            raise Overloaded("Too many probes in flight")
         result = ProbeResult(module.name, timeout)
         log = ProbeLog(self.logger, module=module.name, target=alias or _redact_raw_target(target))
         self.stats.begin()
         try:
-            run_probe(target, module, Deadline(timeout), result, log)
+            run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
         finally:
             self.stats.end(result)
+            self.probe_slots.release()
         if result.success:
             log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
         return result, log
@@ -2022,10 +2113,12 @@ class _RequestReader(io.RawIOBase):
     KEEPALIVE_IDLE_SECONDS for its next request; once the first byte of a request arrives, the
     rest must arrive within REQUEST_READ_SECONDS, however slowly it drips."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, accepted: float) -> None:
         super().__init__()
         self.sock = sock
         self.deadline: Optional[float] = None
+        self.accepted = accepted  # when the connection was accepted, until its first request
+        self.started = 0.0  # when the current request arrived
 
     def readable(self) -> bool:
         return True
@@ -2040,7 +2133,11 @@ class _RequestReader(io.RawIOBase):
         self.sock.settimeout(timeout)
         count = self.sock.recv_into(buffer)
         if count and self.deadline is None:
-            self.deadline = time.monotonic() + REQUEST_READ_SECONDS
+            # A new connection's first request was sent when it connected, however long the
+            # exporter took to get a thread to it; a later request arrives as it is read.
+            self.started = self.accepted or time.monotonic()
+            self.accepted = 0.0
+            self.deadline = self.started + REQUEST_READ_SECONDS
         return count
 
 
@@ -2073,7 +2170,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.connection = self.request
-        self._reader = _RequestReader(self.connection)
+        self._reader = _RequestReader(self.connection, self.server.accepted.pop(self.connection.fileno(), 0.0))
         self.rfile = io.BufferedReader(self._reader)
         self.wfile = _SocketWriter(self.connection)
 
@@ -2125,7 +2222,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except BadRequest as err:
             self.respond(400, "%s\n" % err)
             return
-        result, log = exporter.probe(alias.url, module, timeout, alias.name) if alias else exporter.probe(target, module, timeout)
+        try:
+            # The deadline counts from the request's arrival: time it waited here is the scraper's too.
+            result, log = exporter.probe(
+                alias.url if alias else target, module, timeout, self._reader.started, alias.name if alias else ""
+            )
+        except Overloaded as err:
+            self.respond(503, "%s\n" % err, headers=(("Retry-After", "1"),))
+            return
         metrics = render_samples(probe_samples(result))
         if debug:
             self.respond(200, debug_page(log, metrics, module))
@@ -2210,7 +2314,33 @@ class ExporterServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: Tuple[str, int], family: int, exporter: Exporter) -> None:
         self.address_family = family
         self.exporter = exporter
+        self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
+        self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
         super().__init__(address, Handler)
+
+    def get_request(self) -> Tuple[socket.socket, object]:
+        sock, address = self.socket.accept()
+        self.accepted[sock.fileno()] = time.monotonic()
+        return sock, address
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        """A thread per connection, up to --web.max-connections; past that a quick 503."""
+        if self.connection_slots.acquire(blocking=False):
+            try:
+                super().process_request(request, client_address)
+                return
+            except RuntimeError:  # the system refused another thread
+                self.connection_slots.release()
+        self.exporter.stats.reject("connections")
+        self.accepted.pop(request.fileno(), None)
+        _refuse_connection(request)
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_slots.release()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -2223,6 +2353,21 @@ class ExporterServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         self.exporter.logger.log("debug", "HTTP connection error", traceback=traceback.format_exc())
+
+
+_OVERLOADED_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\nToo many connections\n"
+)
+
+
+def _refuse_connection(sock: socket.socket) -> None:
+    """Best effort and never blocking: this runs in the accept loop."""
+    try:
+        sock.setblocking(False)
+        sock.send(_OVERLOADED_RESPONSE)
+    except OSError:
+        pass
 
 
 def split_listen_address(value: str) -> Tuple[str, int]:
@@ -2278,11 +2423,22 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def positive_duration(text: str) -> float:
-    seconds = parse_duration(text)
-    if seconds <= 0:
-        raise ValueError("must be greater than zero")
-    return seconds
+_Number = TypeVar("_Number", int, float)
+
+
+def _positive(convert: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    """``convert``, refusing zero and negative values."""
+
+    def checked(text: str) -> _Number:
+        value = convert(text)
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    return checked
+
+
+positive_duration = _positive(parse_duration)
 
 
 def parse_bool(text: str) -> bool:
@@ -2316,6 +2472,12 @@ def _choice(options: Iterable[str]) -> Callable[[str], str]:
     return convert
 
 
+def _host_pattern(text: str) -> str:
+    if not text or _CONTROL_CHARS.search(text) or "/" in text:
+        raise ValueError("want a host name or pattern such as *.example.net")
+    return text.lower()
+
+
 class FlagSpec(NamedTuple):
     name: str
     field: str  # the Settings field it sets
@@ -2323,6 +2485,7 @@ class FlagSpec(NamedTuple):
     help: str
     convert: Callable[[str], object]
     boolean: bool = False
+    repeatable: bool = False  # each use adds to a tuple
 
 
 FLAG_SPECS = (
@@ -2334,6 +2497,10 @@ FLAG_SPECS = (
     FlagSpec("config.file", "config_file", "", "JSON file with modules and target aliases; reloaded on SIGHUP and POST /-/reload.", str),
     FlagSpec("log.level", "log_level", "info", "Only log messages with the given severity or above: debug, info, warn, error.", _choice(LOG_LEVELS)),
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
+    FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
+    FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
+    FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
+    FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
     FlagSpec("version", "show_version", "false", "Print the version and exit.", parse_bool, True),
     FlagSpec("help", "show_help", "false", "Show this help and exit.", parse_bool, True),
@@ -2365,6 +2532,8 @@ def parse_flags(argv: Sequence[str]) -> Settings:
             raise FlagError('invalid value "%s" for flag --%s: %s' % (value, spec.name, err))
         if spec.name == "debug":
             debug = debug or converted is not None
+        elif spec.repeatable:
+            values[spec.field] = tuple(values.get(spec.field, ())) + (converted,)  # type: ignore[arg-type]
         else:
             values[spec.field] = converted
     if debug:
