@@ -1022,6 +1022,16 @@ class TestHTTP(unittest.TestCase):
             ports.add(conn.sock.getsockname()[1])
         self.assertEqual(len(ports), 1)
 
+    def test_keep_alive_responses_are_not_held_back_by_nagle(self) -> None:
+        # Head and body in two segments would cost ~40 ms a response (Nagle + delayed ACK).
+        conn = http.client.HTTPConnection("127.0.0.1", self.exporter.port, timeout=10)
+        self.addCleanup(conn.close)
+        start = time.monotonic()
+        for _ in range(50):
+            conn.request("GET", "/-/healthy")
+            conn.getresponse().read()
+        self.assertLess(time.monotonic() - start, 1.0)
+
     def test_metrics_are_the_exporters_own(self) -> None:
         self.exporter.probe("ws://127.0.0.1:%d/" % free_port())
         self.exporter.probe("ftp://bad.example/")
