@@ -32,6 +32,7 @@ __all__ = [
     "parse_duration",
     "make_server",
     "WebConfig",
+    "WebConfigError",
     "load_web_config",
     "hash_password",
     "verify_password",
@@ -1833,8 +1834,7 @@ class BasicAuth:
         try:
             if self._remembered(digest):  # verified by another request while this one waited
                 return AuthOutcome.ALLOWED
-            stored = self._users.get(user)
-            valid = verify_password(password, stored or self._decoy) and stored is not None
+            valid = verify_password(password, self._users.get(user, self._decoy)) and user in self._users
         finally:
             self._slots.release()
         if not valid:
@@ -2037,9 +2037,9 @@ def _config_object(value: object, path: str, allowed: Optional[FrozenSet[str]]) 
     return value
 
 
-def _config_text(obj: Dict[str, object], path: str, key: str, options: Iterable[str] = ()) -> str:
-    """A string value, "" when absent; one of ``options`` when they are given."""
-    value = obj.get(key, "")
+def _config_text(obj: Dict[str, object], path: str, key: str, options: Iterable[str] = (), default: str = "") -> str:
+    """A string value, ``default`` when absent; one of ``options`` when they are given."""
+    value = obj.get(key, default)
     if not isinstance(value, str):
         raise WebConfigError("%s: want a string" % _key_path(path, key))
     try:
@@ -2057,9 +2057,8 @@ def _tls_server_config(obj: Dict[str, object], base_dir: str) -> TLSServerConfig
     for key in ("cert_file", "key_file"):
         if not files[key]:
             raise WebConfigError("%s: required" % _key_path(path, key))
-    obj = dict({"client_auth_type": "NoClientCert", "min_version": "TLS12"}, **obj)
-    client_auth = _config_text(obj, path, "client_auth_type", CLIENT_AUTH_TYPES)
-    min_version = _config_text(obj, path, "min_version", TLS_MIN_VERSIONS)
+    client_auth = _config_text(obj, path, "client_auth_type", CLIENT_AUTH_TYPES, "NoClientCert")
+    min_version = _config_text(obj, path, "min_version", TLS_MIN_VERSIONS, "TLS12")
     verifies = CLIENT_AUTH_TYPES[client_auth] != ssl.CERT_NONE
     if verifies and not files["client_ca_file"]:
         raise WebConfigError("%s.client_ca_file: required when client_auth_type is %s" % (path, client_auth))
