@@ -202,12 +202,12 @@ def free_port() -> int:
 class ExporterFixture:
     """The exporter's HTTP server on 127.0.0.1:0 in a thread, with its log captured."""
 
-    def __init__(self, **settings: object) -> None:
+    def __init__(self, web: Optional[wx.WebConfig] = None, **settings: object) -> None:
         self.log = io.StringIO()
         opts = dict(listen_address="127.0.0.1:0", log_level="debug")
         opts.update(settings)  # type: ignore[arg-type]
         self.exporter = wx.Exporter(wx.Settings(**opts), wx.Logger("debug", "logfmt", self.log))  # type: ignore[arg-type]
-        self.server = wx.make_server(self.exporter)
+        self.server = wx.make_server(self.exporter, web)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
         self.thread.start()
@@ -217,8 +217,11 @@ class ExporterFixture:
         self.server.server_close()
         self.thread.join(5)
 
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
     def get(self, path: str, headers: Optional[Dict[str, str]] = None, method: str = "GET") -> Tuple[int, Dict[str, str], str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn = self.connection()
         try:
             conn.request(method, path, headers=headers or {})
             resp = conn.getresponse()
@@ -1499,6 +1502,410 @@ class TestGuards(ProbeTestCase):
         for argv in (["--probe.max-concurrent=0"], ["--probe.allow-target=a/b"]):
             with self.assertRaises(wx.FlagError):
                 wx.parse_flags(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The exporter's own listener: --web.config.file (TLS, client certificates, basic auth)
+# ----------------------------------------------------------------------------------------------
+
+
+def openssl(directory: str, *args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+
+def issue_cert(directory: str, name: str, common_name: str, extensions: str) -> Dict[str, str]:
+    """An EC key and a certificate for ``common_name`` signed by the shared test CA, written as
+    NAME.key and NAME.pem in ``directory``; each call has a fresh serial."""
+    pki = shared_pki()
+    with open(os.path.join(directory, name + ".cnf"), "w") as f:
+        f.write(extensions)
+    openssl(directory, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=" + common_name)
+    openssl(directory, "x509", "-req", "-in", name + ".csr", "-CA", pki["ca.pem"], "-CAkey", pki["ca.key"],
+            "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "30",
+            "-out", name + ".pem", "-extfile", name + ".cnf")
+    return {"pem": os.path.join(directory, name + ".pem"), "key": os.path.join(directory, name + ".key")}
+
+
+SERVER_EXTENSIONS = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+CLIENT_EXTENSIONS = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
+
+
+def client_pki() -> Dict[str, str]:
+    """The shared PKI plus client.pem/client.key: a client certificate (CN vmagent) from its CA.
+    self.pem, self-signed, serves as a client certificate from a CA nobody configured."""
+    pki = shared_pki()
+    if "client.pem" not in pki:
+        issued = issue_cert(os.path.dirname(pki["ca.pem"]), "client", "vmagent", CLIENT_EXTENSIONS)
+        pki["client.pem"], pki["client.key"] = issued["pem"], issued["key"]
+    return pki
+
+
+def client_context(cert: Optional[str] = None, key: Optional[str] = None, max_version: Optional[ssl.TLSVersion] = None) -> ssl.SSLContext:
+    """What a scraper holds: the test CA trusted, optionally a client certificate."""
+    context = ssl.create_default_context(cafile=shared_pki()["ca.pem"])
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    if max_version is not None:
+        context.maximum_version = max_version
+    return context
+
+
+def basic(user: str, password: str) -> Dict[str, str]:
+    token = base64.b64encode(("%s:%s" % (user, password)).encode("utf-8")).decode("ascii")
+    return {"Authorization": "Basic " + token}
+
+
+def served_common_name(port: int, context: ssl.SSLContext) -> str:
+    """The CN of the certificate the listener presents to a new connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            cert = tls.getpeercert()
+    assert cert is not None
+    return dict(pair[0] for pair in cert["subject"])["commonName"]  # type: ignore[misc]
+
+
+class WatchedLog(io.StringIO):
+    """A captured log a test can wait on: the exporter logs a refused handshake in its own
+    thread, which may run after the client has already seen the refusal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = threading.Condition()
+
+    def write(self, text: str) -> int:
+        with self.changed:
+            count = super().write(text)
+            self.changed.notify_all()
+        return count
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.getvalue().count(text) >= count, timeout)
+
+
+class ProtectedExporter(ExporterFixture):
+    """The exporter behind a web config; requests go over TLS with ``client`` when it is given."""
+
+    def __init__(self, web: wx.WebConfig, client: Optional[ssl.SSLContext] = None) -> None:
+        self.client = client
+        super().__init__(web)
+        self.log = WatchedLog()
+        self.exporter.logger.stream = self.log
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.client is None:
+            return super().connection()
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=30, context=self.client)
+
+
+# Refused at the handshake, or at the first read after it (TLS 1.3 checks the client's
+# certificate after the client has finished its side of the handshake).
+REFUSED = (ssl.SSLError, ConnectionError, http.client.HTTPException)
+PASSWORD = "correct horse battery staple"
+PROBE_DOWN = "/probe?target=ws://127.0.0.1:1/"
+
+
+class TestWebConfig(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wsx-web-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.hash = wx.hash_password(PASSWORD)
+
+    def load(self, config: object) -> wx.WebConfig:
+        path = os.path.join(self.dir, "web.json")
+        with open(path, "w") as f:
+            f.write(config if isinstance(config, str) else json.dumps(config))
+        return wx.load_web_config(path)
+
+    def error(self, config: object) -> str:
+        with self.assertRaises(wx.WebConfigError) as caught:
+            self.load(config)
+        return str(caught.exception)
+
+    def test_a_full_config_loads_with_paths_relative_to_its_directory(self) -> None:
+        pki = shared_pki()
+        for name in ("good.pem", "good.key", "ca.pem"):
+            shutil.copy(pki[name], self.dir)
+        config = self.load({
+            "tls_server_config": {"cert_file": "good.pem", "key_file": "good.key", "client_ca_file": "ca.pem",
+                                  "client_auth_type": "RequireAndVerifyClientCert", "min_version": "TLS13"},
+            "basic_auth_users": {"prom": self.hash},
+            "healthy_unauthenticated": True,
+        })
+        join = lambda name: os.path.join(self.dir, name)  # noqa: E731
+        self.assertEqual(config.tls, wx.TLSServerConfig(join("good.pem"), join("good.key"), join("ca.pem"), "RequireAndVerifyClientCert", "TLS13"))
+        self.assertEqual(config.users, (("prom", wx.parse_password_hash(self.hash)),))
+        self.assertTrue(config.healthy_unauthenticated)
+        self.assertEqual(self.load({}), wx.WebConfig())
+
+    def test_unknown_keys_are_refused_with_their_path(self) -> None:
+        self.assertEqual(self.error({"tls_config": {}}), "tls_config: unknown key")
+        self.assertEqual(self.error({"tls_server_config": {"cert_file": "a", "key_file": "b", "cipher_suites": []}}),
+                         "tls_server_config.cipher_suites: unknown key")
+
+    def test_bad_values_name_their_key(self) -> None:
+        tls = {"cert_file": "a", "key_file": "b"}
+        cases = [
+            ([], "top level: want an object"),
+            ('{"healthy_unauthenticated": true, "healthy_unauthenticated": false}', "key 'healthy_unauthenticated' appears twice in one object"),
+            ({"healthy_unauthenticated": "yes"}, "healthy_unauthenticated: want true or false"),
+            ({"tls_server_config": {"cert_file": "a"}}, "tls_server_config.key_file: required"),
+            ({"tls_server_config": dict(tls, min_version="TLS11")}, "tls_server_config.min_version: want one of: TLS12, TLS13"),
+            ({"tls_server_config": dict(tls, client_auth_type="RequireAnyClientCert")},
+             "tls_server_config.client_auth_type: want one of: NoClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert"),
+            ({"tls_server_config": dict(tls, client_auth_type="RequireAndVerifyClientCert")},
+             "tls_server_config.client_ca_file: required when client_auth_type is RequireAndVerifyClientCert"),
+            ({"tls_server_config": dict(tls, client_ca_file="ca.pem")},
+             "tls_server_config.client_auth_type: client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert"),
+            ({"basic_auth_users": {"alice": 1}}, "basic_auth_users.alice: want a string"),
+            ({"basic_auth_users": {"a:b": self.hash}}, "basic_auth_users: 'a:b' is not a user name"),
+            ({"basic_auth_users": {"alice": "$2y$10$mDwo.lAisC94iLAyP81MCesa29IzH37oigHC/42V2pdJlUprsJPze"}},
+             "basic_auth_users.alice: bcrypt is not in Python's standard library; make an scrypt hash with --web.hash-password"),
+            ({"basic_auth_users": {"alice": self.hash.replace("n=16384", "n=1000")}},
+             "basic_auth_users.alice: scrypt parameters out of range (n a power of two, p <= 16, at most 64 MiB)"),
+            ({"basic_auth_users": {"alice": "hunter2"}},
+             "basic_auth_users.alice: not a hash made by --web.hash-password (scrypt$n=N,r=R,p=P$salt$key)"),
+        ]
+        for config, message in cases:
+            self.assertEqual(self.error(config), message)
+
+    def test_tls_files_that_do_not_load_stop_the_start(self) -> None:
+        message = self.error({"tls_server_config": {"cert_file": "missing.pem", "key_file": "missing.key"}})
+        self.assertTrue(message.startswith("tls_server_config: the files do not load: "), message)
+
+    def test_a_bad_file_exits_2_with_one_line(self) -> None:
+        path = os.path.join(self.dir, "web.json")
+        for text in ('{"basic_auth_users": {"alice": "x"}', '{"basic_auth_user": {}}'):
+            with open(path, "w") as f:
+                f.write(text)
+            result = subprocess.run([sys.executable, os.path.join(HERE, "ws_exporter.py"), "--web.config.file", path],
+                                    capture_output=True, text=True, timeout=30)
+            self.assertEqual(result.returncode, 2, text)
+            self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+            self.assertTrue(result.stderr.startswith("ws_exporter: --web.config.file=%s: " % path), result.stderr)
+
+
+class TestPasswordHash(unittest.TestCase):
+    def hash_flag(self, stdin: bytes) -> "subprocess.CompletedProcess[bytes]":
+        return subprocess.run([sys.executable, os.path.join(HERE, "ws_exporter.py"), "--web.hash-password"],
+                              input=stdin, capture_output=True, timeout=30)
+
+    def test_the_flag_prints_a_hash_that_verifies_its_password(self) -> None:
+        result = self.hash_flag(PASSWORD.encode() + b"\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        text = result.stdout.decode("ascii")
+        self.assertRegex(text, r"^scrypt\$n=16384,r=8,p=1\$[A-Za-z0-9+/]{22}==\$[A-Za-z0-9+/]{43}=\n$")
+        stored = wx.parse_password_hash(text.strip())
+        self.assertTrue(wx.verify_password(PASSWORD, stored))
+        self.assertFalse(wx.verify_password(PASSWORD + "\n", stored))
+        self.assertFalse(wx.verify_password("correct horse", stored))
+        self.assertEqual(stored.text(), text.strip())
+
+    def test_no_password_exits_2(self) -> None:
+        result = self.hash_flag(b"")
+        self.assertEqual((result.returncode, result.stderr), (2, b"ws_exporter: --web.hash-password: no password on standard input\n"))
+
+    def test_one_line_is_read_and_only_its_line_break_removed(self) -> None:
+        self.assertEqual(wx.password_from(io.BytesIO(b" p w \r\nsecond line\n")), " p w ")
+        self.assertEqual(wx.password_from(io.BytesIO("p\u00e4ss".encode("utf-8"))), "p\u00e4ss")
+
+    def test_each_hash_has_its_own_salt(self) -> None:
+        self.assertNotEqual(wx.hash_password(PASSWORD), wx.hash_password(PASSWORD))
+
+    def test_basic_credentials(self) -> None:
+        encode = lambda text: base64.b64encode(text.encode("utf-8")).decode("ascii")  # noqa: E731
+        self.assertEqual(wx.parse_basic_credentials("Basic " + encode("prom:a:b")), ("prom", "a:b"))
+        self.assertEqual(wx.parse_basic_credentials("bAsIc  " + encode("prom:")), ("prom", ""))
+        for header in (None, "", "Bearer x", "Basic", "Basic !!!", "Basic " + encode("no colon"), "Basic " + base64.b64encode(b"\xff:x").decode()):
+            self.assertIsNone(wx.parse_basic_credentials(header), header)
+
+
+class TestBasicAuth(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.users = (("prom", wx.parse_password_hash(wx.hash_password(PASSWORD))),)
+
+    def protected(self, **web: object) -> ProtectedExporter:
+        exporter = ProtectedExporter(wx.WebConfig(users=self.users, **web))  # type: ignore[arg-type]
+        self.addCleanup(exporter.close)
+        return exporter
+
+    def test_probe_metrics_and_debug_page_need_the_right_password(self) -> None:
+        exporter = self.protected()
+        paths = (PROBE_DOWN, PROBE_DOWN + "&debug=true", "/metrics", "/", "/-/healthy")
+        for path in paths:
+            status, _, body = exporter.get(path, basic("prom", PASSWORD))
+            self.assertEqual(status, 200, path)
+        self.assertIn("Logs for the probe:", exporter.get(PROBE_DOWN + "&debug=true", basic("prom", PASSWORD))[2])
+        for headers in ({}, basic("prom", "wrong"), basic("nobody", PASSWORD), basic("prom", PASSWORD + " "), {"Authorization": "Bearer " + PASSWORD}):
+            for path in paths:
+                status, answer, body = exporter.get(path, headers)
+                self.assertEqual((status, body), (401, "Unauthorized\n"), (path, headers))
+                self.assertEqual(answer["www-authenticate"], 'Basic realm="ws-exporter"')
+        metrics = parse_metrics(exporter.get("/metrics", basic("prom", PASSWORD))[2])
+        self.assertEqual(metrics['ws_exporter_probes_total{module="connect"}'], 3)  # refused requests probed nothing
+
+    def test_healthy_is_open_when_configured(self) -> None:
+        exporter = self.protected(healthy_unauthenticated=True)
+        self.assertEqual(exporter.get("/-/healthy")[::2], (200, "Healthy\n"))
+        self.assertEqual(exporter.get("/metrics")[0], 401)
+        self.assertEqual(exporter.get("/-/healthy?x")[0], 200)
+
+    def test_right_passwords_are_remembered_as_digests_only(self) -> None:
+        exporter = self.protected()
+        with mock.patch.object(wx, "verify_password", wraps=wx.verify_password) as verify:
+            for _ in range(3):
+                self.assertEqual(exporter.get("/metrics", basic("prom", PASSWORD))[0], 200)
+            for _ in range(2):
+                self.assertEqual(exporter.get("/metrics", basic("prom", "wrong"))[0], 401)
+        self.assertEqual(verify.call_count, 1 + 2)  # once for the right password, every time for a wrong one
+        assert exporter.server.auth is not None
+        remembered = exporter.server.auth._verified
+        self.assertEqual([len(d) for d in remembered], [32])
+        self.assertFalse(any(PASSWORD.encode() in d for d in remembered))
+
+    def test_password_hashing_is_bounded_and_the_excess_gets_429(self) -> None:
+        entered, release = threading.Event(), threading.Event()
+        running, most = [0], [0]
+        lock = threading.Lock()
+
+        def slow_verify(password: str, stored: wx.PasswordHash) -> bool:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            entered.set()
+            release.wait(20)
+            with lock:
+                running[0] -= 1
+            return False
+
+        with mock.patch.multiple(wx, AUTH_MAX_HASHING=1, AUTH_HASH_WAIT_SECONDS=0.2, verify_password=slow_verify):
+            exporter = self.protected()
+            statuses: List[int] = []
+            first = threading.Thread(target=lambda: statuses.append(exporter.get("/metrics", basic("prom", "guess0"))[0]))
+            first.start()
+            self.assertTrue(entered.wait(10))
+            for n in (1, 2):
+                status, headers, body = exporter.get("/metrics", basic("prom", "guess%d" % n))
+                self.assertEqual((status, body, headers["retry-after"]), (429, "Too Many Requests\n", "1"))
+            release.set()
+            first.join(10)
+        self.assertEqual((statuses, most[0]), ([401], 1))
+
+
+class TestListenerTLS(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.pki = client_pki()
+
+    def tls(self, **options: str) -> wx.TLSServerConfig:
+        return wx.TLSServerConfig(self.pki["good.pem"], self.pki["good.key"], **options)
+
+    def protected(self, web: wx.WebConfig, client: Optional[ssl.SSLContext] = None) -> ProtectedExporter:
+        exporter = ProtectedExporter(web, client or client_context())
+        self.addCleanup(exporter.close)
+        return exporter
+
+    def require_client_cert(self) -> ProtectedExporter:
+        return self.protected(wx.WebConfig(self.tls(client_ca_file=self.pki["ca.pem"], client_auth_type="RequireAndVerifyClientCert")))
+
+    def test_https_with_basic_auth(self) -> None:
+        users = (("prom", wx.parse_password_hash(wx.hash_password(PASSWORD))),)
+        exporter = self.protected(wx.WebConfig(self.tls(), users))
+        self.assertEqual(exporter.get("/metrics", basic("prom", PASSWORD))[0], 200)
+        self.assertEqual(exporter.get(PROBE_DOWN + "&debug=true", basic("prom", PASSWORD))[0], 200)
+        self.assertEqual(exporter.get(PROBE_DOWN, basic("prom", "wrong"))[0], 401)
+
+    def test_plain_http_is_refused(self) -> None:
+        exporter = self.protected(wx.WebConfig(self.tls()))
+        plain = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
+        self.addCleanup(plain.close)
+        with self.assertRaises(REFUSED):
+            plain.request("GET", "/metrics")
+            plain.getresponse()
+        self.assertTrue(exporter.log.wait_for("TLS handshake failed"))
+        self.assertEqual(exporter.get("/metrics")[0], 200)
+
+    def test_a_silent_client_does_not_hold_up_others(self) -> None:
+        exporter = self.protected(wx.WebConfig(self.tls()))
+        silent_client = socket.create_connection(("127.0.0.1", exporter.port), timeout=10)
+        self.addCleanup(silent_client.close)
+        start = time.monotonic()
+        self.assertEqual(exporter.get("/-/healthy")[0], 200)
+        self.assertLess(time.monotonic() - start, 5)
+
+    def test_a_handshake_not_finished_in_time_is_dropped(self) -> None:
+        with mock.patch.object(wx, "TLS_HANDSHAKE_SECONDS", 0.3):
+            exporter = self.protected(wx.WebConfig(self.tls()))
+            silent_client = socket.create_connection(("127.0.0.1", exporter.port), timeout=10)
+            self.addCleanup(silent_client.close)
+            self.assertEqual(silent_client.recv(100), b"")  # the exporter hung up
+
+    def test_a_client_certificate_from_the_configured_ca_is_accepted(self) -> None:
+        exporter = self.require_client_cert()
+        exporter.client = client_context(self.pki["client.pem"], self.pki["client.key"])
+        self.assertEqual(exporter.get("/metrics")[0], 200)
+
+    def test_no_client_certificate_is_refused_when_required(self) -> None:
+        exporter = self.require_client_cert()
+        with self.assertRaises(REFUSED):
+            exporter.get("/metrics")
+        self.assertTrue(exporter.log.wait_for("TLS handshake failed"))
+
+    def test_a_client_certificate_from_another_ca_is_refused(self) -> None:
+        exporter = self.require_client_cert()
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            exporter.client = client_context(self.pki["self.pem"], self.pki["self.key"], max_version=version)
+            with self.assertRaises(REFUSED):
+                exporter.get("/metrics")
+        self.assertTrue(exporter.log.wait_for("TLS handshake failed", count=2))
+
+    def test_a_client_certificate_is_optional_with_verify_if_given(self) -> None:
+        exporter = self.protected(wx.WebConfig(self.tls(client_ca_file=self.pki["ca.pem"], client_auth_type="VerifyClientCertIfGiven")))
+        self.assertEqual(exporter.get("/metrics")[0], 200)
+        exporter.client = client_context(self.pki["self.pem"], self.pki["self.key"])
+        with self.assertRaises(REFUSED):
+            exporter.get("/metrics")
+
+    def test_the_minimum_version_is_enforced(self) -> None:
+        exporter = self.protected(wx.WebConfig(self.tls(min_version="TLS13")), client_context(max_version=ssl.TLSVersion.TLSv1_2))
+        with self.assertRaises(REFUSED):
+            exporter.get("/metrics")
+
+    def test_rotated_certificate_files_are_served_without_a_restart(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-rotate-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        live = issue_cert(directory, "live", "before-rotation", SERVER_EXTENSIONS)
+        client = client_context()
+        with mock.patch.object(wx, "CERT_RECHECK_SECONDS", 0.05):
+            exporter = self.protected(wx.WebConfig(wx.TLSServerConfig(live["pem"], live["key"])))
+            self.assertEqual(served_common_name(exporter.port, client), "before-rotation")
+            renewed = issue_cert(directory, "renewed", "after-rotation", SERVER_EXTENSIONS)
+            os.replace(renewed["key"], live["key"])  # the key first: a moment of mismatch must not hurt
+            os.replace(renewed["pem"], live["pem"])
+            self.assertEqual(self.wait_for_name(exporter.port, client, "after-rotation"), "after-rotation")
+            self.assertIn("TLS files reloaded", exporter.log.getvalue())
+            with open(live["pem"], "w") as f:
+                f.write("half written")
+            self.wait_for_log(exporter, "TLS files changed but do not load")
+            self.assertEqual(served_common_name(exporter.port, client), "after-rotation")
+
+    def wait_for_name(self, port: int, client: ssl.SSLContext, name: str) -> str:
+        deadline = time.monotonic() + 10
+        seen = served_common_name(port, client)
+        while seen != name and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the listener for an observable change
+            seen = served_common_name(port, client)
+        return seen
+
+    def wait_for_log(self, exporter: ProtectedExporter, text: str) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            served_common_name(exporter.port, client_context())  # each connection looks at the files
+            if exporter.log.wait_for(text, timeout=0.05):
+                return
+        self.fail("never logged: %s" % text)
 
 
 # ----------------------------------------------------------------------------------------------
