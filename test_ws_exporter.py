@@ -1526,6 +1526,11 @@ class TestDeployDashboard(unittest.TestCase):
             self.assertNotIn("$", substitute_grafana_variables(expr))
 
 
+# Runs a program that knows nothing of stdin, and ends it when stdin closes: when the test ends it,
+# or when the test process dies, so that no scraper outlives the tests.
+_STDIN_WATCH = '"$@" </dev/null & child=$!; read _; kill $child; wait $child'
+
+
 class Scraper:
     """A real Prometheus or VictoriaMetrics on 127.0.0.1, its data in a temporary directory."""
 
@@ -1534,8 +1539,17 @@ class Scraper:
         self.flush_path = flush_path
         self.log = tempfile.TemporaryFile()
         case.addCleanup(self.log.close)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
-        case.addCleanup(stop, self.proc)
+        self.proc = subprocess.Popen(["/bin/sh", "-c", _STDIN_WATCH, "sh", *argv], stdin=subprocess.PIPE,
+                                     stdout=self.log, stderr=self.log)
+        case.addCleanup(self.close)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stop(self.proc)
 
     def get_raw(self, path: str, **params: str) -> Tuple[int, str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -1553,22 +1567,23 @@ class Scraper:
             raise AssertionError("%s: %d %s" % (path, status, body[:500]))
         return answer  # type: ignore[no-any-return]
 
-    def query(self, expr: str) -> Dict[str, float]:
-        """instance -> value of an instant query.  VictoriaMetrics buffers fresh samples for
-        seconds unless asked to flush, and caches answers unless told nocache."""
+    def query(self, expr: str) -> List[Dict[str, str]]:
+        """The label sets of an instant query's answer.  VictoriaMetrics buffers fresh samples
+        for seconds unless asked to flush, and caches answers unless told nocache."""
         if self.flush_path:
             self.get_raw(self.flush_path)
         result = self.get("/api/v1/query", query=expr, nocache="1")["data"]["result"]  # type: ignore[index]
-        return {r["metric"].get("instance", ""): float(r["value"][1]) for r in result}
+        return [dict(r["metric"], value=r["value"][1]) for r in result]
 
-    def wait_for(self, expr: str, count: int) -> Dict[str, float]:
-        """Poll ``expr`` until it has ``count`` series, within SCRAPE_DEADLINE."""
+    def wait_for(self, expr: str, count: int) -> List[Dict[str, str]]:
+        """Poll ``expr`` until it has ``count`` series, within SCRAPE_DEADLINE; each series'
+        labels and its value (as "value")."""
         deadline = time.monotonic() + SCRAPE_DEADLINE
         while True:
             try:
                 values = self.query(expr)
             except (OSError, AssertionError, ValueError):
-                values = {}
+                values = []
             if len(values) >= count:
                 return values
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -1614,9 +1629,9 @@ class ScrapeTestCase(unittest.TestCase):
 
     def assert_probe_results(self, scraper: Scraper, job: str) -> None:
         values = scraper.wait_for('probe_success{job="%s"}' % job, 2)
-        self.assertEqual(values, {self.good: 1.0, self.dead: 0.0})
+        self.assertEqual({v["instance"]: v["value"] for v in values}, {self.good: "1", self.dead: "0"})
         failure = scraper.wait_for('probe_failure_info{job="%s"}' % job, 1)
-        self.assertEqual(list(failure), [self.dead])
+        self.assertEqual([(f["instance"], f["phase"], f["reason"]) for f in failure], [(self.dead, "connect", "connect_refused")])
         targets = scraper.active_targets(job)
         self.assertEqual(sorted(t["labels"]["instance"] for t in targets), sorted([self.good, self.dead]))  # type: ignore[index]
         for target in targets:
@@ -1658,14 +1673,18 @@ class TestPrometheusScrape(ScrapeTestCase):
         ], port)
         self.assert_probe_results(scraper, "ws-exporter")
         # The exporter's own job, read through OpenMetrics: counters keep their _total name.
-        self.assertEqual(scraper.wait_for('ws_exporter_probes_total{job="ws-exporter-self",module="connect"}', 1),
-                         {exporter: mock.ANY})
+        probes = scraper.wait_for('ws_exporter_probes_total{job="ws-exporter-self",module="connect"}', 1)
+        self.assertEqual([p["instance"] for p in probes], [exporter])
         self.assertEqual(scraper.active_targets("ws-exporter-self")[0]["lastError"], "")
         self.assertTrue(self.accepts)
         accepts = list(self.accepts)
         self.assertTrue(all(self.negotiate(a) == wx.OPENMETRICS_FORMAT for a in accepts), accepts)
         groups = scraper.get("/api/v1/rules")["data"]["groups"]  # type: ignore[index]
         self.assertEqual([g["name"] for g in groups], ["ws-exporter"])
+        # The shipped rules on real series: the closed port is pending in both down alerts.
+        pending = scraper.wait_for('ALERTS{alertstate="pending"}', 2)
+        self.assertEqual(sorted((labels["alertname"], labels["instance"]) for labels in pending),
+                         [("WebSocketConnectionDown", self.dead), ("WebSocketEndpointDown", self.dead)])
         for expr in dashboard_exprs():
             with self.subTest(expr=expr):
                 scraper.get("/api/v1/query", query=substitute_grafana_variables(expr))
