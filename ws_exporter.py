@@ -1005,7 +1005,7 @@ def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
 
 
 # ==============================================================================================
-# Exposition (Prometheus text format 0.0.4)
+# Exposition (Prometheus text format 0.0.4, OpenMetrics 1.0)
 # ==============================================================================================
 
 Labels = Tuple[Tuple[str, str], ...]
