@@ -1358,6 +1358,18 @@ class TestRecentProbes(unittest.TestCase):
         self.assertIn("<td>&lt;unparsable:", page)
 
 
+class TestOriginalVMProbe(unittest.TestCase):
+    def test_a_vmprobe_without_module_sends_an_empty_one_which_means_connect(self) -> None:
+        # The Go exporter's VMProbe has no spec.module; the operator still sends module=.
+        server = LocalServer(good_server)
+        self.addCleanup(server.close)
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        metrics = fixture.probe("ws://127.0.0.1:%d/" % server.port, module="")
+        self.assertEqual(metrics["probe_success"], 1)
+        self.assertIn("<td>connect</td>", fixture.get("/")[2])
+
+
 # ----------------------------------------------------------------------------------------------
 # Deployment files (deploy/): rules, dashboard, and the real scrapers running the shipped jobs
 # ----------------------------------------------------------------------------------------------
