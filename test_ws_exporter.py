@@ -1909,6 +1909,518 @@ class TestListenerTLS(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------------------------
+# OpenMetrics negotiation and the landing page's recent probes
+# ----------------------------------------------------------------------------------------------
+
+PROMETHEUS_ACCEPT = (  # what Prometheus 2.42 sends by default
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+class TestOpenMetrics(unittest.TestCase):
+    SAMPLES = [
+        wx.Sample("probe_success", (), 0),
+        wx.Sample("probe_failure_info", (("reason", "timeout"), ("phase", "upgrade")), 1),
+        wx.Sample("ws_exporter_probes_total", (("module", "connect"),), 3),
+    ]
+
+    def test_text_format_of_a_small_example(self) -> None:
+        self.assertEqual(
+            wx.render_samples(self.SAMPLES),
+            "# HELP probe_success Displays whether or not the probe was a success\n"
+            "# TYPE probe_success gauge\n"
+            "probe_success 0\n"
+            "# HELP probe_failure_info Why the probe failed: the phase and a reason from a fixed set\n"
+            "# TYPE probe_failure_info gauge\n"
+            'probe_failure_info{phase="upgrade",reason="timeout"} 1\n'
+            "# HELP ws_exporter_probes_total Probes run, by module\n"
+            "# TYPE ws_exporter_probes_total counter\n"
+            'ws_exporter_probes_total{module="connect"} 3\n',
+        )
+
+    def test_openmetrics_of_the_same_example(self) -> None:
+        self.assertEqual(
+            wx.render_openmetrics(self.SAMPLES),
+            "# HELP probe_success Displays whether or not the probe was a success\n"
+            "# TYPE probe_success gauge\n"
+            "probe_success 0\n"
+            "# HELP probe_failure_info Why the probe failed: the phase and a reason from a fixed set\n"
+            "# TYPE probe_failure_info gauge\n"
+            'probe_failure_info{phase="upgrade",reason="timeout"} 1\n'
+            "# HELP ws_exporter_probes Probes run, by module\n"
+            "# TYPE ws_exporter_probes counter\n"
+            'ws_exporter_probes_total{module="connect"} 3\n'
+            "# EOF\n",
+        )
+
+    def test_openmetrics_help_escapes_double_quotes(self) -> None:
+        with mock.patch.dict(wx.METRICS, {"probe_success": ("gauge", 'say "hi"\\')}):
+            text = wx.render_openmetrics([wx.Sample("probe_success", (), 1)])
+        self.assertEqual(text.splitlines()[0], '# HELP probe_success say \\"hi\\"\\\\')
+
+    def test_negotiation(self) -> None:
+        cases = [
+            (None, wx.TEXT_FORMAT),
+            ("", wx.TEXT_FORMAT),
+            ("*/*", wx.TEXT_FORMAT),
+            ("text/plain;version=0.0.4", wx.TEXT_FORMAT),
+            (PROMETHEUS_ACCEPT, wx.OPENMETRICS_FORMAT),
+            ("application/openmetrics-text", wx.OPENMETRICS_FORMAT),
+            ("Application/OpenMetrics-Text; version=0.0.1", wx.OPENMETRICS_FORMAT),
+            ("text/plain, application/openmetrics-text;q=0.2", wx.OPENMETRICS_FORMAT),
+            ("application/openmetrics-text;q=0, text/plain", wx.TEXT_FORMAT),
+            ("application/openmetrics-text;q=zero", wx.OPENMETRICS_FORMAT),
+        ]
+        for accept, expected in cases:
+            self.assertEqual(wx.negotiate_format(accept), expected, accept)
+        self.assertEqual(wx.OPENMETRICS_FORMAT.content_type, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+
+    def test_probe_and_metrics_answer_in_the_format_asked_for(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        target = "/probe?target=ws://127.0.0.1:%d/" % free_port()
+        for path in (target, "/metrics"):
+            with self.subTest(path):
+                status, headers, body = fixture.get(path, {"Accept": PROMETHEUS_ACCEPT})
+                self.assertEqual((status, headers["content-type"]), (200, wx.OPENMETRICS_CONTENT_TYPE))
+                self.assertTrue(body.endswith("\n# EOF\n"), body[-100:])
+                self.assertEqual(body.count("# EOF"), 1)
+                status, headers, body = fixture.get(path, {"Accept": "text/plain;version=0.0.4"})
+                self.assertEqual((status, headers["content-type"]), (200, wx.EXPOSITION_CONTENT_TYPE))
+                self.assertNotIn("# EOF", body)
+        _, _, body = fixture.get("/metrics", {"Accept": PROMETHEUS_ACCEPT})
+        self.assertIn("# TYPE ws_exporter_probes counter\n", body)
+        self.assertIn('ws_exporter_probes_total{module="connect"} 2\n', body)
+
+    def test_debug_page_stays_plain_text(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        path = "/probe?debug=true&target=ws://127.0.0.1:%d/" % free_port()
+        status, headers, body = fixture.get(path, {"Accept": PROMETHEUS_ACCEPT})
+        self.assertEqual((status, headers["content-type"]), (200, "text/plain; charset=utf-8"))
+        self.assertIn("# TYPE probe_success gauge", body)
+        self.assertNotIn("# EOF", body)
+
+    def test_promtool_accepts_the_text_format(self) -> None:
+        require_peer(self, "WS_PROMTOOL")
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        fixture.probe("ws://127.0.0.1:%d/" % free_port())
+        for path in ("/metrics", "/probe?target=ws://127.0.0.1:%d/" % free_port()):
+            _, _, body = fixture.get(path, {"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1"})
+            check = subprocess.run([os.environ["WS_PROMTOOL"], "check", "metrics"], input=body,
+                                   capture_output=True, text=True, timeout=30)
+            self.assertEqual((check.returncode, check.stdout + check.stderr), (0, ""), body)
+
+
+class TestRecentProbes(unittest.TestCase):
+    def setUp(self) -> None:
+        self.fixture = ExporterFixture()
+        self.addCleanup(self.fixture.close)
+
+    def landing_rows(self) -> List[str]:
+        status, _, body = self.fixture.get("/")
+        self.assertEqual(status, 200)
+        return re.findall(r"<tr><td>.*?</tr>", body)
+
+    def test_landing_page_lists_probes_newest_first_with_a_working_logs_link(self) -> None:
+        server = LocalServer(good_server)
+        self.addCleanup(server.close)
+        self.assertIn("No probes yet.", self.fixture.get("/")[2])
+        self.fixture.probe("ws://127.0.0.1:%d/" % free_port())
+        self.fixture.probe("ws://127.0.0.1:%d/" % server.port)
+        newest, oldest = self.landing_rows()
+        self.assertRegex(
+            newest,
+            r"<tr><td>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d</td><td>connect</td><td>ws://127\.0\.0\.1:%d/</td>"
+            r"<td>success</td><td></td><td>\d+\.\d{3}s</td><td><a href=\"/logs\?id=1\">logs</a></td></tr>" % server.port,
+        )
+        self.assertIn("<td>failure</td><td>connect: connect_refused</td>", oldest)
+        status, headers, body = self.fixture.get("/logs?id=0")
+        self.assertEqual((status, headers["content-type"]), (200, "text/plain; charset=utf-8"))
+        self.assertIn("reason=connect_refused", body)
+        self.assertIn("probe_success 0\n", body)
+        self.assertIn("probe_success 1\n", self.fixture.get("/logs?id=1")[2])
+
+    def test_logs_of_an_evicted_or_unknown_probe_are_404_and_a_bad_id_400(self) -> None:
+        with mock.patch.object(self.fixture.exporter, "recent", wx.RecentProbes(3)):
+            for _ in range(5):
+                self.fixture.probe("ws://127.0.0.1:%d/" % free_port())
+            self.assertEqual(len(self.landing_rows()), 3)
+            self.assertEqual([self.fixture.get("/logs?id=%d" % i)[0] for i in range(6)], [404, 404, 200, 200, 200, 404])
+        for query in ("", "?id=", "?id=x", "?id=1&id=2"):
+            self.assertEqual(self.fixture.get("/logs" + query)[0], 400, query)
+
+    def test_the_default_bound_holds(self) -> None:
+        recent = wx.RecentProbes()
+        result = wx.ProbeResult("connect", 1.0)
+        log = wx.ProbeLog(wx.Logger(stream=io.StringIO()))
+        for _ in range(wx.RECENT_PROBES + 20):
+            recent.add(0.0, wx.DEFAULT_MODULES["connect"], "ws://x/", result, log)
+        probes = recent.newest_first()
+        self.assertEqual(len(probes), wx.RECENT_PROBES)
+        self.assertEqual((probes[0].id, probes[-1].id), (wx.RECENT_PROBES + 19, 20))
+
+    def test_no_secret_and_no_markup_from_a_target_reaches_the_page(self) -> None:
+        port = free_port()
+        secret = "s3cr3t-%3Cscript%3E"
+        self.fixture.probe("ws://user:pw@127.0.0.1:%d/<b>/%s?key=%s" % (port, secret, secret))
+        self.fixture.probe("<script>alert(1)</script>")
+        status, _, page = self.fixture.get("/")
+        logs = self.fixture.get("/logs?id=0")[2] + self.fixture.get("/logs?id=1")[2]
+        for text in (page, logs):
+            for leak in ("s3cr3t", "pw@", "<b>", "<script>", "key="):
+                self.assertNotIn(leak, text)
+        self.assertRegex(page, r"<td>ws://127\.0\.0\.1:%d/&lt;[0-9a-f]{8}&gt;</td>" % port)
+        self.assertIn("<td>&lt;unparsable:", page)
+
+
+class TestOriginalVMProbe(unittest.TestCase):
+    def test_a_vmprobe_without_module_sends_an_empty_one_which_means_connect(self) -> None:
+        # The Go exporter's VMProbe has no spec.module; the operator still sends module=.
+        server = LocalServer(good_server)
+        self.addCleanup(server.close)
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        metrics = fixture.probe("ws://127.0.0.1:%d/" % server.port, module="")
+        self.assertEqual(metrics["probe_success"], 1)
+        self.assertIn("<td>connect</td>", fixture.get("/")[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Deployment files (deploy/): rules, dashboard, and the real scrapers running the shipped jobs
+# ----------------------------------------------------------------------------------------------
+
+DEPLOY_DIR = os.path.join(HERE, "deploy")
+RULES_FILE = "rules/ws-exporter.rules.yml"
+RULES_TEST_FILE = "rules/ws-exporter.rules.test.yml"
+RULE_CRD_FILES = ("victoriametrics/vmrule.yaml", "prometheus/prometheusrule.yaml")
+PROMETHEUS_CONFIG_FILE = "prometheus/prometheus.yml"
+VMPROBE_FILE = "victoriametrics/vmprobe.yaml"
+DASHBOARD_FILE = "grafana/ws-exporter-dashboard.json"
+SCRAPE_DEADLINE = 20.0  # seconds for a scraper to start and store its first samples
+
+# What Grafana's variables become when a test runs a dashboard query.
+GRAFANA_SUBSTITUTIONS = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h", "job": ".*", "instance": ".*"}
+_GRAFANA_VARIABLE = re.compile(r"\$(?:\{(%s)\}|(%s)\b)" % (("|".join(GRAFANA_SUBSTITUTIONS),) * 2))
+
+
+def deploy_text(name: str) -> str:
+    with open(os.path.join(DEPLOY_DIR, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def groups_block(text: str, indent: int) -> List[str]:
+    """The `groups:` block at ``indent`` spaces, running to the end of the file, de-indented; the
+    rule file has it at column 0, the VMRule and PrometheusRule as the last key of `spec:`."""
+    prefix = " " * indent
+    lines = text.splitlines()
+    start = lines.index(prefix + "groups:")
+    if indent and lines[start - 1] != "spec:":
+        raise ValueError("`groups:` does not follow `spec:` directly")
+    block = []
+    for number, line in enumerate(lines[start:], start + 1):
+        if line.strip() and not line.startswith(prefix):
+            raise ValueError("line %d is outside the groups block: %r" % (number, line))
+        block.append(line[indent:])
+    while block and not block[-1]:
+        block.pop()
+    return block
+
+
+def dashboard_exprs() -> List[str]:
+    def panels(items: List[Dict[str, object]]) -> Iterator[Dict[str, object]]:
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))  # type: ignore[arg-type]
+
+    dashboard = json.loads(deploy_text(DASHBOARD_FILE))
+    targets = [t for p in panels(dashboard["panels"]) for t in p.get("targets", [])]  # type: ignore[attr-defined]
+    return [t["expr"] for t in targets if "expr" in t]
+
+
+def substitute_grafana_variables(expr: str) -> str:
+    return _GRAFANA_VARIABLE.sub(lambda m: GRAFANA_SUBSTITUTIONS[m.group(1) or m.group(2)], expr)
+
+
+def vmprobe_spec(name: str) -> Dict[str, object]:
+    """The fields of the shipped VMProbe ``name`` that the operator's scrape job is built from
+    (read with patterns: the file's layout is fixed, and no YAML library is at hand)."""
+    for document in deploy_text(VMPROBE_FILE).split("\n---\n"):
+        if re.search(r"(?m)^  name: %s$" % re.escape(name), document):
+            def field(pattern: str) -> str:
+                match = re.search(r"(?m)^%s: (\S+)$" % pattern, document)
+                assert match is not None, (name, pattern)
+                return match.group(1)
+
+            labels = re.search(r"(?m)^      labels:\n((?:        \w+: \S+\n?)+)", document)
+            assert labels is not None, name
+            return {
+                "jobName": field("  jobName"), "module": field("  module"), "path": field("    path"),
+                "url": field("    url"), "labels": dict(re.findall(r"(\w+): (\S+)", labels.group(1))),
+            }
+    raise AssertionError("no VMProbe %s in %s" % (name, VMPROBE_FILE))
+
+
+def operator_probe_job(name: str, spec: Dict[str, object], targets: List[str], interval: str) -> Dict[str, object]:
+    """The scrape job the VictoriaMetrics operator generates for a VMProbe with static targets
+    (job name probe/NAMESPACE/NAME/0, module param, then its relabeling in its order)."""
+    return {
+        "job_name": "probe/monitoring/%s/0" % name,
+        "scrape_interval": interval,
+        "scrape_timeout": interval,
+        "params": {"module": [spec["module"]]},
+        "metrics_path": spec["path"],
+        "static_configs": [{"targets": targets, "labels": spec["labels"]}],
+        "relabel_configs": [
+            {"source_labels": ["__address__"], "target_label": "__param_target"},
+            {"target_label": "job", "replacement": spec["jobName"]},
+            {"source_labels": ["__param_target"], "target_label": "instance"},
+            {"target_label": "__address__", "replacement": spec["url"]},
+        ],
+    }
+
+
+def replace_once(text: str, pattern: str, replacement: str) -> str:
+    """``text`` with the one match of ``pattern`` replaced; fails when the shipped file changed
+    so that the pattern matches no more (or more than once)."""
+    result, count = re.subn(pattern, lambda _: replacement, text, flags=re.M)
+    assert count == 1, (pattern, count)
+    return result
+
+
+def prometheus_test_config(exporter: str, targets: List[str]) -> str:
+    """The shipped prometheus.yml with its exporter address, probe targets, intervals and rule
+    path rewritten for a test; its jobs and relabeling stay as shipped."""
+    text = deploy_text(PROMETHEUS_CONFIG_FILE)
+    for key in ("scrape_interval", "scrape_timeout", "evaluation_interval"):
+        text = replace_once(text, r"^  %s: \S+$" % key, "  %s: 1s" % key)
+    text = replace_once(text, r"^  - \.\./rules/ws-exporter\.rules\.yml$", "  - " + os.path.join(DEPLOY_DIR, RULES_FILE))
+    text = replace_once(text, r"^      - targets:\n(?:          - wss://\S+\n)+",
+                        "      - targets:\n" + "".join("          - %s\n" % t for t in targets))
+    text = replace_once(text, r"^        replacement: 127\.0\.0\.1:9095$", "        replacement: " + exporter)
+    return replace_once(text, r"^          - 127\.0\.0\.1:9095$", "          - " + exporter)
+
+
+def run_promtool(*args: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([os.environ["WS_PROMTOOL"], *args], cwd=DEPLOY_DIR, capture_output=True,
+                          text=True, timeout=60)
+
+
+class TestDeployRules(unittest.TestCase):
+    """The alert rules: one source, three copies, checked and unit-tested by promtool."""
+
+    def test_rule_crds_carry_the_rule_files_groups_unchanged(self) -> None:
+        expected = groups_block(deploy_text(RULES_FILE), 0)
+        self.assertGreater(len(expected), 10)
+        for name in RULE_CRD_FILES:
+            self.assertEqual(groups_block(deploy_text(name), 2), expected, name)
+
+    def test_promtool_checks_every_rule_file_and_the_crds_groups(self) -> None:
+        require_peer(self, "WS_PROMTOOL")
+        tmp = tempfile.mkdtemp(prefix="wsx-rules-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        files = [os.path.join(DEPLOY_DIR, RULES_FILE)]
+        for name in RULE_CRD_FILES:
+            files.append(os.path.join(tmp, os.path.basename(name)))
+            with open(files[-1], "w", encoding="utf-8") as f:
+                f.write("\n".join(groups_block(deploy_text(name), 2)) + "\n")
+        check = run_promtool("check", "rules", *files)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        self.assertEqual(check.stdout.count("SUCCESS"), len(files), check.stdout)
+
+    def test_promtool_unit_tests_of_the_rules_pass(self) -> None:
+        require_peer(self, "WS_PROMTOOL")
+        check = run_promtool("test", "rules", RULES_TEST_FILE)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+
+    def test_promtool_check_config_passes_for_the_plain_prometheus_config(self) -> None:
+        require_peer(self, "WS_PROMTOOL")
+        check = run_promtool("check", "config", PROMETHEUS_CONFIG_FILE)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+
+    def test_every_alert_has_a_promtool_unit_test(self) -> None:
+        alerts = set(re.findall(r"(?m)^      - alert: (\w+)$", deploy_text(RULES_FILE)))
+        tested = set(re.findall(r"(?m)^        alertname: (\w+)$", deploy_text(RULES_TEST_FILE)))
+        self.assertEqual(alerts, tested)
+        self.assertLessEqual({"WebSocketConnectionDown", "WebSocketHighConnectionLatency", "WebSocketEndpointDown"}, alerts)
+
+
+class TestDeployDashboard(unittest.TestCase):
+    def test_dashboard_parses_and_every_query_filters_by_job(self) -> None:
+        exprs = dashboard_exprs()
+        self.assertGreater(len(exprs), 5)
+        for expr in exprs:
+            self.assertIn('job=~"$job"', expr)
+            self.assertNotIn("$", substitute_grafana_variables(expr))
+
+
+# Runs a program that knows nothing of stdin, and ends it when stdin closes: when the test ends it,
+# or when the test process dies, so that no scraper outlives the tests.
+_STDIN_WATCH = '"$@" </dev/null & child=$!; read _; kill $child; wait $child'
+
+
+class Scraper:
+    """A real Prometheus or VictoriaMetrics on 127.0.0.1, its data in a temporary directory."""
+
+    def __init__(self, case: unittest.TestCase, argv: List[str], port: int, flush_path: str = "") -> None:
+        self.port = port
+        self.flush_path = flush_path
+        self.log = tempfile.TemporaryFile()
+        case.addCleanup(self.log.close)
+        self.proc = subprocess.Popen(["/bin/sh", "-c", _STDIN_WATCH, "sh", *argv], stdin=subprocess.PIPE,
+                                     stdout=self.log, stderr=self.log)
+        case.addCleanup(self.close)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stop(self.proc)
+
+    def get_raw(self, path: str, **params: str) -> Tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path + ("?" + wx.urllib.parse.urlencode(params) if params else ""))
+            response = conn.getresponse()
+            return response.status, response.read().decode("utf-8")
+        finally:
+            conn.close()
+
+    def get(self, path: str, **params: str) -> Dict[str, object]:
+        status, body = self.get_raw(path, **params)
+        answer = json.loads(body)
+        if status != 200 or answer.get("status") != "success":
+            raise AssertionError("%s: %d %s" % (path, status, body[:500]))
+        return answer  # type: ignore[no-any-return]
+
+    def query(self, expr: str) -> List[Dict[str, str]]:
+        """The label sets of an instant query's answer.  VictoriaMetrics buffers fresh samples
+        for seconds unless asked to flush, and caches answers unless told nocache."""
+        if self.flush_path:
+            self.get_raw(self.flush_path)
+        result = self.get("/api/v1/query", query=expr, nocache="1")["data"]["result"]  # type: ignore[index]
+        return [dict(r["metric"], value=r["value"][1]) for r in result]
+
+    def wait_for(self, expr: str, count: int) -> List[Dict[str, str]]:
+        """Poll ``expr`` until it has ``count`` series, within SCRAPE_DEADLINE; each series'
+        labels and its value (as "value")."""
+        deadline = time.monotonic() + SCRAPE_DEADLINE
+        while True:
+            try:
+                values = self.query(expr)
+            except (OSError, AssertionError, ValueError):
+                values = []
+            if len(values) >= count:
+                return values
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.log.seek(0)
+                raise AssertionError("%s: %r after %.0fs\n%s" % (expr, values, SCRAPE_DEADLINE,
+                                                              self.log.read()[-3000:].decode("utf-8", "replace")))
+            time.sleep(0.2)
+
+    def active_targets(self, job: str) -> List[Dict[str, object]]:
+        targets = self.get("/api/v1/targets")["data"]["activeTargets"]  # type: ignore[index]
+        return [t for t in targets if t["labels"].get("job") == job]
+
+
+class ScrapeTestCase(unittest.TestCase):
+    """The exporter in a thread probing a good local WebSocket server and a closed port, with
+    every exposition format it answers in recorded."""
+
+    def setUp(self) -> None:
+        self.server = LocalServer(good_server)
+        self.addCleanup(self.server.close)
+        self.exporter = ExporterFixture()
+        self.addCleanup(self.exporter.close)
+        self.good = "ws://127.0.0.1:%d/" % self.server.port
+        self.dead = "ws://127.0.0.1:%d/" % free_port()
+        self.accepts: List[Optional[str]] = []
+        self.negotiate = wx.negotiate_format
+
+        def recording(accept: Optional[str]) -> wx.ExpositionFormat:
+            self.accepts.append(accept)
+            return self.negotiate(accept)
+
+        patcher = mock.patch.object(wx, "negotiate_format", recording)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.tmp = tempfile.mkdtemp(prefix="wsx-scraper-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def assert_probe_results(self, scraper: Scraper, job: str) -> None:
+        values = scraper.wait_for('probe_success{job="%s"}' % job, 2)
+        self.assertEqual({v["instance"]: v["value"] for v in values}, {self.good: "1", self.dead: "0"})
+        failure = scraper.wait_for('probe_failure_info{job="%s"}' % job, 1)
+        self.assertEqual([(f["instance"], f["phase"], f["reason"]) for f in failure], [(self.dead, "connect", "connect_refused")])
+        targets = scraper.active_targets(job)
+        self.assertEqual(sorted(t["labels"]["instance"] for t in targets), sorted([self.good, self.dead]))  # type: ignore[index]
+        for target in targets:
+            self.assertEqual((target["health"], target["lastError"]), ("up", ""), target)
+
+
+class TestVictoriaMetricsScrape(ScrapeTestCase):
+    def test_the_operators_job_for_the_shipped_vmprobe_scrapes_cleanly(self) -> None:
+        require_peer(self, "WS_VICTORIA_METRICS")
+        spec = vmprobe_spec("ws-exporter-connect")
+        self.assertEqual((spec["url"], spec["path"], spec["module"]), ("ws-exporter.monitoring.svc:9095", "/probe", "connect"))
+        spec["url"] = "127.0.0.1:%d" % self.exporter.port
+        job = operator_probe_job("ws-exporter-connect", spec, [self.good, self.dead], "1s")
+        config = self.write("scrape.json", json.dumps({"scrape_configs": [job]}, indent=2))
+        port = free_port()
+        scraper = Scraper(self, [
+            os.environ["WS_VICTORIA_METRICS"], "-httpListenAddr=127.0.0.1:%d" % port,
+            "-storageDataPath=" + os.path.join(self.tmp, "data"), "-promscrape.config=" + config,
+            "-search.latencyOffset=1s", "-loggerLevel=WARN",
+        ], port, flush_path="/internal/force_flush")
+        self.assert_probe_results(scraper, "ws-exporter-connect")
+        labels = scraper.get("/api/v1/series", **{"match[]": 'probe_success{instance="%s"}' % self.good})["data"]
+        self.assertEqual(labels, [{"__name__": "probe_success", "job": "ws-exporter-connect",
+                                   "instance": self.good, "chain_family": "generic"}])
+        # VictoriaMetrics 1.79 asks for the text format only.
+        accepts = list(self.accepts)
+        self.assertTrue(accepts and all(self.negotiate(a) == wx.TEXT_FORMAT for a in accepts), accepts)
+
+
+class TestPrometheusScrape(ScrapeTestCase):
+    def test_the_shipped_config_scrapes_cleanly_in_openmetrics_and_every_query_runs(self) -> None:
+        require_peer(self, "WS_PROMETHEUS")
+        exporter = "127.0.0.1:%d" % self.exporter.port
+        config = self.write("prometheus.yml", prometheus_test_config(exporter, [self.good, self.dead]))
+        port = free_port()
+        scraper = Scraper(self, [
+            os.environ["WS_PROMETHEUS"], "--config.file=" + config, "--web.listen-address=127.0.0.1:%d" % port,
+            "--storage.tsdb.path=" + os.path.join(self.tmp, "data"), "--log.level=warn",
+        ], port)
+        self.assert_probe_results(scraper, "ws-exporter")
+        # The exporter's own job, read through OpenMetrics: counters keep their _total name.
+        probes = scraper.wait_for('ws_exporter_probes_total{job="ws-exporter-self",module="connect"}', 1)
+        self.assertEqual([p["instance"] for p in probes], [exporter])
+        self.assertEqual(scraper.active_targets("ws-exporter-self")[0]["lastError"], "")
+        self.assertTrue(self.accepts)
+        accepts = list(self.accepts)
+        self.assertTrue(all(self.negotiate(a) == wx.OPENMETRICS_FORMAT for a in accepts), accepts)
+        groups = scraper.get("/api/v1/rules")["data"]["groups"]  # type: ignore[index]
+        self.assertEqual([g["name"] for g in groups], ["ws-exporter"])
+        # The shipped rules on real series: the closed port is pending in both down alerts.
+        pending = scraper.wait_for('ALERTS{alertstate="pending"}', 2)
+        self.assertEqual(sorted((labels["alertname"], labels["instance"]) for labels in pending),
+                         [("WebSocketConnectionDown", self.dead), ("WebSocketEndpointDown", self.dead)])
+        for expr in dashboard_exprs():
+            with self.subTest(expr=expr):
+                scraper.get("/api/v1/query", query=substitute_grafana_variables(expr))
+
+
+# ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits
 # when its stdin closes, so none outlives the test process.

@@ -41,11 +41,13 @@ __all__ = [
 
 import base64
 import codecs
+import collections
 import dataclasses
 import enum
 import fnmatch
 import hashlib
 import hmac
+import html
 import http.server
 import io
 import ipaddress
@@ -159,6 +161,9 @@ CLIENT_AUTH_TYPES = {
 }
 
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_MEDIA_TYPE = "application/openmetrics-text"
+OPENMETRICS_CONTENT_TYPE = OPENMETRICS_MEDIA_TYPE + "; version=1.0.0; charset=utf-8"
+RECENT_PROBES = 100  # probes the landing page lists; older ones (and their /logs) are dropped
 
 PHASES = ("resolve", "connect", "tls", "upgrade", "close")
 FAILURE_PHASES = frozenset(("target", "resolve", "connect", "tls", "upgrade", "check", "close"))
@@ -1102,7 +1107,7 @@ def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
 
 
 # ==============================================================================================
-# Exposition (Prometheus text format 0.0.4)
+# Exposition (Prometheus text format 0.0.4, OpenMetrics 1.0)
 # ==============================================================================================
 
 Labels = Tuple[Tuple[str, str], ...]
@@ -1167,16 +1172,63 @@ def format_value(value: float) -> str:
 
 
 def render_samples(samples: Iterable[Sample]) -> str:
-    """Text exposition: families in first-seen order, HELP and TYPE once each, labels sorted."""
+    """Text exposition 0.0.4: families in first-seen order, HELP and TYPE once each, labels sorted."""
+    return _render_families(samples, _text_family_header)
+
+
+def render_openmetrics(samples: Iterable[Sample]) -> str:
+    """OpenMetrics 1.0: the same families and samples, OpenMetrics headers, ``# EOF`` last."""
+    return _render_families(samples, _openmetrics_family_header) + "# EOF\n"
+
+
+def _render_families(samples: Iterable[Sample], header: Callable[[str, str, str], str]) -> str:
     families: Dict[str, List[Sample]] = {}
     for sample in samples:
         families.setdefault(sample.name, []).append(sample)
     out: List[str] = []
     for name, members in families.items():
         kind, help_text = METRICS[name]
-        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(help_text), name, kind))
+        out.append(header(name, kind, help_text))
         out.extend(_sample_line(sample) for sample in members)
     return "".join(out)
+
+
+def _text_family_header(name: str, kind: str, help_text: str) -> str:
+    return "# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(help_text), name, kind)
+
+
+def _openmetrics_family_header(name: str, kind: str, help_text: str) -> str:
+    # OpenMetrics 1.0: a counter family is named without the "_total" its samples carry, and
+    # HELP escapes the double quote as well (the same three escapes as label values).
+    family = name[: -len("_total")] if kind == "counter" and name.endswith("_total") else name
+    return "# HELP %s %s\n# TYPE %s %s\n" % (family, escape_label_value(help_text), family, kind)
+
+
+class ExpositionFormat(NamedTuple):
+    content_type: str
+    render: Callable[[Iterable[Sample]], str]
+
+
+TEXT_FORMAT = ExpositionFormat(EXPOSITION_CONTENT_TYPE, render_samples)
+OPENMETRICS_FORMAT = ExpositionFormat(OPENMETRICS_CONTENT_TYPE, render_openmetrics)
+
+
+def negotiate_format(accept: Optional[str]) -> ExpositionFormat:
+    """OpenMetrics 1.0 when the Accept header names application/openmetrics-text (whatever its
+    version parameter) with a non-zero q; the text format otherwise (RFC 7231 §5.3.2)."""
+    for media_range in (accept or "").split(","):
+        media_type, *params = (part.strip().lower() for part in media_range.split(";"))
+        if media_type == OPENMETRICS_MEDIA_TYPE and not any(_is_zero_q(p) for p in params):
+            return OPENMETRICS_FORMAT
+    return TEXT_FORMAT
+
+
+def _is_zero_q(param: str) -> bool:
+    name, _, value = param.partition("=")
+    try:
+        return name.strip() == "q" and float(value) == 0
+    except ValueError:
+        return False
 
 
 def _sample_line(sample: Sample) -> str:
@@ -1384,6 +1436,44 @@ class Settings(NamedTuple):
     show_version: bool = False
 
 
+class RecentProbe(NamedTuple):
+    """One probe as the landing page lists it; its debug page is rendered only when asked for."""
+
+    id: int
+    started: float  # unix seconds
+    module: Module
+    target: str  # redacted
+    result: ProbeResult
+    log: ProbeLog
+
+    def debug_text(self) -> str:
+        return debug_page(self.log, render_samples(probe_samples(self.result)), self.module)
+
+
+class RecentProbes:
+    """The last RECENT_PROBES probes, newest first; thread-safe, bounded."""
+
+    def __init__(self, size: int = RECENT_PROBES) -> None:
+        self._lock = threading.Lock()
+        self._probes: "collections.deque[RecentProbe]" = collections.deque(maxlen=size)
+        self._next_id = 0
+
+    def add(self, started: float, module: Module, target: str, result: ProbeResult, log: ProbeLog) -> int:
+        with self._lock:
+            probe = RecentProbe(self._next_id, started, module, target, result, log)
+            self._next_id += 1
+            self._probes.appendleft(probe)
+        return probe.id
+
+    def newest_first(self) -> List[RecentProbe]:
+        with self._lock:
+            return list(self._probes)
+
+    def get(self, probe_id: int) -> Optional[RecentProbe]:
+        with self._lock:
+            return next((p for p in self._probes if p.id == probe_id), None)
+
+
 class Exporter:
     """What the HTTP handlers share: settings, modules, counters and the log."""
 
@@ -1394,6 +1484,7 @@ class Exporter:
         self.stats = Stats()
         self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
         self.probe_slots = threading.BoundedSemaphore(settings.max_concurrent)
+        self.recent = RecentProbes()
 
     def probe_timeout(self, module: Module, scrape_timeout: Optional[str]) -> float:
         """The module's timeout (or --timeout), lowered to the scrape timeout minus the offset."""
@@ -1415,7 +1506,9 @@ class Exporter:
             self.stats.reject("overloaded")
             raise Overloaded("Too many probes in flight")
         result = ProbeResult(module.name, timeout)
-        log = ProbeLog(self.logger, module=module.name, target=_redact_raw_target(target))
+        redacted = _redact_raw_target(target)
+        log = ProbeLog(self.logger, module=module.name, target=redacted)
+        started = time.time()
         self.stats.begin()
         try:
             run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
@@ -1424,10 +1517,14 @@ class Exporter:
             self.probe_slots.release()
         if result.success:
             log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
+        self.recent.add(started, module, redacted, result, log)
         return result, log
 
     def telemetry(self) -> str:
-        return render_samples(build_samples() + self.stats.samples() + process_samples())
+        return render_samples(self.telemetry_samples())
+
+    def telemetry_samples(self) -> List[Sample]:
+        return build_samples() + self.stats.samples() + process_samples()
 
 
 def _redact_raw_target(raw: str) -> str:
@@ -1459,9 +1556,38 @@ LANDING_PAGE = """<!DOCTYPE html>
  (<a href="%(probe)s?target=wss://example.net/&amp;debug=true">debug output</a>)</li>
 <li><a href="/-/healthy">Health</a></li>
 </ul>
+<h2>Recent probes</h2>
+%(recent)s
 </body>
 </html>
 """
+
+RECENT_PROBES_HEADER = (
+    "<table>\n<tr><th>Time (UTC)</th><th>Module</th><th>Target</th><th>Result</th>"
+    "<th>Failure</th><th>Duration</th><th>Debug</th></tr>\n"
+)
+
+
+def recent_probes_table(probes: Sequence[RecentProbe]) -> str:
+    """The landing page's table of recent probes, every field HTML-escaped."""
+    if not probes:
+        return "<p>No probes yet.</p>"
+    return RECENT_PROBES_HEADER + "".join(_recent_probe_row(p) for p in probes) + "</table>"
+
+
+def _recent_probe_row(probe: RecentProbe) -> str:
+    result = probe.result
+    failure = "%s: %s" % result.failure if result.failure else ""
+    cells = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(probe.started)),
+        probe.module.name,
+        probe.target,
+        "success" if result.success else "failure",
+        failure,
+        "%.3fs" % result.total,
+    )
+    row = "".join("<td>%s</td>" % html.escape(cell) for cell in cells)
+    return '<tr>%s<td><a href="/logs?id=%d">logs</a></td></tr>\n' % (row, probe.id)
 
 
 
@@ -1576,6 +1702,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             settings.telemetry_path: self.serve_telemetry,
             "/": self.serve_landing,
             "/-/healthy": self.serve_healthy,
+            "/logs": self.serve_logs,
         }
         route = routes.get(url.path)
         if route is None:
@@ -1617,14 +1744,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Overloaded as err:
             self.respond(503, "%s\n" % err, headers=(("Retry-After", "1"),))
             return
-        metrics = render_samples(probe_samples(result))
         if debug:
-            self.respond(200, debug_page(log, metrics, module))
+            self.respond(200, debug_page(log, render_samples(probe_samples(result)), module))
         else:
-            self.respond(200, metrics, EXPOSITION_CONTENT_TYPE)
+            self.respond_metrics(probe_samples(result))
 
     def serve_telemetry(self, query: str) -> None:
-        self.respond(200, self.server.exporter.telemetry(), EXPOSITION_CONTENT_TYPE)
+        self.respond_metrics(self.server.exporter.telemetry_samples())
+
+    def serve_logs(self, query: str) -> None:
+        """The debug page of a recent probe, by the id the landing page links to."""
+        try:
+            probe_id = int(single_param(urllib.parse.parse_qs(query), "id") or "")
+        except (BadRequest, ValueError):
+            self.respond(400, "Parameter id must be a probe number\n")
+            return
+        probe = self.server.exporter.recent.get(probe_id)
+        if probe is None:
+            self.respond(404, "Probe %d is not among the recent probes\n" % probe_id)
+            return
+        self.respond(200, probe.debug_text())
 
     def serve_landing(self, query: str) -> None:
         settings = self.server.exporter.settings
@@ -1632,11 +1771,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "version": __version__,
             "metrics": settings.telemetry_path,
             "probe": settings.probe_path,
+            "recent": recent_probes_table(self.server.exporter.recent.newest_first()),
         }
         self.respond(200, page, "text/html; charset=utf-8")
 
     def serve_healthy(self, query: str) -> None:
         self.respond(200, "Healthy\n")
+
+    def respond_metrics(self, samples: List[Sample]) -> None:
+        """Samples in the exposition format the scraper's Accept header asks for."""
+        fmt = negotiate_format(self.headers.get("Accept"))
+        self.respond(200, fmt.render(samples), fmt.content_type)
 
     def respond(
         self,
