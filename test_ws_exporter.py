@@ -202,12 +202,12 @@ def free_port() -> int:
 class ExporterFixture:
     """The exporter's HTTP server on 127.0.0.1:0 in a thread, with its log captured."""
 
-    def __init__(self, **settings: object) -> None:
+    def __init__(self, web: Optional[wx.WebConfig] = None, **settings: object) -> None:
         self.log = io.StringIO()
         opts = dict(listen_address="127.0.0.1:0", log_level="debug")
         opts.update(settings)  # type: ignore[arg-type]
         self.exporter = wx.Exporter(wx.Settings(**opts), wx.Logger("debug", "logfmt", self.log))  # type: ignore[arg-type]
-        self.server = wx.make_server(self.exporter)
+        self.server = wx.make_server(self.exporter, web)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
         self.thread.start()
@@ -217,8 +217,11 @@ class ExporterFixture:
         self.server.server_close()
         self.thread.join(5)
 
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
     def get(self, path: str, headers: Optional[Dict[str, str]] = None, method: str = "GET") -> Tuple[int, Dict[str, str], str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn = self.connection()
         try:
             conn.request(method, path, headers=headers or {})
             resp = conn.getresponse()
@@ -1022,6 +1025,16 @@ class TestHTTP(unittest.TestCase):
             ports.add(conn.sock.getsockname()[1])
         self.assertEqual(len(ports), 1)
 
+    def test_keep_alive_responses_are_not_held_back_by_nagle(self) -> None:
+        # Head and body in two segments would cost ~40 ms a response (Nagle + delayed ACK).
+        conn = http.client.HTTPConnection("127.0.0.1", self.exporter.port, timeout=10)
+        self.addCleanup(conn.close)
+        start = time.monotonic()
+        for _ in range(50):
+            conn.request("GET", "/-/healthy")
+            conn.getresponse().read()
+        self.assertLess(time.monotonic() - start, 1.0)
+
     def test_metrics_are_the_exporters_own(self) -> None:
         self.exporter.probe("ws://127.0.0.1:%d/" % free_port())
         self.exporter.probe("ftp://bad.example/")
@@ -1492,6 +1505,922 @@ class TestGuards(ProbeTestCase):
 
 
 # ----------------------------------------------------------------------------------------------
+# The exporter's own listener: --web.config.file (TLS, client certificates, basic auth)
+# ----------------------------------------------------------------------------------------------
+
+
+def openssl(directory: str, *args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+
+def issue_cert(directory: str, name: str, common_name: str, extensions: str) -> Dict[str, str]:
+    """An EC key and a certificate for ``common_name`` signed by the shared test CA, written as
+    NAME.key and NAME.pem in ``directory``; each call has a fresh serial."""
+    pki = shared_pki()
+    with open(os.path.join(directory, name + ".cnf"), "w") as f:
+        f.write(extensions)
+    openssl(directory, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=" + common_name)
+    openssl(directory, "x509", "-req", "-in", name + ".csr", "-CA", pki["ca.pem"], "-CAkey", pki["ca.key"],
+            "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", "30",
+            "-out", name + ".pem", "-extfile", name + ".cnf")
+    return {"pem": os.path.join(directory, name + ".pem"), "key": os.path.join(directory, name + ".key")}
+
+
+SERVER_EXTENSIONS = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+CLIENT_EXTENSIONS = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
+
+
+def client_pki() -> Dict[str, str]:
+    """The shared PKI plus client.pem/client.key: a client certificate (CN vmagent) from its CA.
+    self.pem, self-signed, serves as a client certificate from a CA nobody configured."""
+    pki = shared_pki()
+    if "client.pem" not in pki:
+        issued = issue_cert(os.path.dirname(pki["ca.pem"]), "client", "vmagent", CLIENT_EXTENSIONS)
+        pki["client.pem"], pki["client.key"] = issued["pem"], issued["key"]
+    return pki
+
+
+def client_context(cert: Optional[str] = None, key: Optional[str] = None, max_version: Optional[ssl.TLSVersion] = None) -> ssl.SSLContext:
+    """What a scraper holds: the test CA trusted, optionally a client certificate."""
+    context = ssl.create_default_context(cafile=shared_pki()["ca.pem"])
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    if max_version is not None:
+        context.maximum_version = max_version
+    return context
+
+
+def basic(user: str, password: str) -> Dict[str, str]:
+    token = base64.b64encode(("%s:%s" % (user, password)).encode("utf-8")).decode("ascii")
+    return {"Authorization": "Basic " + token}
+
+
+def served_common_name(port: int, context: ssl.SSLContext) -> str:
+    """The CN of the certificate the listener presents to a new connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            cert = tls.getpeercert()
+    assert cert is not None
+    return dict(pair[0] for pair in cert["subject"])["commonName"]  # type: ignore[misc]
+
+
+class WatchedLog(io.StringIO):
+    """A captured log a test can wait on: the exporter logs a refused handshake in its own
+    thread, which may run after the client has already seen the refusal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = threading.Condition()
+
+    def write(self, text: str) -> int:
+        with self.changed:
+            count = super().write(text)
+            self.changed.notify_all()
+        return count
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.getvalue().count(text) >= count, timeout)
+
+
+class ProtectedExporter(ExporterFixture):
+    """The exporter behind a web config; requests go over TLS with ``client`` when it is given."""
+
+    def __init__(self, web: wx.WebConfig, client: Optional[ssl.SSLContext] = None) -> None:
+        self.client = client
+        super().__init__(web)
+        self.log = WatchedLog()
+        self.exporter.logger.stream = self.log
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.client is None:
+            return super().connection()
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=30, context=self.client)
+
+
+# Refused at the handshake, or at the first read after it (TLS 1.3 checks the client's
+# certificate after the client has finished its side of the handshake).
+REFUSED = (ssl.SSLError, ConnectionError, http.client.HTTPException)
+PASSWORD = "correct horse battery staple"
+PROBE_DOWN = "/probe?target=ws://127.0.0.1:1/"
+
+
+class TestWebConfig(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wsx-web-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.hash = wx.hash_password(PASSWORD)
+
+    def load(self, config: object) -> wx.WebConfig:
+        path = os.path.join(self.dir, "web.json")
+        with open(path, "w") as f:
+            f.write(config if isinstance(config, str) else json.dumps(config))
+        return wx.load_web_config(path)
+
+    def error(self, config: object) -> str:
+        with self.assertRaises(wx.WebConfigError) as caught:
+            self.load(config)
+        return str(caught.exception)
+
+    def test_a_full_config_loads_with_paths_relative_to_its_directory(self) -> None:
+        pki = shared_pki()
+        for name in ("good.pem", "good.key", "ca.pem"):
+            shutil.copy(pki[name], self.dir)
+        config = self.load({
+            "tls_server_config": {"cert_file": "good.pem", "key_file": "good.key", "client_ca_file": "ca.pem",
+                                  "client_auth_type": "RequireAndVerifyClientCert", "min_version": "TLS13"},
+            "basic_auth_users": {"prom": self.hash},
+            "healthy_unauthenticated": True,
+        })
+        join = lambda name: os.path.join(self.dir, name)  # noqa: E731
+        self.assertEqual(config.tls, wx.TLSServerConfig(join("good.pem"), join("good.key"), join("ca.pem"), "RequireAndVerifyClientCert", "TLS13"))
+        self.assertEqual(config.users, (("prom", wx.parse_password_hash(self.hash)),))
+        self.assertTrue(config.healthy_unauthenticated)
+        self.assertEqual(self.load({}), wx.WebConfig())
+
+    def test_unknown_keys_are_refused_with_their_path(self) -> None:
+        self.assertEqual(self.error({"tls_config": {}}), "tls_config: unknown key")
+        self.assertEqual(self.error({"tls_server_config": {"cert_file": "a", "key_file": "b", "cipher_suites": []}}),
+                         "tls_server_config.cipher_suites: unknown key")
+
+    def test_bad_values_name_their_key(self) -> None:
+        tls = {"cert_file": "a", "key_file": "b"}
+        cases = [
+            ([], "top level: want an object"),
+            ('{"healthy_unauthenticated": true, "healthy_unauthenticated": false}', "key 'healthy_unauthenticated' appears twice in one object"),
+            ({"healthy_unauthenticated": "yes"}, "healthy_unauthenticated: want true or false"),
+            ({"tls_server_config": {"cert_file": "a"}}, "tls_server_config.key_file: required"),
+            ({"tls_server_config": dict(tls, min_version="TLS11")}, "tls_server_config.min_version: want one of: TLS12, TLS13"),
+            ({"tls_server_config": dict(tls, client_auth_type="RequireAnyClientCert")},
+             "tls_server_config.client_auth_type: want one of: NoClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert"),
+            ({"tls_server_config": dict(tls, client_auth_type="RequireAndVerifyClientCert")},
+             "tls_server_config.client_ca_file: required when client_auth_type is RequireAndVerifyClientCert"),
+            ({"tls_server_config": dict(tls, client_ca_file="ca.pem")},
+             "tls_server_config.client_auth_type: client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert"),
+            ({"basic_auth_users": {"alice": 1}}, "basic_auth_users.alice: want a string"),
+            ({"basic_auth_users": {"a:b": self.hash}}, "basic_auth_users: 'a:b' is not a user name"),
+            ({"basic_auth_users": {"alice": "$2y$10$mDwo.lAisC94iLAyP81MCesa29IzH37oigHC/42V2pdJlUprsJPze"}},
+             "basic_auth_users.alice: bcrypt is not in Python's standard library; make an scrypt hash with --web.hash-password"),
+            ({"basic_auth_users": {"alice": self.hash.replace("n=16384", "n=1000")}},
+             "basic_auth_users.alice: scrypt parameters out of range (n a power of two, p <= 16, at most 64 MiB)"),
+            ({"basic_auth_users": {"alice": "hunter2"}},
+             "basic_auth_users.alice: not a hash made by --web.hash-password (scrypt$n=N,r=R,p=P$salt$key)"),
+        ]
+        for config, message in cases:
+            self.assertEqual(self.error(config), message)
+
+    def test_tls_files_that_do_not_load_stop_the_start(self) -> None:
+        message = self.error({"tls_server_config": {"cert_file": "missing.pem", "key_file": "missing.key"}})
+        self.assertTrue(message.startswith("tls_server_config: the files do not load: "), message)
+
+    def test_a_bad_file_exits_2_with_one_line(self) -> None:
+        path = os.path.join(self.dir, "web.json")
+        for text in ('{"basic_auth_users": {"alice": "x"}', '{"basic_auth_user": {}}'):
+            with open(path, "w") as f:
+                f.write(text)
+            result = subprocess.run([sys.executable, os.path.join(HERE, "ws_exporter.py"), "--web.config.file", path],
+                                    capture_output=True, text=True, timeout=30)
+            self.assertEqual(result.returncode, 2, text)
+            self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+            self.assertTrue(result.stderr.startswith("ws_exporter: --web.config.file=%s: " % path), result.stderr)
+
+
+class TestPasswordHash(unittest.TestCase):
+    def hash_flag(self, stdin: bytes) -> "subprocess.CompletedProcess[bytes]":
+        return subprocess.run([sys.executable, os.path.join(HERE, "ws_exporter.py"), "--web.hash-password"],
+                              input=stdin, capture_output=True, timeout=30)
+
+    def test_the_flag_prints_a_hash_that_verifies_its_password(self) -> None:
+        result = self.hash_flag(PASSWORD.encode() + b"\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        text = result.stdout.decode("ascii")
+        self.assertRegex(text, r"^scrypt\$n=16384,r=8,p=1\$[A-Za-z0-9+/]{22}==\$[A-Za-z0-9+/]{43}=\n$")
+        stored = wx.parse_password_hash(text.strip())
+        self.assertTrue(wx.verify_password(PASSWORD, stored))
+        self.assertFalse(wx.verify_password(PASSWORD + "\n", stored))
+        self.assertFalse(wx.verify_password("correct horse", stored))
+        self.assertEqual(stored.text(), text.strip())
+
+    def test_no_password_exits_2(self) -> None:
+        result = self.hash_flag(b"")
+        self.assertEqual((result.returncode, result.stderr), (2, b"ws_exporter: --web.hash-password: no password on standard input\n"))
+
+    def test_one_line_is_read_and_only_its_line_break_removed(self) -> None:
+        self.assertEqual(wx.password_from(io.BytesIO(b" p w \r\nsecond line\n")), " p w ")
+        self.assertEqual(wx.password_from(io.BytesIO("p\u00e4ss".encode("utf-8"))), "p\u00e4ss")
+
+    def test_each_hash_has_its_own_salt(self) -> None:
+        self.assertNotEqual(wx.hash_password(PASSWORD), wx.hash_password(PASSWORD))
+
+    def test_basic_credentials(self) -> None:
+        encode = lambda text: base64.b64encode(text.encode("utf-8")).decode("ascii")  # noqa: E731
+        self.assertEqual(wx.parse_basic_credentials("Basic " + encode("prom:a:b")), ("prom", "a:b"))
+        self.assertEqual(wx.parse_basic_credentials("bAsIc  " + encode("prom:")), ("prom", ""))
+        for header in (None, "", "Bearer x", "Basic", "Basic !!!", "Basic " + encode("no colon"), "Basic " + base64.b64encode(b"\xff:x").decode()):
+            self.assertIsNone(wx.parse_basic_credentials(header), header)
+
+
+class TestBasicAuth(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.users = (("prom", wx.parse_password_hash(wx.hash_password(PASSWORD))),)
+
+    def protected(self, **web: object) -> ProtectedExporter:
+        exporter = ProtectedExporter(wx.WebConfig(users=self.users, **web))  # type: ignore[arg-type]
+        self.addCleanup(exporter.close)
+        return exporter
+
+    def test_probe_metrics_and_debug_page_need_the_right_password(self) -> None:
+        exporter = self.protected()
+        paths = (PROBE_DOWN, PROBE_DOWN + "&debug=true", "/metrics", "/", "/-/healthy")
+        for path in paths:
+            status, _, body = exporter.get(path, basic("prom", PASSWORD))
+            self.assertEqual(status, 200, path)
+        self.assertIn("Logs for the probe:", exporter.get(PROBE_DOWN + "&debug=true", basic("prom", PASSWORD))[2])
+        for headers in ({}, basic("prom", "wrong"), basic("nobody", PASSWORD), basic("prom", PASSWORD + " "), {"Authorization": "Bearer " + PASSWORD}):
+            for path in paths:
+                status, answer, body = exporter.get(path, headers)
+                self.assertEqual((status, body), (401, "Unauthorized\n"), (path, headers))
+                self.assertEqual(answer["www-authenticate"], 'Basic realm="ws-exporter"')
+        metrics = parse_metrics(exporter.get("/metrics", basic("prom", PASSWORD))[2])
+        self.assertEqual(metrics['ws_exporter_probes_total{module="connect"}'], 3)  # refused requests probed nothing
+
+    def test_healthy_is_open_when_configured(self) -> None:
+        exporter = self.protected(healthy_unauthenticated=True)
+        self.assertEqual(exporter.get("/-/healthy")[::2], (200, "Healthy\n"))
+        self.assertEqual(exporter.get("/metrics")[0], 401)
+        self.assertEqual(exporter.get("/-/healthy?x")[0], 200)
+
+    def test_right_passwords_are_remembered_as_digests_only(self) -> None:
+        exporter = self.protected()
+        with mock.patch.object(wx, "verify_password", wraps=wx.verify_password) as verify:
+            for _ in range(3):
+                self.assertEqual(exporter.get("/metrics", basic("prom", PASSWORD))[0], 200)
+            for _ in range(2):
+                self.assertEqual(exporter.get("/metrics", basic("prom", "wrong"))[0], 401)
+        self.assertEqual(verify.call_count, 1 + 2)  # once for the right password, every time for a wrong one
+        assert exporter.server.auth is not None
+        remembered = exporter.server.auth._verified
+        self.assertEqual([len(d) for d in remembered], [32])
+        self.assertFalse(any(PASSWORD.encode() in d for d in remembered))
+
+    def test_password_hashing_is_bounded_and_the_excess_gets_429(self) -> None:
+        entered, release = threading.Event(), threading.Event()
+        running, most = [0], [0]
+        lock = threading.Lock()
+
+        def slow_verify(password: str, stored: wx.PasswordHash) -> bool:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            entered.set()
+            release.wait(20)
+            with lock:
+                running[0] -= 1
+            return False
+
+        with mock.patch.multiple(wx, AUTH_MAX_HASHING=1, AUTH_HASH_WAIT_SECONDS=0.2, verify_password=slow_verify):
+            exporter = self.protected()
+            statuses: List[int] = []
+            first = threading.Thread(target=lambda: statuses.append(exporter.get("/metrics", basic("prom", "guess0"))[0]))
+            first.start()
+            self.assertTrue(entered.wait(10))
+            for n in (1, 2):
+                status, headers, body = exporter.get("/metrics", basic("prom", "guess%d" % n))
+                self.assertEqual((status, body, headers["retry-after"]), (429, "Too Many Requests\n", "1"))
+            release.set()
+            first.join(10)
+        self.assertEqual((statuses, most[0]), ([401], 1))
+
+
+class TestListenerTLS(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.pki = client_pki()
+
+    def tls(self, **options: str) -> wx.TLSServerConfig:
+        return wx.TLSServerConfig(self.pki["good.pem"], self.pki["good.key"], **options)
+
+    def protected(self, web: wx.WebConfig, client: Optional[ssl.SSLContext] = None) -> ProtectedExporter:
+        exporter = ProtectedExporter(web, client or client_context())
+        self.addCleanup(exporter.close)
+        return exporter
+
+    def require_client_cert(self) -> ProtectedExporter:
+        return self.protected(wx.WebConfig(self.tls(client_ca_file=self.pki["ca.pem"], client_auth_type="RequireAndVerifyClientCert")))
+
+    def test_https_with_basic_auth(self) -> None:
+        users = (("prom", wx.parse_password_hash(wx.hash_password(PASSWORD))),)
+        exporter = self.protected(wx.WebConfig(self.tls(), users))
+        self.assertEqual(exporter.get("/metrics", basic("prom", PASSWORD))[0], 200)
+        self.assertEqual(exporter.get(PROBE_DOWN + "&debug=true", basic("prom", PASSWORD))[0], 200)
+        self.assertEqual(exporter.get(PROBE_DOWN, basic("prom", "wrong"))[0], 401)
+
+    def test_plain_http_is_refused(self) -> None:
+        exporter = self.protected(wx.WebConfig(self.tls()))
+        plain = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=10)
+        self.addCleanup(plain.close)
+        with self.assertRaises(REFUSED):
+            plain.request("GET", "/metrics")
+            plain.getresponse()
+        self.assertTrue(exporter.log.wait_for("TLS handshake failed"))
+        self.assertEqual(exporter.get("/metrics")[0], 200)
+
+    def test_a_silent_client_does_not_hold_up_others(self) -> None:
+        exporter = self.protected(wx.WebConfig(self.tls()))
+        silent_client = socket.create_connection(("127.0.0.1", exporter.port), timeout=10)
+        self.addCleanup(silent_client.close)
+        start = time.monotonic()
+        self.assertEqual(exporter.get("/-/healthy")[0], 200)
+        self.assertLess(time.monotonic() - start, 5)
+
+    def test_a_handshake_not_finished_in_time_is_dropped(self) -> None:
+        with mock.patch.object(wx, "TLS_HANDSHAKE_SECONDS", 0.3):
+            exporter = self.protected(wx.WebConfig(self.tls()))
+            silent_client = socket.create_connection(("127.0.0.1", exporter.port), timeout=10)
+            self.addCleanup(silent_client.close)
+            self.assertEqual(silent_client.recv(100), b"")  # the exporter hung up
+
+    def test_a_client_certificate_from_the_configured_ca_is_accepted(self) -> None:
+        exporter = self.require_client_cert()
+        exporter.client = client_context(self.pki["client.pem"], self.pki["client.key"])
+        self.assertEqual(exporter.get("/metrics")[0], 200)
+
+    def test_no_client_certificate_is_refused_when_required(self) -> None:
+        exporter = self.require_client_cert()
+        with self.assertRaises(REFUSED):
+            exporter.get("/metrics")
+        self.assertTrue(exporter.log.wait_for("TLS handshake failed"))
+
+    def test_a_client_certificate_from_another_ca_is_refused(self) -> None:
+        exporter = self.require_client_cert()
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            exporter.client = client_context(self.pki["self.pem"], self.pki["self.key"], max_version=version)
+            with self.assertRaises(REFUSED):
+                exporter.get("/metrics")
+        self.assertTrue(exporter.log.wait_for("TLS handshake failed", count=2))
+
+    def test_a_client_certificate_is_optional_with_verify_if_given(self) -> None:
+        exporter = self.protected(wx.WebConfig(self.tls(client_ca_file=self.pki["ca.pem"], client_auth_type="VerifyClientCertIfGiven")))
+        self.assertEqual(exporter.get("/metrics")[0], 200)
+        exporter.client = client_context(self.pki["self.pem"], self.pki["self.key"])
+        with self.assertRaises(REFUSED):
+            exporter.get("/metrics")
+
+    def test_the_minimum_version_is_enforced(self) -> None:
+        exporter = self.protected(wx.WebConfig(self.tls(min_version="TLS13")), client_context(max_version=ssl.TLSVersion.TLSv1_2))
+        with self.assertRaises(REFUSED):
+            exporter.get("/metrics")
+
+    def test_rotated_certificate_files_are_served_without_a_restart(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-rotate-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        live = issue_cert(directory, "live", "before-rotation", SERVER_EXTENSIONS)
+        client = client_context()
+        with mock.patch.object(wx, "CERT_RECHECK_SECONDS", 0.05):
+            exporter = self.protected(wx.WebConfig(wx.TLSServerConfig(live["pem"], live["key"])))
+            self.assertEqual(served_common_name(exporter.port, client), "before-rotation")
+            renewed = issue_cert(directory, "renewed", "after-rotation", SERVER_EXTENSIONS)
+            os.replace(renewed["key"], live["key"])  # the key first: a moment of mismatch must not hurt
+            os.replace(renewed["pem"], live["pem"])
+            self.assertEqual(self.wait_for_name(exporter.port, client, "after-rotation"), "after-rotation")
+            self.assertIn("TLS files reloaded", exporter.log.getvalue())
+            with open(live["pem"], "w") as f:
+                f.write("half written")
+            self.wait_for_log(exporter, "TLS files changed but do not load")
+            self.assertEqual(served_common_name(exporter.port, client), "after-rotation")
+
+    def wait_for_name(self, port: int, client: ssl.SSLContext, name: str) -> str:
+        deadline = time.monotonic() + 10
+        seen = served_common_name(port, client)
+        while seen != name and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the listener for an observable change
+            seen = served_common_name(port, client)
+        return seen
+
+    def wait_for_log(self, exporter: ProtectedExporter, text: str) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            served_common_name(exporter.port, client_context())  # each connection looks at the files
+            if exporter.log.wait_for(text, timeout=0.05):
+                return
+        self.fail("never logged: %s" % text)
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenMetrics negotiation and the landing page's recent probes
+# ----------------------------------------------------------------------------------------------
+
+PROMETHEUS_ACCEPT = (  # what Prometheus 2.42 sends by default
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+class TestOpenMetrics(unittest.TestCase):
+    SAMPLES = [
+        wx.Sample("probe_success", (), 0),
+        wx.Sample("probe_failure_info", (("reason", "timeout"), ("phase", "upgrade")), 1),
+        wx.Sample("ws_exporter_probes_total", (("module", "connect"),), 3),
+    ]
+
+    def test_text_format_of_a_small_example(self) -> None:
+        self.assertEqual(
+            wx.render_samples(self.SAMPLES),
+            "# HELP probe_success Displays whether or not the probe was a success\n"
+            "# TYPE probe_success gauge\n"
+            "probe_success 0\n"
+            "# HELP probe_failure_info Why the probe failed: the phase and a reason from a fixed set\n"
+            "# TYPE probe_failure_info gauge\n"
+            'probe_failure_info{phase="upgrade",reason="timeout"} 1\n'
+            "# HELP ws_exporter_probes_total Probes run, by module\n"
+            "# TYPE ws_exporter_probes_total counter\n"
+            'ws_exporter_probes_total{module="connect"} 3\n',
+        )
+
+    def test_openmetrics_of_the_same_example(self) -> None:
+        self.assertEqual(
+            wx.render_openmetrics(self.SAMPLES),
+            "# HELP probe_success Displays whether or not the probe was a success\n"
+            "# TYPE probe_success gauge\n"
+            "probe_success 0\n"
+            "# HELP probe_failure_info Why the probe failed: the phase and a reason from a fixed set\n"
+            "# TYPE probe_failure_info gauge\n"
+            'probe_failure_info{phase="upgrade",reason="timeout"} 1\n'
+            "# HELP ws_exporter_probes Probes run, by module\n"
+            "# TYPE ws_exporter_probes counter\n"
+            'ws_exporter_probes_total{module="connect"} 3\n'
+            "# EOF\n",
+        )
+
+    def test_openmetrics_help_escapes_double_quotes(self) -> None:
+        with mock.patch.dict(wx.METRICS, {"probe_success": ("gauge", 'say "hi"\\')}):
+            text = wx.render_openmetrics([wx.Sample("probe_success", (), 1)])
+        self.assertEqual(text.splitlines()[0], '# HELP probe_success say \\"hi\\"\\\\')
+
+    def test_negotiation(self) -> None:
+        cases = [
+            (None, wx.TEXT_FORMAT),
+            ("", wx.TEXT_FORMAT),
+            ("*/*", wx.TEXT_FORMAT),
+            ("text/plain;version=0.0.4", wx.TEXT_FORMAT),
+            (PROMETHEUS_ACCEPT, wx.OPENMETRICS_FORMAT),
+            ("application/openmetrics-text", wx.OPENMETRICS_FORMAT),
+            ("Application/OpenMetrics-Text; version=0.0.1", wx.OPENMETRICS_FORMAT),
+            ("text/plain, application/openmetrics-text;q=0.2", wx.OPENMETRICS_FORMAT),
+            ("application/openmetrics-text;q=0, text/plain", wx.TEXT_FORMAT),
+            ("application/openmetrics-text;q=zero", wx.OPENMETRICS_FORMAT),
+        ]
+        for accept, expected in cases:
+            self.assertEqual(wx.negotiate_format(accept), expected, accept)
+        self.assertEqual(wx.OPENMETRICS_FORMAT.content_type, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+
+    def test_probe_and_metrics_answer_in_the_format_asked_for(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        target = "/probe?target=ws://127.0.0.1:%d/" % free_port()
+        for path in (target, "/metrics"):
+            with self.subTest(path):
+                status, headers, body = fixture.get(path, {"Accept": PROMETHEUS_ACCEPT})
+                self.assertEqual((status, headers["content-type"]), (200, wx.OPENMETRICS_CONTENT_TYPE))
+                self.assertTrue(body.endswith("\n# EOF\n"), body[-100:])
+                self.assertEqual(body.count("# EOF"), 1)
+                status, headers, body = fixture.get(path, {"Accept": "text/plain;version=0.0.4"})
+                self.assertEqual((status, headers["content-type"]), (200, wx.EXPOSITION_CONTENT_TYPE))
+                self.assertNotIn("# EOF", body)
+        _, _, body = fixture.get("/metrics", {"Accept": PROMETHEUS_ACCEPT})
+        self.assertIn("# TYPE ws_exporter_probes counter\n", body)
+        self.assertIn('ws_exporter_probes_total{module="connect"} 2\n', body)
+
+    def test_debug_page_stays_plain_text(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        path = "/probe?debug=true&target=ws://127.0.0.1:%d/" % free_port()
+        status, headers, body = fixture.get(path, {"Accept": PROMETHEUS_ACCEPT})
+        self.assertEqual((status, headers["content-type"]), (200, "text/plain; charset=utf-8"))
+        self.assertIn("# TYPE probe_success gauge", body)
+        self.assertNotIn("# EOF", body)
+
+    def test_promtool_accepts_the_text_format(self) -> None:
+        require_peer(self, "WS_PROMTOOL")
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        fixture.probe("ws://127.0.0.1:%d/" % free_port())
+        for path in ("/metrics", "/probe?target=ws://127.0.0.1:%d/" % free_port()):
+            _, _, body = fixture.get(path, {"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1"})
+            check = subprocess.run([os.environ["WS_PROMTOOL"], "check", "metrics"], input=body,
+                                   capture_output=True, text=True, timeout=30)
+            self.assertEqual((check.returncode, check.stdout + check.stderr), (0, ""), body)
+
+
+class TestRecentProbes(unittest.TestCase):
+    def setUp(self) -> None:
+        self.fixture = ExporterFixture()
+        self.addCleanup(self.fixture.close)
+
+    def landing_rows(self) -> List[str]:
+        status, _, body = self.fixture.get("/")
+        self.assertEqual(status, 200)
+        return re.findall(r"<tr><td>.*?</tr>", body)
+
+    def test_landing_page_lists_probes_newest_first_with_a_working_logs_link(self) -> None:
+        server = LocalServer(good_server)
+        self.addCleanup(server.close)
+        self.assertIn("No probes yet.", self.fixture.get("/")[2])
+        self.fixture.probe("ws://127.0.0.1:%d/" % free_port())
+        self.fixture.probe("ws://127.0.0.1:%d/" % server.port)
+        newest, oldest = self.landing_rows()
+        self.assertRegex(
+            newest,
+            r"<tr><td>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d</td><td>connect</td><td>ws://127\.0\.0\.1:%d/</td>"
+            r"<td>success</td><td></td><td>\d+\.\d{3}s</td><td><a href=\"/logs\?id=1\">logs</a></td></tr>" % server.port,
+        )
+        self.assertIn("<td>failure</td><td>connect: connect_refused</td>", oldest)
+        status, headers, body = self.fixture.get("/logs?id=0")
+        self.assertEqual((status, headers["content-type"]), (200, "text/plain; charset=utf-8"))
+        self.assertIn("reason=connect_refused", body)
+        self.assertIn("probe_success 0\n", body)
+        self.assertIn("probe_success 1\n", self.fixture.get("/logs?id=1")[2])
+
+    def test_logs_of_an_evicted_or_unknown_probe_are_404_and_a_bad_id_400(self) -> None:
+        with mock.patch.object(self.fixture.exporter, "recent", wx.RecentProbes(3)):
+            for _ in range(5):
+                self.fixture.probe("ws://127.0.0.1:%d/" % free_port())
+            self.assertEqual(len(self.landing_rows()), 3)
+            self.assertEqual([self.fixture.get("/logs?id=%d" % i)[0] for i in range(6)], [404, 404, 200, 200, 200, 404])
+        for query in ("", "?id=", "?id=x", "?id=1&id=2"):
+            self.assertEqual(self.fixture.get("/logs" + query)[0], 400, query)
+
+    def test_the_default_bound_holds(self) -> None:
+        recent = wx.RecentProbes()
+        result = wx.ProbeResult("connect", 1.0)
+        log = wx.ProbeLog(wx.Logger(stream=io.StringIO()))
+        for _ in range(wx.RECENT_PROBES + 20):
+            recent.add(0.0, wx.DEFAULT_MODULES["connect"], "ws://x/", result, log)
+        probes = recent.newest_first()
+        self.assertEqual(len(probes), wx.RECENT_PROBES)
+        self.assertEqual((probes[0].id, probes[-1].id), (wx.RECENT_PROBES + 19, 20))
+
+    def test_no_secret_and_no_markup_from_a_target_reaches_the_page(self) -> None:
+        port = free_port()
+        secret = "s3cr3t-%3Cscript%3E"
+        self.fixture.probe("ws://user:pw@127.0.0.1:%d/<b>/%s?key=%s" % (port, secret, secret))
+        self.fixture.probe("<script>alert(1)</script>")
+        status, _, page = self.fixture.get("/")
+        logs = self.fixture.get("/logs?id=0")[2] + self.fixture.get("/logs?id=1")[2]
+        for text in (page, logs):
+            for leak in ("s3cr3t", "pw@", "<b>", "<script>", "key="):
+                self.assertNotIn(leak, text)
+        self.assertRegex(page, r"<td>ws://127\.0\.0\.1:%d/&lt;[0-9a-f]{8}&gt;</td>" % port)
+        self.assertIn("<td>&lt;unparsable:", page)
+
+
+class TestOriginalVMProbe(unittest.TestCase):
+    def test_a_vmprobe_without_module_sends_an_empty_one_which_means_connect(self) -> None:
+        # The Go exporter's VMProbe has no spec.module; the operator still sends module=.
+        server = LocalServer(good_server)
+        self.addCleanup(server.close)
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        metrics = fixture.probe("ws://127.0.0.1:%d/" % server.port, module="")
+        self.assertEqual(metrics["probe_success"], 1)
+        self.assertIn("<td>connect</td>", fixture.get("/")[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Deployment files (deploy/): rules, dashboard, and the real scrapers running the shipped jobs
+# ----------------------------------------------------------------------------------------------
+
+DEPLOY_DIR = os.path.join(HERE, "deploy")
+RULES_FILE = "rules/ws-exporter.rules.yml"
+RULES_TEST_FILE = "rules/ws-exporter.rules.test.yml"
+RULE_CRD_FILES = ("victoriametrics/vmrule.yaml", "prometheus/prometheusrule.yaml")
+PROMETHEUS_CONFIG_FILE = "prometheus/prometheus.yml"
+VMPROBE_FILE = "victoriametrics/vmprobe.yaml"
+DASHBOARD_FILE = "grafana/ws-exporter-dashboard.json"
+SCRAPE_DEADLINE = 20.0  # seconds for a scraper to start and store its first samples
+
+# What Grafana's variables become when a test runs a dashboard query.
+GRAFANA_SUBSTITUTIONS = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h", "job": ".*", "instance": ".*"}
+_GRAFANA_VARIABLE = re.compile(r"\$(?:\{(%s)\}|(%s)\b)" % (("|".join(GRAFANA_SUBSTITUTIONS),) * 2))
+
+
+def deploy_text(name: str) -> str:
+    with open(os.path.join(DEPLOY_DIR, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def groups_block(text: str, indent: int) -> List[str]:
+    """The `groups:` block at ``indent`` spaces, running to the end of the file, de-indented; the
+    rule file has it at column 0, the VMRule and PrometheusRule as the last key of `spec:`."""
+    prefix = " " * indent
+    lines = text.splitlines()
+    start = lines.index(prefix + "groups:")
+    if indent and lines[start - 1] != "spec:":
+        raise ValueError("`groups:` does not follow `spec:` directly")
+    block = []
+    for number, line in enumerate(lines[start:], start + 1):
+        if line.strip() and not line.startswith(prefix):
+            raise ValueError("line %d is outside the groups block: %r" % (number, line))
+        block.append(line[indent:])
+    while block and not block[-1]:
+        block.pop()
+    return block
+
+
+def dashboard_exprs() -> List[str]:
+    def panels(items: List[Dict[str, object]]) -> Iterator[Dict[str, object]]:
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))  # type: ignore[arg-type]
+
+    dashboard = json.loads(deploy_text(DASHBOARD_FILE))
+    targets = [t for p in panels(dashboard["panels"]) for t in p.get("targets", [])]  # type: ignore[attr-defined]
+    return [t["expr"] for t in targets if "expr" in t]
+
+
+def substitute_grafana_variables(expr: str) -> str:
+    return _GRAFANA_VARIABLE.sub(lambda m: GRAFANA_SUBSTITUTIONS[m.group(1) or m.group(2)], expr)
+
+
+def vmprobe_spec(name: str) -> Dict[str, object]:
+    """The fields of the shipped VMProbe ``name`` that the operator's scrape job is built from
+    (read with patterns: the file's layout is fixed, and no YAML library is at hand)."""
+    for document in deploy_text(VMPROBE_FILE).split("\n---\n"):
+        if re.search(r"(?m)^  name: %s$" % re.escape(name), document):
+            def field(pattern: str) -> str:
+                match = re.search(r"(?m)^%s: (\S+)$" % pattern, document)
+                assert match is not None, (name, pattern)
+                return match.group(1)
+
+            labels = re.search(r"(?m)^      labels:\n((?:        \w+: \S+\n?)+)", document)
+            assert labels is not None, name
+            return {
+                "jobName": field("  jobName"), "module": field("  module"), "path": field("    path"),
+                "url": field("    url"), "labels": dict(re.findall(r"(\w+): (\S+)", labels.group(1))),
+            }
+    raise AssertionError("no VMProbe %s in %s" % (name, VMPROBE_FILE))
+
+
+def operator_probe_job(name: str, spec: Dict[str, object], targets: List[str], interval: str) -> Dict[str, object]:
+    """The scrape job the VictoriaMetrics operator generates for a VMProbe with static targets
+    (job name probe/NAMESPACE/NAME/0, module param, then its relabeling in its order)."""
+    return {
+        "job_name": "probe/monitoring/%s/0" % name,
+        "scrape_interval": interval,
+        "scrape_timeout": interval,
+        "params": {"module": [spec["module"]]},
+        "metrics_path": spec["path"],
+        "static_configs": [{"targets": targets, "labels": spec["labels"]}],
+        "relabel_configs": [
+            {"source_labels": ["__address__"], "target_label": "__param_target"},
+            {"target_label": "job", "replacement": spec["jobName"]},
+            {"source_labels": ["__param_target"], "target_label": "instance"},
+            {"target_label": "__address__", "replacement": spec["url"]},
+        ],
+    }
+
+
+def replace_once(text: str, pattern: str, replacement: str) -> str:
+    """``text`` with the one match of ``pattern`` replaced; fails when the shipped file changed
+    so that the pattern matches no more (or more than once)."""
+    result, count = re.subn(pattern, lambda _: replacement, text, flags=re.M)
+    assert count == 1, (pattern, count)
+    return result
+
+
+def prometheus_test_config(exporter: str, targets: List[str]) -> str:
+    """The shipped prometheus.yml with its exporter address, probe targets, intervals and rule
+    path rewritten for a test; its jobs and relabeling stay as shipped."""
+    text = deploy_text(PROMETHEUS_CONFIG_FILE)
+    for key in ("scrape_interval", "scrape_timeout", "evaluation_interval"):
+        text = replace_once(text, r"^  %s: \S+$" % key, "  %s: 1s" % key)
+    text = replace_once(text, r"^  - \.\./rules/ws-exporter\.rules\.yml$", "  - " + os.path.join(DEPLOY_DIR, RULES_FILE))
+    text = replace_once(text, r"^      - targets:\n(?:          - wss://\S+\n)+",
+                        "      - targets:\n" + "".join("          - %s\n" % t for t in targets))
+    text = replace_once(text, r"^        replacement: 127\.0\.0\.1:9095$", "        replacement: " + exporter)
+    return replace_once(text, r"^          - 127\.0\.0\.1:9095$", "          - " + exporter)
+
+
+def run_promtool(*args: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([os.environ["WS_PROMTOOL"], *args], cwd=DEPLOY_DIR, capture_output=True,
+                          text=True, timeout=60)
+
+
+class TestDeployRules(unittest.TestCase):
+    """The alert rules: one source, three copies, checked and unit-tested by promtool."""
+
+    def test_rule_crds_carry_the_rule_files_groups_unchanged(self) -> None:
+        expected = groups_block(deploy_text(RULES_FILE), 0)
+        self.assertGreater(len(expected), 10)
+        for name in RULE_CRD_FILES:
+            self.assertEqual(groups_block(deploy_text(name), 2), expected, name)
+
+    def test_promtool_checks_every_rule_file_and_the_crds_groups(self) -> None:
+        require_peer(self, "WS_PROMTOOL")
+        tmp = tempfile.mkdtemp(prefix="wsx-rules-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        files = [os.path.join(DEPLOY_DIR, RULES_FILE)]
+        for name in RULE_CRD_FILES:
+            files.append(os.path.join(tmp, os.path.basename(name)))
+            with open(files[-1], "w", encoding="utf-8") as f:
+                f.write("\n".join(groups_block(deploy_text(name), 2)) + "\n")
+        check = run_promtool("check", "rules", *files)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        self.assertEqual(check.stdout.count("SUCCESS"), len(files), check.stdout)
+
+    def test_promtool_unit_tests_of_the_rules_pass(self) -> None:
+        require_peer(self, "WS_PROMTOOL")
+        check = run_promtool("test", "rules", RULES_TEST_FILE)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+
+    def test_promtool_check_config_passes_for_the_plain_prometheus_config(self) -> None:
+        require_peer(self, "WS_PROMTOOL")
+        check = run_promtool("check", "config", PROMETHEUS_CONFIG_FILE)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+
+    def test_every_alert_has_a_promtool_unit_test(self) -> None:
+        alerts = set(re.findall(r"(?m)^      - alert: (\w+)$", deploy_text(RULES_FILE)))
+        tested = set(re.findall(r"(?m)^        alertname: (\w+)$", deploy_text(RULES_TEST_FILE)))
+        self.assertEqual(alerts, tested)
+        self.assertLessEqual({"WebSocketConnectionDown", "WebSocketHighConnectionLatency", "WebSocketEndpointDown"}, alerts)
+
+
+class TestDeployDashboard(unittest.TestCase):
+    def test_dashboard_parses_and_every_query_filters_by_job(self) -> None:
+        exprs = dashboard_exprs()
+        self.assertGreater(len(exprs), 5)
+        for expr in exprs:
+            self.assertIn('job=~"$job"', expr)
+            self.assertNotIn("$", substitute_grafana_variables(expr))
+
+
+# Runs a program that knows nothing of stdin, and ends it when stdin closes: when the test ends it,
+# or when the test process dies, so that no scraper outlives the tests.
+_STDIN_WATCH = '"$@" </dev/null & child=$!; read _; kill $child; wait $child'
+
+
+class Scraper:
+    """A real Prometheus or VictoriaMetrics on 127.0.0.1, its data in a temporary directory."""
+
+    def __init__(self, case: unittest.TestCase, argv: List[str], port: int, flush_path: str = "") -> None:
+        self.port = port
+        self.flush_path = flush_path
+        self.log = tempfile.TemporaryFile()
+        case.addCleanup(self.log.close)
+        self.proc = subprocess.Popen(["/bin/sh", "-c", _STDIN_WATCH, "sh", *argv], stdin=subprocess.PIPE,
+                                     stdout=self.log, stderr=self.log)
+        case.addCleanup(self.close)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stop(self.proc)
+
+    def get_raw(self, path: str, **params: str) -> Tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path + ("?" + wx.urllib.parse.urlencode(params) if params else ""))
+            response = conn.getresponse()
+            return response.status, response.read().decode("utf-8")
+        finally:
+            conn.close()
+
+    def get(self, path: str, **params: str) -> Dict[str, object]:
+        status, body = self.get_raw(path, **params)
+        answer = json.loads(body)
+        if status != 200 or answer.get("status") != "success":
+            raise AssertionError("%s: %d %s" % (path, status, body[:500]))
+        return answer  # type: ignore[no-any-return]
+
+    def query(self, expr: str) -> List[Dict[str, str]]:
+        """The label sets of an instant query's answer.  VictoriaMetrics buffers fresh samples
+        for seconds unless asked to flush, and caches answers unless told nocache."""
+        if self.flush_path:
+            self.get_raw(self.flush_path)
+        result = self.get("/api/v1/query", query=expr, nocache="1")["data"]["result"]  # type: ignore[index]
+        return [dict(r["metric"], value=r["value"][1]) for r in result]
+
+    def wait_for(self, expr: str, count: int) -> List[Dict[str, str]]:
+        """Poll ``expr`` until it has ``count`` series, within SCRAPE_DEADLINE; each series'
+        labels and its value (as "value")."""
+        deadline = time.monotonic() + SCRAPE_DEADLINE
+        while True:
+            try:
+                values = self.query(expr)
+            except (OSError, AssertionError, ValueError):
+                values = []
+            if len(values) >= count:
+                return values
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.log.seek(0)
+                raise AssertionError("%s: %r after %.0fs\n%s" % (expr, values, SCRAPE_DEADLINE,
+                                                              self.log.read()[-3000:].decode("utf-8", "replace")))
+            time.sleep(0.2)
+
+    def active_targets(self, job: str) -> List[Dict[str, object]]:
+        targets = self.get("/api/v1/targets")["data"]["activeTargets"]  # type: ignore[index]
+        return [t for t in targets if t["labels"].get("job") == job]
+
+
+class ScrapeTestCase(unittest.TestCase):
+    """The exporter in a thread probing a good local WebSocket server and a closed port, with
+    every exposition format it answers in recorded."""
+
+    def setUp(self) -> None:
+        self.server = LocalServer(good_server)
+        self.addCleanup(self.server.close)
+        self.exporter = ExporterFixture()
+        self.addCleanup(self.exporter.close)
+        self.good = "ws://127.0.0.1:%d/" % self.server.port
+        self.dead = "ws://127.0.0.1:%d/" % free_port()
+        self.accepts: List[Optional[str]] = []
+        self.negotiate = wx.negotiate_format
+
+        def recording(accept: Optional[str]) -> wx.ExpositionFormat:
+            self.accepts.append(accept)
+            return self.negotiate(accept)
+
+        patcher = mock.patch.object(wx, "negotiate_format", recording)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.tmp = tempfile.mkdtemp(prefix="wsx-scraper-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def assert_probe_results(self, scraper: Scraper, job: str) -> None:
+        values = scraper.wait_for('probe_success{job="%s"}' % job, 2)
+        self.assertEqual({v["instance"]: v["value"] for v in values}, {self.good: "1", self.dead: "0"})
+        failure = scraper.wait_for('probe_failure_info{job="%s"}' % job, 1)
+        self.assertEqual([(f["instance"], f["phase"], f["reason"]) for f in failure], [(self.dead, "connect", "connect_refused")])
+        targets = scraper.active_targets(job)
+        self.assertEqual(sorted(t["labels"]["instance"] for t in targets), sorted([self.good, self.dead]))  # type: ignore[index]
+        for target in targets:
+            self.assertEqual((target["health"], target["lastError"]), ("up", ""), target)
+
+
+class TestVictoriaMetricsScrape(ScrapeTestCase):
+    def test_the_operators_job_for_the_shipped_vmprobe_scrapes_cleanly(self) -> None:
+        require_peer(self, "WS_VICTORIA_METRICS")
+        spec = vmprobe_spec("ws-exporter-connect")
+        self.assertEqual((spec["url"], spec["path"], spec["module"]), ("ws-exporter.monitoring.svc:9095", "/probe", "connect"))
+        spec["url"] = "127.0.0.1:%d" % self.exporter.port
+        job = operator_probe_job("ws-exporter-connect", spec, [self.good, self.dead], "1s")
+        config = self.write("scrape.json", json.dumps({"scrape_configs": [job]}, indent=2))
+        port = free_port()
+        scraper = Scraper(self, [
+            os.environ["WS_VICTORIA_METRICS"], "-httpListenAddr=127.0.0.1:%d" % port,
+            "-storageDataPath=" + os.path.join(self.tmp, "data"), "-promscrape.config=" + config,
+            "-search.latencyOffset=1s", "-loggerLevel=WARN",
+        ], port, flush_path="/internal/force_flush")
+        self.assert_probe_results(scraper, "ws-exporter-connect")
+        labels = scraper.get("/api/v1/series", **{"match[]": 'probe_success{instance="%s"}' % self.good})["data"]
+        self.assertEqual(labels, [{"__name__": "probe_success", "job": "ws-exporter-connect",
+                                   "instance": self.good, "chain_family": "generic"}])
+        # VictoriaMetrics 1.79 asks for the text format only.
+        accepts = list(self.accepts)
+        self.assertTrue(accepts and all(self.negotiate(a) == wx.TEXT_FORMAT for a in accepts), accepts)
+
+
+class TestPrometheusScrape(ScrapeTestCase):
+    def test_the_shipped_config_scrapes_cleanly_in_openmetrics_and_every_query_runs(self) -> None:
+        require_peer(self, "WS_PROMETHEUS")
+        exporter = "127.0.0.1:%d" % self.exporter.port
+        config = self.write("prometheus.yml", prometheus_test_config(exporter, [self.good, self.dead]))
+        port = free_port()
+        scraper = Scraper(self, [
+            os.environ["WS_PROMETHEUS"], "--config.file=" + config, "--web.listen-address=127.0.0.1:%d" % port,
+            "--storage.tsdb.path=" + os.path.join(self.tmp, "data"), "--log.level=warn",
+        ], port)
+        self.assert_probe_results(scraper, "ws-exporter")
+        # The exporter's own job, read through OpenMetrics: counters keep their _total name.
+        probes = scraper.wait_for('ws_exporter_probes_total{job="ws-exporter-self",module="connect"}', 1)
+        self.assertEqual([p["instance"] for p in probes], [exporter])
+        self.assertEqual(scraper.active_targets("ws-exporter-self")[0]["lastError"], "")
+        self.assertTrue(self.accepts)
+        accepts = list(self.accepts)
+        self.assertTrue(all(self.negotiate(a) == wx.OPENMETRICS_FORMAT for a in accepts), accepts)
+        groups = scraper.get("/api/v1/rules")["data"]["groups"]  # type: ignore[index]
+        self.assertEqual([g["name"] for g in groups], ["ws-exporter"])
+        # The shipped rules on real series: the closed port is pending in both down alerts.
+        pending = scraper.wait_for('ALERTS{alertstate="pending"}', 2)
+        self.assertEqual(sorted((labels["alertname"], labels["instance"]) for labels in pending),
+                         [("WebSocketConnectionDown", self.dead), ("WebSocketEndpointDown", self.dead)])
+        for expr in dashboard_exprs():
+            with self.subTest(expr=expr):
+                scraper.get("/api/v1/query", query=substitute_grafana_variables(expr))
+
+
+# ----------------------------------------------------------------------------------------------
 # Checks: modules that speak to the node after the upgrade
 # ----------------------------------------------------------------------------------------------
 
@@ -1933,6 +2862,13 @@ class TestAliasesAndReload(ChecksTestCase):
         self.assertEqual(metrics["ws_exporter_config_last_reload_success_timestamp_seconds"], good_time)
         self.assertIn("Config reload failed", fixture.log.getvalue())
         self.assertEqual(fixture.get("/probe?target=x&module=mine")[0], 200)
+
+    def test_reload_needs_the_password_when_basic_auth_is_on(self) -> None:
+        users = (("prom", wx.parse_password_hash(wx.hash_password(PASSWORD))),)
+        fixture = ExporterFixture(wx.WebConfig(users=users), config_file=write_config(self.dir, {}))
+        self.addCleanup(fixture.close)
+        self.assertEqual(fixture.get("/-/reload", method="POST")[0], 401)
+        self.assertEqual(fixture.get("/-/reload", basic("prom", PASSWORD), method="POST")[0], 200)
 
     def test_sighup_reloads_and_a_bad_file_keeps_the_old(self) -> None:
         path = write_config(self.dir, {"modules": {"first": {}}})

@@ -31,6 +31,11 @@ __all__ = [
     "parse_flags",
     "parse_duration",
     "make_server",
+    "WebConfig",
+    "WebConfigError",
+    "load_web_config",
+    "hash_password",
+    "verify_password",
     "main",
 ]
 
@@ -42,6 +47,8 @@ import dataclasses
 import enum
 import fnmatch
 import hashlib
+import hmac
+import html
 import http.server
 import io
 import ipaddress
@@ -59,15 +66,18 @@ import traceback
 import urllib.parse
 from typing import (
     IO,
+    Any,
     Callable,
     Deque,
     Dict,
+    FrozenSet,
     Iterable,
     Iterator,
     List,
     NamedTuple,
     Optional,
     Sequence,
+    Set,
     Tuple,
     TypeVar,
     Union,
@@ -129,7 +139,34 @@ DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
 
+# TLS and basic auth on the exporter's own listener (--web.config.file).
+TLS_HANDSHAKE_SECONDS = 10.0  # a client must finish the TLS handshake within this
+CERT_RECHECK_SECONDS = 1.0  # the certificate files' stamps are looked at no more often than this
+AUTH_REALM = EXPORTER_NAME
+AUTH_MAX_HASHING = 2  # password hashes computed at once: each one keeps a core busy
+AUTH_HASH_WAIT_SECONDS = 1.0  # how long a request waits for a hashing slot before a 429
+AUTH_CACHE_ENTRIES = 1024  # verified credentials remembered, as keyed digests
+# RFC 7914 §2: scrypt parameters of new password hashes (16 MiB, tens of milliseconds).
+SCRYPT_N = 2 ** 14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_SALT_BYTES = 16
+SCRYPT_KEY_BYTES = 32
+SCRYPT_MAX_MEMORY = 64 * 1024 * 1024  # a configured hash may not ask for more
+SCRYPT_MAX_P = 16
+TLS_MIN_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+# exporter-toolkit's client_auth_type names; Go's RequestClientCert and RequireAnyClientCert
+# accept unverified certificates, which the ssl module cannot do, so they are refused.
+CLIENT_AUTH_TYPES = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+
 EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_MEDIA_TYPE = "application/openmetrics-text"
+OPENMETRICS_CONTENT_TYPE = OPENMETRICS_MEDIA_TYPE + "; version=1.0.0; charset=utf-8"
+RECENT_PROBES = 100  # probes the landing page lists; older ones (and their /logs) are dropped
 
 PHASES = ("resolve", "connect", "tls", "upgrade", "close")
 FAILURE_PHASES = frozenset(("target", "resolve", "connect", "tls", "upgrade", "check", "close"))
@@ -257,6 +294,10 @@ class BadRequest(Exception):
 
 class Overloaded(Exception):
     """Too many probes in flight; answered with 503 and this message."""
+
+
+class WebConfigError(Exception):
+    """--web.config.file cannot be read or holds something invalid; the message names the key."""
 
 
 # ==============================================================================================
@@ -1677,7 +1718,7 @@ def mismatch(value: object, step: Step) -> str:
 
 
 # ==============================================================================================
-# Exposition (Prometheus text format 0.0.4)
+# Exposition (Prometheus text format 0.0.4, OpenMetrics 1.0)
 # ==============================================================================================
 
 Labels = Tuple[Tuple[str, str], ...]
@@ -1753,16 +1794,63 @@ def format_value(value: float) -> str:
 
 
 def render_samples(samples: Iterable[Sample]) -> str:
-    """Text exposition: families in first-seen order, HELP and TYPE once each, labels sorted."""
+    """Text exposition 0.0.4: families in first-seen order, HELP and TYPE once each, labels sorted."""
+    return _render_families(samples, _text_family_header)
+
+
+def render_openmetrics(samples: Iterable[Sample]) -> str:
+    """OpenMetrics 1.0: the same families and samples, OpenMetrics headers, ``# EOF`` last."""
+    return _render_families(samples, _openmetrics_family_header) + "# EOF\n"
+
+
+def _render_families(samples: Iterable[Sample], header: Callable[[str, str, str], str]) -> str:
     families: Dict[str, List[Sample]] = {}
     for sample in samples:
         families.setdefault(sample.name, []).append(sample)
     out: List[str] = []
     for name, members in families.items():
         kind, help_text = METRICS[name]
-        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(help_text), name, kind))
+        out.append(header(name, kind, help_text))
         out.extend(_sample_line(sample) for sample in members)
     return "".join(out)
+
+
+def _text_family_header(name: str, kind: str, help_text: str) -> str:
+    return "# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(help_text), name, kind)
+
+
+def _openmetrics_family_header(name: str, kind: str, help_text: str) -> str:
+    # OpenMetrics 1.0: a counter family is named without the "_total" its samples carry, and
+    # HELP escapes the double quote as well (the same three escapes as label values).
+    family = name[: -len("_total")] if kind == "counter" and name.endswith("_total") else name
+    return "# HELP %s %s\n# TYPE %s %s\n" % (family, escape_label_value(help_text), family, kind)
+
+
+class ExpositionFormat(NamedTuple):
+    content_type: str
+    render: Callable[[Iterable[Sample]], str]
+
+
+TEXT_FORMAT = ExpositionFormat(EXPOSITION_CONTENT_TYPE, render_samples)
+OPENMETRICS_FORMAT = ExpositionFormat(OPENMETRICS_CONTENT_TYPE, render_openmetrics)
+
+
+def negotiate_format(accept: Optional[str]) -> ExpositionFormat:
+    """OpenMetrics 1.0 when the Accept header names application/openmetrics-text (whatever its
+    version parameter) with a non-zero q; the text format otherwise (RFC 7231 §5.3.2)."""
+    for media_range in (accept or "").split(","):
+        media_type, *params = (part.strip().lower() for part in media_range.split(";"))
+        if media_type == OPENMETRICS_MEDIA_TYPE and not any(_is_zero_q(p) for p in params):
+            return OPENMETRICS_FORMAT
+    return TEXT_FORMAT
+
+
+def _is_zero_q(param: str) -> bool:
+    name, _, value = param.partition("=")
+    try:
+        return name.strip() == "q" and float(value) == 0
+    except ValueError:
+        return False
 
 
 def _sample_line(sample: Sample) -> str:
@@ -1974,6 +2062,8 @@ class Settings(NamedTuple):
     listen_address: str = DEFAULT_LISTEN_ADDRESS
     telemetry_path: str = "/metrics"
     probe_path: str = "/probe"
+    web_config_file: str = ""
+    hash_password: bool = False
     timeout: float = DEFAULT_TIMEOUT_SECONDS
     timeout_offset: float = DEFAULT_TIMEOUT_OFFSET_SECONDS
     log_level: str = "info"
@@ -1985,6 +2075,44 @@ class Settings(NamedTuple):
     show_help: bool = False
     show_version: bool = False
     config_file: str = ""
+
+
+class RecentProbe(NamedTuple):
+    """One probe as the landing page lists it; its debug page is rendered only when asked for."""
+
+    id: int
+    started: float  # unix seconds
+    module: Module
+    target: str  # redacted
+    result: ProbeResult
+    log: ProbeLog
+
+    def debug_text(self) -> str:
+        return debug_page(self.log, render_samples(probe_samples(self.result)), self.module)
+
+
+class RecentProbes:
+    """The last RECENT_PROBES probes, newest first; thread-safe, bounded."""
+
+    def __init__(self, size: int = RECENT_PROBES) -> None:
+        self._lock = threading.Lock()
+        self._probes: "collections.deque[RecentProbe]" = collections.deque(maxlen=size)
+        self._next_id = 0
+
+    def add(self, started: float, module: Module, target: str, result: ProbeResult, log: ProbeLog) -> int:
+        with self._lock:
+            probe = RecentProbe(self._next_id, started, module, target, result, log)
+            self._next_id += 1
+            self._probes.appendleft(probe)
+        return probe.id
+
+    def newest_first(self) -> List[RecentProbe]:
+        with self._lock:
+            return list(self._probes)
+
+    def get(self, probe_id: int) -> Optional[RecentProbe]:
+        with self._lock:
+            return next((p for p in self._probes if p.id == probe_id), None)
 
 
 class Exporter:
@@ -1999,6 +2127,7 @@ class Exporter:
         self.stats = Stats()
         self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
         self.probe_slots = threading.BoundedSemaphore(settings.max_concurrent)
+        self.recent = RecentProbes()
         self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
 
     @property
@@ -2049,7 +2178,9 @@ class Exporter:
             self.stats.reject("overloaded")
             raise Overloaded("Too many probes in flight")
         result = ProbeResult(module.name, timeout)
-        log = ProbeLog(self.logger, module=module.name, target=alias or _redact_raw_target(target))
+        redacted = alias or _redact_raw_target(target)
+        log = ProbeLog(self.logger, module=module.name, target=redacted)
+        started = time.time()
         self.stats.begin()
         try:
             run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
@@ -2058,10 +2189,14 @@ class Exporter:
             self.probe_slots.release()
         if result.success:
             log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
+        self.recent.add(started, module, redacted, result, log)
         return result, log
 
     def telemetry(self) -> str:
-        return render_samples(build_samples() + self.stats.samples() + self.reload_samples() + process_samples())
+        return render_samples(self.telemetry_samples())
+
+    def telemetry_samples(self) -> List[Sample]:
+        return build_samples() + self.stats.samples() + self.reload_samples() + process_samples()
 
 
 def _redact_raw_target(raw: str) -> str:
@@ -2093,9 +2228,38 @@ LANDING_PAGE = """<!DOCTYPE html>
  (<a href="%(probe)s?target=wss://example.net/&amp;debug=true">debug output</a>)</li>
 <li><a href="/-/healthy">Health</a></li>
 </ul>
+<h2>Recent probes</h2>
+%(recent)s
 </body>
 </html>
 """
+
+RECENT_PROBES_HEADER = (
+    "<table>\n<tr><th>Time (UTC)</th><th>Module</th><th>Target</th><th>Result</th>"
+    "<th>Failure</th><th>Duration</th><th>Debug</th></tr>\n"
+)
+
+
+def recent_probes_table(probes: Sequence[RecentProbe]) -> str:
+    """The landing page's table of recent probes, every field HTML-escaped."""
+    if not probes:
+        return "<p>No probes yet.</p>"
+    return RECENT_PROBES_HEADER + "".join(_recent_probe_row(p) for p in probes) + "</table>"
+
+
+def _recent_probe_row(probe: RecentProbe) -> str:
+    result = probe.result
+    failure = "%s: %s" % result.failure if result.failure else ""
+    cells = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(probe.started)),
+        probe.module.name,
+        probe.target,
+        "success" if result.success else "failure",
+        failure,
+        "%.3fs" % result.total,
+    )
+    row = "".join("<td>%s</td>" % html.escape(cell) for cell in cells)
+    return '<tr>%s<td><a href="/logs?id=%d">logs</a></td></tr>\n' % (row, probe.id)
 
 
 
@@ -2142,19 +2306,27 @@ class _RequestReader(io.RawIOBase):
 
 
 class _SocketWriter(io.BufferedIOBase):
-    """Writes go out whole (sendall), under the response write timeout."""
+    """Collects a response and sends it whole (one sendall, under the write timeout) when the
+    handler flushes: head and body in separate segments would meet Nagle's algorithm and the
+    client's delayed ACK, and every keep-alive response would wait ~40 ms."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self.sock = sock
+        self.pending: List[bytes] = []
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: "bytes | bytearray | memoryview") -> int:  # type: ignore[override]
-        self.sock.settimeout(RESPONSE_WRITE_SECONDS)
-        self.sock.sendall(data)
+        self.pending.append(bytes(data))
         return len(data)
+
+    def flush(self) -> None:
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            self.sock.settimeout(RESPONSE_WRITE_SECONDS)
+            self.sock.sendall(data)
 
 
 _QUERY_IN_TEXT = re.compile(r"\?[^\s'\"]*")
@@ -2173,6 +2345,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._reader = _RequestReader(self.connection, self.server.accepted.pop(self.connection.fileno(), 0.0))
         self.rfile = io.BufferedReader(self._reader)
         self.wfile = _SocketWriter(self.connection)
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle_one_request(self) -> None:
         self._reader.deadline = None
@@ -2192,12 +2366,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
+        if not self.authorized(url.path):
+            return
         settings = self.server.exporter.settings
         routes: Dict[str, Callable[[str], None]] = {
             settings.probe_path: self.serve_probe,
             settings.telemetry_path: self.serve_telemetry,
             "/": self.serve_landing,
             "/-/healthy": self.serve_healthy,
+            "/logs": self.serve_logs,
             "/-/reload": self.serve_reload_get,
         }
         route = routes.get(url.path)
@@ -2205,6 +2382,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.respond(404, "Not Found\n")
             return
         route(url.query)
+
+    def authorized(self, path: str) -> bool:
+        """Basic auth, when configured, before any route; answers 401 or 429 itself."""
+        auth = self.server.auth
+        if auth is None or (path == "/-/healthy" and self.server.web.healthy_unauthenticated):
+            return True
+        outcome = auth.check(self.headers.get("Authorization"))
+        if outcome is AuthOutcome.ALLOWED:
+            return True
+        self.server.exporter.logger.log("debug", "Request not authorized", path=path, outcome=outcome.value)
+        if outcome is AuthOutcome.BUSY:
+            self.respond(429, "Too Many Requests\n", headers=(("Retry-After", "1"),))
+        else:
+            self.respond(401, "Unauthorized\n", headers=(("WWW-Authenticate", 'Basic realm="%s"' % AUTH_REALM),))
+        return False
 
     def serve_probe(self, query: str) -> None:
         exporter = self.server.exporter
@@ -2230,14 +2422,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Overloaded as err:
             self.respond(503, "%s\n" % err, headers=(("Retry-After", "1"),))
             return
-        metrics = render_samples(probe_samples(result))
         if debug:
-            self.respond(200, debug_page(log, metrics, module))
+            self.respond(200, debug_page(log, render_samples(probe_samples(result)), module))
         else:
-            self.respond(200, metrics, EXPOSITION_CONTENT_TYPE)
+            self.respond_metrics(probe_samples(result))
 
     def serve_telemetry(self, query: str) -> None:
-        self.respond(200, self.server.exporter.telemetry(), EXPOSITION_CONTENT_TYPE)
+        self.respond_metrics(self.server.exporter.telemetry_samples())
+
+    def serve_logs(self, query: str) -> None:
+        """The debug page of a recent probe, by the id the landing page links to."""
+        try:
+            probe_id = int(single_param(urllib.parse.parse_qs(query), "id") or "")
+        except (BadRequest, ValueError):
+            self.respond(400, "Parameter id must be a probe number\n")
+            return
+        probe = self.server.exporter.recent.get(probe_id)
+        if probe is None:
+            self.respond(404, "Probe %d is not among the recent probes\n" % probe_id)
+            return
+        self.respond(200, probe.debug_text())
 
     def serve_landing(self, query: str) -> None:
         settings = self.server.exporter.settings
@@ -2245,6 +2449,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "version": __version__,
             "metrics": settings.telemetry_path,
             "probe": settings.probe_path,
+            "recent": recent_probes_table(self.server.exporter.recent.newest_first()),
         }
         self.respond(200, page, "text/html; charset=utf-8")
 
@@ -2255,10 +2460,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.respond(405, "Method Not Allowed\n", headers=(("Allow", "POST"),))
 
     def do_POST(self) -> None:
-        if urllib.parse.urlsplit(self.path).path != "/-/reload":
+        path = urllib.parse.urlsplit(self.path).path
+        if path != "/-/reload":
             self._method_not_allowed()
             return
-        if not self.discard_body():
+        if not self.discard_body() or not self.authorized(path):
             return
         error = self.server.exporter.reload()
         if error is None:
@@ -2278,6 +2484,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         self.rfile.read(length)
         return True
+
+    def respond_metrics(self, samples: List[Sample]) -> None:
+        """Samples in the exposition format the scraper's Accept header asks for."""
+        fmt = negotiate_format(self.headers.get("Accept"))
+        self.respond(200, fmt.render(samples), fmt.content_type)
 
     def respond(
         self,
@@ -2311,11 +2522,15 @@ class ExporterServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address: Tuple[str, int], family: int, exporter: Exporter) -> None:
+    def __init__(self, address: Tuple[str, int], family: int, exporter: Exporter, web: Optional[WebConfig] = None) -> None:
         self.address_family = family
         self.exporter = exporter
         self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
         self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
+        web = web if web is not None else WebConfig()
+        self.web = web
+        self.auth = BasicAuth(web.users) if web.users else None
+        self.tls = ServerTLS(web.tls, exporter.logger) if web.tls is not None else None
         super().__init__(address, Handler)
 
     def get_request(self) -> Tuple[socket.socket, object]:
@@ -2354,6 +2569,19 @@ class ExporterServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: object) -> None:
         self.exporter.logger.log("debug", "HTTP connection error", traceback=traceback.format_exc())
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # Runs in the connection's own thread, so a slow TLS handshake never holds up accept().
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        tls = self.tls.accept(request, client_address)
+        if tls is None:
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            self.shutdown_request(tls)
+
 
 _OVERLOADED_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -2382,20 +2610,243 @@ def split_listen_address(value: str) -> Tuple[str, int]:
     return host, int(port_text)
 
 
-def make_server(exporter: Exporter) -> ExporterServer:
-    """Bind the listen address: ":port" is every IPv4 and IPv6 interface where the host has both."""
+def make_server(exporter: Exporter, web: Optional[WebConfig] = None) -> ExporterServer:
+    """Bind the listen address: ":port" is every IPv4 and IPv6 interface where the host has both.
+    ``web`` adds TLS and basic auth; by default there is neither."""
     host, port = split_listen_address(exporter.settings.listen_address)
     if not host:
         if socket.has_dualstack_ipv6():
-            return ExporterServer(("::", port), socket.AF_INET6, exporter)
-        return ExporterServer(("0.0.0.0", port), socket.AF_INET, exporter)
+            return ExporterServer(("::", port), socket.AF_INET6, exporter, web)
+        return ExporterServer(("0.0.0.0", port), socket.AF_INET, exporter, web)
     info = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
-    return ExporterServer((str(info[4][0]), port), info[0], exporter)
+    return ExporterServer((str(info[4][0]), port), info[0], exporter, web)
 
 
 def format_address(address: Tuple[object, ...]) -> str:
     host = str(address[0])
     return "%s:%s" % ("[%s]" % host if ":" in host else host, address[1])
+
+
+# --- Protecting the listener: TLS, password hashes, basic auth (--web.config.file) -------------
+
+
+class TLSServerConfig(NamedTuple):
+    """tls_server_config of the web config: paths already resolved against the file's directory."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""
+    client_auth_type: str = "NoClientCert"
+    min_version: str = "TLS12"
+
+    def files(self) -> Tuple[str, ...]:
+        return (self.cert_file, self.key_file) + ((self.client_ca_file,) if self.client_ca_file else ())
+
+
+class PasswordHash(NamedTuple):
+    """An RFC 7914 scrypt hash, written scrypt$n=N,r=R,p=P$<salt>$<key> (standard base64)."""
+
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    key: bytes
+
+    def text(self) -> str:
+        encode = base64.b64encode
+        return "scrypt$n=%d,r=%d,p=%d$%s$%s" % (
+            self.n, self.r, self.p, encode(self.salt).decode("ascii"), encode(self.key).decode("ascii"))
+
+
+class WebConfig(NamedTuple):
+    """How the listener is protected; the default protects nothing."""
+
+    tls: Optional[TLSServerConfig] = None
+    users: Tuple[Tuple[str, PasswordHash], ...] = ()
+    healthy_unauthenticated: bool = False  # /-/healthy answers without credentials (kubelet)
+
+
+def build_server_context(config: TLSServerConfig) -> ssl.SSLContext:
+    """The listener's SSLContext; OSError (ssl.SSLError among them) when a file does not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_MIN_VERSIONS[config.min_version]
+    context.load_cert_chain(config.cert_file, config.key_file)
+    context.verify_mode = CLIENT_AUTH_TYPES[config.client_auth_type]
+    if config.client_ca_file:
+        context.load_verify_locations(cafile=config.client_ca_file)
+    return context
+
+
+FileStamp = Optional[Tuple[int, int, int]]  # (mtime_ns, size, inode); None when unreadable
+
+
+def file_stamps(paths: Iterable[str]) -> Tuple[FileStamp, ...]:
+    """What tells a rewritten file apart.  The inode matters: a Kubernetes Secret volume swaps a
+    symlink to a new directory, and the new file may carry an old mtime."""
+    stamps: List[FileStamp] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
+class ServerTLS:
+    """The listener's TLS: a context rebuilt when the certificate, key or client CA file changes
+    on disk (cert-manager renews them in place), looked at every CERT_RECHECK_SECONDS at most.
+    Files that do not load (half written, key and certificate not yet matching) leave the
+    previous context serving until the next change."""
+
+    def __init__(self, config: TLSServerConfig, logger: Logger) -> None:
+        self.config = config
+        self.logger = logger
+        self._lock = threading.Lock()
+        self._stamps = file_stamps(config.files())  # before loading: a change in between is seen next time
+        self._context = build_server_context(config)
+        self._checked = time.monotonic()
+
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked < CERT_RECHECK_SECONDS:
+                return self._context
+            self._checked = now
+            stamps = file_stamps(self.config.files())
+            if stamps == self._stamps:
+                return self._context
+            self._stamps = stamps
+            try:
+                self._context = build_server_context(self.config)
+            except OSError as err:
+                self.logger.log("warn", "TLS files changed but do not load; serving the previous ones", err=str(err))
+                return self._context
+        self.logger.log("info", "TLS files reloaded", cert_file=self.config.cert_file)
+        return self._context
+
+    def accept(self, sock: socket.socket, client: Tuple[object, ...]) -> Optional[ssl.SSLSocket]:
+        """The TLS connection over an accepted socket, its handshake done within
+        TLS_HANDSHAKE_SECONDS; None when it failed (plain HTTP, an unverified client certificate)."""
+        try:
+            tls = self.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as err:
+            self.logger.log("debug", "TLS handshake failed", client=format_address(client), err=str(err))
+            return None
+        try:
+            tls.settimeout(TLS_HANDSHAKE_SECONDS)
+            tls.do_handshake()
+        except OSError as err:  # ssl.SSLError and socket.timeout among them
+            tls.close()
+            self.logger.log("debug", "TLS handshake failed", client=format_address(client), err=str(err))
+            return None
+        return tls
+
+
+_PASSWORD_HASH = re.compile(r"scrypt\$n=([0-9]{1,10}),r=([0-9]{1,10}),p=([0-9]{1,10})\$([A-Za-z0-9+/]+=*)\$([A-Za-z0-9+/]+=*)")
+
+
+def parse_password_hash(text: str) -> PasswordHash:
+    """A basic_auth_users value; ValueError saying what is wrong with it."""
+    if text.startswith("$2"):
+        raise ValueError("bcrypt is not in Python's standard library; make an scrypt hash with --web.hash-password")
+    match = _PASSWORD_HASH.fullmatch(text)
+    if match is None:
+        raise ValueError("not a hash made by --web.hash-password (scrypt$n=N,r=R,p=P$salt$key)")
+    n, r, p = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    salt, key = base64.b64decode(match.group(4)), base64.b64decode(match.group(5))
+    if n < 2 or n & (n - 1) or r < 1 or not 1 <= p <= SCRYPT_MAX_P or scrypt_memory(n, r, p) > SCRYPT_MAX_MEMORY:
+        raise ValueError("scrypt parameters out of range (n a power of two, p <= %d, at most %d MiB)" % (SCRYPT_MAX_P, SCRYPT_MAX_MEMORY >> 20))
+    if len(salt) < 8 or not 16 <= len(key) <= 64:
+        raise ValueError("salt under 8 bytes or key not 16 to 64 bytes")
+    return PasswordHash(n, r, p, salt, key)
+
+
+def scrypt_memory(n: int, r: int, p: int) -> int:
+    """Bytes scrypt needs with these parameters (RFC 7914 §5; OpenSSL's maxmem check)."""
+    return 128 * r * (n + p + 2)
+
+
+def scrypt_key(password: str, params: PasswordHash) -> bytes:
+    """The key ``password`` derives under the parameters and salt of ``params``."""
+    return hashlib.scrypt(
+        password.encode("utf-8"), salt=params.salt, n=params.n, r=params.r, p=params.p,
+        maxmem=scrypt_memory(params.n, params.r, params.p) + 1024 * 1024, dklen=len(params.key),
+    )
+
+
+def hash_password(password: str) -> str:
+    """A fresh basic_auth_users value for ``password``, with a random salt."""
+    params = PasswordHash(SCRYPT_N, SCRYPT_R, SCRYPT_P, os.urandom(SCRYPT_SALT_BYTES), bytes(SCRYPT_KEY_BYTES))
+    return params._replace(key=scrypt_key(password, params)).text()
+
+
+def verify_password(password: str, stored: PasswordHash) -> bool:
+    return hmac.compare_digest(scrypt_key(password, stored), stored.key)
+
+
+def parse_basic_credentials(authorization: Optional[str]) -> Optional[Tuple[str, str]]:
+    """RFC 7617 §2: (user, password) from an Authorization header, None when it holds none."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "basic":  # RFC 7235 §2.1: the scheme is case-insensitive
+        return None
+    try:
+        user, colon, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except ValueError:  # binascii.Error and UnicodeDecodeError both are
+        return None
+    return (user, password) if colon else None
+
+
+class AuthOutcome(enum.Enum):
+    ALLOWED = "allowed"
+    DENIED = "denied"  # 401
+    BUSY = "busy"  # every hashing slot stayed taken: 429
+
+
+class BasicAuth:
+    """Basic auth against scrypt hashes.  A guess costs one scrypt, and at most AUTH_MAX_HASHING
+    run at once: a request waits AUTH_HASH_WAIT_SECONDS for a slot, then gets a 429, so a flood
+    of guesses cannot take every core.  Credentials that verified are remembered as an
+    HMAC-SHA256 under a key drawn at start, never as text, so a scrape with the right password
+    costs one HMAC; wrong ones are never remembered."""
+
+    def __init__(self, users: Iterable[Tuple[str, PasswordHash]]) -> None:
+        self._users = dict(users)
+        self._key = os.urandom(32)
+        self._verified: Set[bytes] = set()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(AUTH_MAX_HASHING)
+        # An unknown name is checked against this, so it costs what a wrong password costs.
+        self._decoy = PasswordHash(SCRYPT_N, SCRYPT_R, SCRYPT_P, os.urandom(SCRYPT_SALT_BYTES), os.urandom(SCRYPT_KEY_BYTES))
+
+    def check(self, authorization: Optional[str]) -> AuthOutcome:
+        credentials = parse_basic_credentials(authorization)
+        if credentials is None:
+            return AuthOutcome.DENIED
+        user, password = credentials
+        # RFC 7617 §2: a user-id holds no colon, so "user:password" names one pair.
+        digest = hmac.new(self._key, ("%s:%s" % credentials).encode("utf-8"), hashlib.sha256).digest()
+        if self._remembered(digest):
+            return AuthOutcome.ALLOWED
+        if not self._slots.acquire(timeout=AUTH_HASH_WAIT_SECONDS):
+            return AuthOutcome.BUSY
+        try:
+            if self._remembered(digest):  # verified by another request while this one waited
+                return AuthOutcome.ALLOWED
+            valid = verify_password(password, self._users.get(user, self._decoy)) and user in self._users
+        finally:
+            self._slots.release()
+        if not valid:
+            return AuthOutcome.DENIED
+        with self._lock:
+            if len(self._verified) >= AUTH_CACHE_ENTRIES:
+                self._verified.clear()
+            self._verified.add(digest)
+        return AuthOutcome.ALLOWED
+
+    def _remembered(self, digest: bytes) -> bool:
+        with self._lock:
+            return digest in self._verified
 
 
 # ==============================================================================================
@@ -2492,6 +2943,8 @@ FLAG_SPECS = (
     FlagSpec("web.listen-address", "listen_address", DEFAULT_LISTEN_ADDRESS, "Address to listen on for the web interface, probes and telemetry.", _listen_address),
     FlagSpec("web.telemetry-path", "telemetry_path", "/metrics", "Path under which to expose the exporter's own metrics.", _url_path),
     FlagSpec("web.probe-path", "probe_path", "/probe", "Path under which to expose the probe endpoint.", _url_path),
+    FlagSpec("web.config.file", "web_config_file", "", "JSON file with TLS and basic auth settings for this listener (exporter-toolkit's web config, as JSON).", str),
+    FlagSpec("web.hash-password", "hash_password", "false", "Read a password line from standard input, print its hash for basic_auth_users and exit.", parse_bool, True),
     FlagSpec("timeout", "timeout", "10s", "Probe timeout (Go duration: 500ms, 5s, 1m30s; a bare number is seconds).", positive_duration),
     FlagSpec("timeout-offset", "timeout_offset", "0.5", "Subtracted from the scraper's X-Prometheus-Scrape-Timeout-Seconds (seconds or duration).", parse_duration),
     FlagSpec("config.file", "config_file", "", "JSON file with modules and target aliases; reloaded on SIGHUP and POST /-/reload.", str),
@@ -2590,10 +3043,6 @@ def parse_config(data: object) -> Config:
     for name, raw in _object(top.get("targets", {}), "targets").items():
         targets[name] = parse_alias(name, raw, _key_path("targets", name), modules)
     return Config(modules, targets)
-
-
-def _key_path(parent: str, key: str) -> str:
-    return "%s.%s" % (parent, key) if parent else key
 
 
 def _json_type(value: object) -> str:
@@ -2838,6 +3287,120 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- --web.config.file and --web.hash-password -------------------------------------------------
+
+WEB_CONFIG_KEYS = frozenset(("tls_server_config", "basic_auth_users", "healthy_unauthenticated"))
+TLS_CONFIG_KEYS = frozenset(("cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version"))
+
+
+def load_web_config(path: str) -> WebConfig:
+    """--web.config.file: exporter-toolkit's web configuration written as JSON.  Relative file
+    names are taken from the file's directory, as exporter-toolkit does; the TLS files are
+    loaded once here so that a bad one stops the start rather than the first scrape."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (OSError, ValueError) as err:
+        raise WebConfigError(str(err))
+    config = parse_web_config(raw, os.path.dirname(os.path.abspath(path)))
+    if config.tls is not None:
+        try:
+            build_server_context(config.tls)
+        except OSError as err:
+            raise WebConfigError("tls_server_config: the files do not load: %s" % err)
+    return config
+
+
+def _unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
+    seen: Dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError("key %r appears twice in one object" % key)
+        seen[key] = value
+    return seen
+
+
+def parse_web_config(raw: object, base_dir: str) -> WebConfig:
+    """The web configuration from parsed JSON; WebConfigError names the offending key."""
+    top = _config_object(raw, "", WEB_CONFIG_KEYS)
+    tls = None
+    if "tls_server_config" in top:
+        tls = _tls_server_config(_config_object(top["tls_server_config"], "tls_server_config", TLS_CONFIG_KEYS), base_dir)
+    users = _basic_auth_users(_config_object(top.get("basic_auth_users", {}), "basic_auth_users", None))
+    healthy = top.get("healthy_unauthenticated", False)
+    if not isinstance(healthy, bool):
+        raise WebConfigError("healthy_unauthenticated: want true or false")
+    return WebConfig(tls, users, healthy)
+
+
+def _key_path(path: str, key: str) -> str:
+    return "%s.%s" % (path, key) if path else key
+
+
+def _config_object(value: object, path: str, allowed: Optional[FrozenSet[str]]) -> Dict[str, object]:
+    if not isinstance(value, dict):
+        raise WebConfigError("%s: want an object" % (path or "top level"))
+    for key in value:
+        if allowed is not None and key not in allowed:
+            raise WebConfigError("%s: unknown key" % _key_path(path, key))
+    return value
+
+
+def _config_text(obj: Dict[str, object], path: str, key: str, options: Iterable[str] = (), default: str = "") -> str:
+    """A string value, ``default`` when absent; one of ``options`` when they are given."""
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise WebConfigError("%s: want a string" % _key_path(path, key))
+    try:
+        return _choice(options)(value) if options else value
+    except ValueError as err:
+        raise WebConfigError("%s: %s" % (_key_path(path, key), err))
+
+
+def _tls_server_config(obj: Dict[str, object], base_dir: str) -> TLSServerConfig:
+    path = "tls_server_config"
+    files = {}
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        name = _config_text(obj, path, key)
+        files[key] = os.path.join(base_dir, name) if name else ""
+    for key in ("cert_file", "key_file"):
+        if not files[key]:
+            raise WebConfigError("%s: required" % _key_path(path, key))
+    client_auth = _config_text(obj, path, "client_auth_type", CLIENT_AUTH_TYPES, "NoClientCert")
+    min_version = _config_text(obj, path, "min_version", TLS_MIN_VERSIONS, "TLS12")
+    verifies = CLIENT_AUTH_TYPES[client_auth] != ssl.CERT_NONE
+    if verifies and not files["client_ca_file"]:
+        raise WebConfigError("%s.client_ca_file: required when client_auth_type is %s" % (path, client_auth))
+    if files["client_ca_file"] and not verifies:
+        raise WebConfigError("%s.client_auth_type: client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert" % path)
+    return TLSServerConfig(files["cert_file"], files["key_file"], files["client_ca_file"], client_auth, min_version)
+
+
+def _basic_auth_users(obj: Dict[str, object]) -> Tuple[Tuple[str, PasswordHash], ...]:
+    users = []
+    for name in sorted(obj):
+        if not name or ":" in name:  # RFC 7617 §2: a user-id cannot contain a colon
+            raise WebConfigError("basic_auth_users: %r is not a user name" % name)
+        try:
+            users.append((name, parse_password_hash(_config_text(obj, "basic_auth_users", name))))
+        except ValueError as err:
+            raise WebConfigError("basic_auth_users.%s: %s" % (name, err))
+    return tuple(users)
+
+
+def password_from(stream: IO[bytes]) -> str:
+    """--web.hash-password: the first line of ``stream`` without its line break."""
+    line = stream.readline()
+    line = line[:-1] if line.endswith(b"\n") else line
+    line = line[:-1] if line.endswith(b"\r") else line
+    if not line:
+        raise FlagError("--web.hash-password: no password on standard input")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FlagError("--web.hash-password: the password is not UTF-8")
+
+
 # ==============================================================================================
 # main
 # ==============================================================================================
@@ -2881,6 +3444,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if settings.show_version:
         sys.stdout.write("%s %s (python %s)\n" % (EXPORTER_NAME, __version__, "%d.%d.%d" % sys.version_info[:3]))
         return 0
+    try:
+        if settings.hash_password:
+            sys.stdout.write(hash_password(password_from(sys.stdin.buffer)) + "\n")
+            return 0
+        web = load_web_config(settings.web_config_file) if settings.web_config_file else None
+    except FlagError as err:
+        sys.stderr.write("ws_exporter: %s\n" % err)
+        return 2
+    except WebConfigError as err:
+        sys.stderr.write("ws_exporter: --web.config.file=%s: %s\n" % (settings.web_config_file, err))
+        return 2
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(settings, logger)
     if settings.config_file:
@@ -2890,13 +3464,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stderr.write("ws_exporter: config file %s: %s\n" % (settings.config_file, err))
             return 2
     try:
-        server = make_server(exporter)
+        server = make_server(exporter, web)
     except OSError as err:
         logger.log("error", "Cannot listen", address=settings.listen_address, err=str(err))
         return 1
     wakeup, _sender = install_stop_signals()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
-    logger.log("info", "Listening", address=format_address(server.server_address), version=__version__)
+    logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
+               tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower())
     signum = wait_for_stop(wakeup, exporter)
     logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
     server.shutdown()
