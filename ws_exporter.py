@@ -135,6 +135,7 @@ KEEPALIVE_IDLE_SECONDS = 90.0  # an idle keep-alive connection is closed after t
 REQUEST_READ_SECONDS = 10.0  # a client must send a whole request within this
 RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
+ACCEPT_BATCH = 256  # connections accepted per wake-up of the accept loop
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
@@ -2538,6 +2539,23 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.accepted[sock.fileno()] = time.monotonic()
         return sock, address
 
+    def _handle_request_noblock(self) -> None:
+        """Accept every waiting connection (stamping each) before starting their threads: under
+        load a thread start takes milliseconds, and a burst of scrapes should not spend its
+        deadlines queued behind them.  Each connection is then handled as socketserver would."""
+        batch = []
+        for _ in range(ACCEPT_BATCH):
+            try:
+                batch.append(self.get_request())
+            except OSError:  # BlockingIOError: nobody else is waiting
+                break
+        for request, address in batch:
+            try:
+                self.process_request(request, address)
+            except Exception:
+                self.handle_error(request, address)
+                self.shutdown_request(request)
+
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         """A thread per connection, up to --web.max-connections; past that a quick 503."""
         if self.connection_slots.acquire(blocking=False):
@@ -2563,6 +2581,7 @@ class ExporterServer(http.server.ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         # HTTPServer.server_bind would look the host name up in DNS; nothing here needs it.
         http.server.socketserver.TCPServer.server_bind(self)  # type: ignore[attr-defined]
+        self.socket.setblocking(False)  # accept() in batches until nobody is waiting
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
 
