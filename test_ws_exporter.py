@@ -2332,9 +2332,11 @@ class ScrapeTestCase(unittest.TestCase):
     every exposition format it answers in recorded."""
 
     def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="wsx-scraper-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.server = LocalServer(good_server)
         self.addCleanup(self.server.close)
-        self.exporter = ExporterFixture()
+        self.exporter = ExporterFixture(self.web_config())
         self.addCleanup(self.exporter.close)
         self.good = "ws://127.0.0.1:%d/" % self.server.port
         self.dead = "ws://127.0.0.1:%d/" % free_port()
@@ -2348,14 +2350,25 @@ class ScrapeTestCase(unittest.TestCase):
         patcher = mock.patch.object(wx, "negotiate_format", recording)
         patcher.start()
         self.addCleanup(patcher.stop)
-        self.tmp = tempfile.mkdtemp(prefix="wsx-scraper-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def web_config(self) -> Optional[wx.WebConfig]:
+        """How the exporter's listener is protected (it is written before the exporter starts)."""
+        return None
 
     def write(self, name: str, text: str) -> str:
         path = os.path.join(self.tmp, name)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path
+
+    def start_victoria_metrics(self, jobs: List[Dict[str, object]]) -> Scraper:
+        config = self.write("scrape.json", json.dumps({"scrape_configs": jobs}, indent=2))
+        port = free_port()
+        return Scraper(self, [
+            os.environ["WS_VICTORIA_METRICS"], "-httpListenAddr=127.0.0.1:%d" % port,
+            "-storageDataPath=" + os.path.join(self.tmp, "data"), "-promscrape.config=" + config,
+            "-search.latencyOffset=1s", "-loggerLevel=WARN",
+        ], port, flush_path="/internal/force_flush")
 
     def assert_probe_results(self, scraper: Scraper, job: str) -> None:
         values = scraper.wait_for('probe_success{job="%s"}' % job, 2)
@@ -2375,13 +2388,7 @@ class TestVictoriaMetricsScrape(ScrapeTestCase):
         self.assertEqual((spec["url"], spec["path"], spec["module"]), ("ws-exporter.monitoring.svc:9095", "/probe", "connect"))
         spec["url"] = "127.0.0.1:%d" % self.exporter.port
         job = operator_probe_job("ws-exporter-connect", spec, [self.good, self.dead], "1s")
-        config = self.write("scrape.json", json.dumps({"scrape_configs": [job]}, indent=2))
-        port = free_port()
-        scraper = Scraper(self, [
-            os.environ["WS_VICTORIA_METRICS"], "-httpListenAddr=127.0.0.1:%d" % port,
-            "-storageDataPath=" + os.path.join(self.tmp, "data"), "-promscrape.config=" + config,
-            "-search.latencyOffset=1s", "-loggerLevel=WARN",
-        ], port, flush_path="/internal/force_flush")
+        scraper = self.start_victoria_metrics([job])
         self.assert_probe_results(scraper, "ws-exporter-connect")
         labels = scraper.get("/api/v1/series", **{"match[]": 'probe_success{instance="%s"}' % self.good})["data"]
         self.assertEqual(labels, [{"__name__": "probe_success", "job": "ws-exporter-connect",
@@ -2389,6 +2396,69 @@ class TestVictoriaMetricsScrape(ScrapeTestCase):
         # VictoriaMetrics 1.79 asks for the text format only.
         accepts = list(self.accepts)
         self.assertTrue(accepts and all(self.negotiate(a) == wx.TEXT_FORMAT for a in accepts), accepts)
+
+
+class TestVictoriaMetricsScrapeProtected(ScrapeTestCase):
+    """The exporter behind a web config file requiring TLS, a client certificate and basic auth;
+    VictoriaMetrics scrapes it as vmagent does for a VMProbe with tlsConfig and basicAuth."""
+
+    def web_config(self) -> wx.WebConfig:
+        pki = client_pki()
+        return wx.load_web_config(self.write("web.json", json.dumps({
+            "tls_server_config": {"cert_file": pki["good.pem"], "key_file": pki["good.key"],
+                                  "client_ca_file": pki["ca.pem"], "client_auth_type": "RequireAndVerifyClientCert"},
+            "basic_auth_users": {"vmagent": wx.hash_password(PASSWORD)},
+        })))
+
+    def job(self, name: str, targets: List[str], client_cert: bool = True,
+            basic_auth: Optional[Dict[str, str]] = None) -> Dict[str, object]:
+        """The operator's job for the shipped VMProbe, renamed to ``name`` (its job label too),
+        over https with the test CA trusted and the exporter's certificate checked against its
+        SAN localhost, plus the client certificate and basic_auth when given."""
+        pki = client_pki()
+        spec = dict(vmprobe_spec("ws-exporter-connect"), jobName=name, url="127.0.0.1:%d" % self.exporter.port)
+        job = operator_probe_job(name, spec, targets, "1s")
+        tls = {"ca_file": pki["ca.pem"], "server_name": "localhost"}
+        if client_cert:
+            tls.update(cert_file=pki["client.pem"], key_file=pki["client.key"])
+        job.update(scheme="https", tls_config=tls)
+        if basic_auth is not None:
+            job["basic_auth"] = basic_auth
+        return job
+
+    def wait_down(self, scraper: Scraper, job: str) -> str:
+        """The lastError of ``job``'s one target once a scrape has failed (VictoriaMetrics 1.79
+        lists a target not yet scraped as down too, with no error)."""
+        targets: List[Dict[str, object]] = []
+
+        def down() -> bool:
+            targets[:] = scraper.active_targets(job)
+            return len(targets) == 1 and targets[0]["health"] == "down" and targets[0]["lastError"] != ""
+
+        self.assertTrue(wait_until(down, SCRAPE_DEADLINE), targets)
+        return str(targets[0]["lastError"])
+
+    def test_tls_client_certificate_and_basic_auth_as_vmagent_sends_them(self) -> None:
+        require_peer(self, "WS_VICTORIA_METRICS")
+        password_file = self.write("password", PASSWORD + "\n")  # as a Secret or `echo` leaves it
+        vmagent = {"username": "vmagent", "password_file": password_file}
+        log = self.exporter.exporter.logger.stream = WatchedLog()
+        scraper = self.start_victoria_metrics([
+            self.job("ws-exporter-connect", [self.good, self.dead], basic_auth=vmagent),
+            self.job("no-basic-auth", [self.good]),
+            self.job("wrong-password", [self.good], basic_auth={"username": "vmagent", "password": "wrong"}),
+            self.job("no-client-cert", [self.good], client_cert=False, basic_auth=vmagent),
+        ])
+        self.assert_probe_results(scraper, "ws-exporter-connect")
+        # The status after the scraped URL (whose ports may hold the digits 401 too).
+        unauthorized = r'": 401; expecting 200; response body: "Unauthorized\\n"$'
+        for job in ("no-basic-auth", "wrong-password"):
+            self.assertRegex(self.wait_down(scraper, job), unauthorized, job)
+        # Go sees the refused handshake as a closed connection; the exporter says why.
+        self.assertNotRegex(self.wait_down(scraper, "no-client-cert"), r'": \d{3}; expecting 200')
+        self.assertTrue(log.wait_for("PEER_DID_NOT_RETURN_A_CERTIFICATE"), log.getvalue()[-2000:])
+        for job in ("no-basic-auth", "wrong-password", "no-client-cert"):
+            self.assertEqual(scraper.query('probe_success{job="%s"}' % job), [], job)
 
 
 class TestPrometheusScrape(ScrapeTestCase):
