@@ -1449,7 +1449,17 @@ class TestLoad(unittest.TestCase):
             t.start()
         for _ in threads:
             sent.acquire()
-        side = time.monotonic()
+
+        def in_flight() -> float:
+            conn = http.client.HTTPConnection("127.0.0.1", exporter.port, timeout=30)
+            try:
+                conn.request("GET", "/metrics")
+                return parse_metrics(conn.getresponse().read().decode())["ws_exporter_probes_in_flight"]
+            finally:
+                conn.close()
+
+        self.assertTrue(wait_until(lambda: in_flight() == 200, 1.5))
+        side = time.monotonic()  # all 200 probes are waiting on the silent server now
         self.assertEqual(request("/-/healthy", {}), 200)
         self.assertEqual(request("/metrics", {}), 200)
         side_elapsed = time.monotonic() - side
