@@ -1406,6 +1406,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.connection = self.request
+        # The status line and headers go out before the body: with Nagle's algorithm the body
+        # would wait for the client's delayed ACK of the head (up to 40 ms on Linux).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = _RequestReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
         self.wfile = _SocketWriter(self.connection)

@@ -293,7 +293,10 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
 def _ms(text: str) -> float:
     match = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
-    return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+    if match is None:
+        print("bench: unparsable wrk latency %r" % text, file=sys.stderr)
+        return float("nan")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def run_wrk(url: str, connections: int, duration: float, threads: int = 2) -> Tuple[int, float, float, float, int]:
@@ -304,8 +307,8 @@ def run_wrk(url: str, connections: int, duration: float, threads: int = 2) -> Tu
                          env=dict(os.environ, LD_LIBRARY_PATH=env("WS_WRK_LD_LIBRARY_PATH"))).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if socket_errors:
