@@ -685,17 +685,22 @@ class Deadline:
 
 
 class ProbeLog:
-    """The log lines of one probe: kept for its debug page, written to the exporter's log."""
+    """The log lines of one probe: kept for its debug page, written to the exporter's log.
+    Lines are formatted only when read, since few probes ever have their debug page asked for."""
 
     def __init__(self, logger: "Logger", **fields: object) -> None:
         self.logger = logger
         self.fields = fields
-        self.lines: List[str] = []
+        self._records: List[Tuple[float, str, str, Dict[str, object]]] = []  # (time, level, msg, fields)
 
     def log(self, level: str, msg: str, **fields: object) -> None:
         merged = dict(self.fields, **fields)
-        self.lines.append(format_logfmt(level, msg, merged))
+        self._records.append((time.time(), level, msg, merged))
         self.logger.log(level, msg, **merged)
+
+    @property
+    def lines(self) -> List[str]:
+        return [format_logfmt(level, msg, fields, when) for when, level, msg, fields in self._records]
 
 
 class ProbeResult:
@@ -1209,13 +1214,13 @@ def _logfmt_value(value: object) -> str:
     return json.dumps(text)
 
 
-def _timestamp() -> str:
-    now = time.time()
+def _timestamp(now: Optional[float] = None) -> str:
+    now = time.time() if now is None else now
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % (int(now * 1000) % 1000)
 
 
-def format_logfmt(level: str, msg: str, fields: Dict[str, object]) -> str:
-    parts = ["ts=" + _timestamp(), "level=" + level, "msg=" + _logfmt_value(msg)]
+def format_logfmt(level: str, msg: str, fields: Dict[str, object], when: Optional[float] = None) -> str:
+    parts = ["ts=" + _timestamp(when), "level=" + level, "msg=" + _logfmt_value(msg)]
     parts.extend("%s=%s" % (k, _logfmt_value(v)) for k, v in fields.items())
     return " ".join(parts)
 
