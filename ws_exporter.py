@@ -36,7 +36,6 @@ __all__ = [
 
 import base64
 import codecs
-import dataclasses
 import enum
 import hashlib
 import http.server
