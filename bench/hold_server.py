@@ -3,8 +3,9 @@
     python3 hold_server.py DELAY_SECONDS
 
 Prints its port (127.0.0.1, port 0) as the first stdout line, then one line per upgrade it
-answered: ``RESOURCE DELAY_NS``, where DELAY_NS is the time from the moment the request head had
-fully arrived to the moment the 101 was handed to the kernel (what the server really did).
+answered: ``RESOURCE DELAY_NS``, where DELAY_NS is the time from the moment the last bytes of the request
+head reached this host (the kernel's receive timestamp, so this process's own scheduling delays
+do not count) to the moment the 101 was handed to the kernel: what the server really did.
 After the 101 it answers a close frame with a close frame.  One thread, epoll: no GIL contention,
 so its own clock reads are not delayed by other threads.  Exits when stdin closes.
 """
@@ -23,6 +24,8 @@ import time
 from typing import Dict, List, Tuple
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+SO_TIMESTAMPNS = 35  # Linux socket(7); the socket module does not name it
+TIMESPEC = struct.Struct("@ll")
 _SEQ = 0
 
 
@@ -96,6 +99,7 @@ def accept_all(listener: socket.socket, sel: selectors.BaseSelector, conns: Dict
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         conns[sock.fileno()] = Conn(sock)
         sel.register(sock, selectors.EVENT_READ, sock.fileno())
 
@@ -103,13 +107,13 @@ def accept_all(listener: socket.socket, sel: selectors.BaseSelector, conns: Dict
 def on_readable(conns: Dict[int, Conn], fd: int, sel: selectors.BaseSelector, due: list, delay_ns: int) -> None:  # type: ignore[type-arg]
     conn = conns[fd]
     try:
-        data = conn.sock.recv(65536)
+        data, ancillary, _, _ = conn.sock.recvmsg(65536, socket.CMSG_SPACE(TIMESPEC.size))
     except OSError:
-        data = b""
+        data, ancillary = b"", []
     if not data:
         drop(conns, fd, sel)
         return
-    arrived = time.perf_counter_ns()
+    arrived = arrival_ns(ancillary)
     if conn.upgraded:
         # A client close frame (masked): answer it with close 1000 and hang up.
         if len(data) >= 2 and data[0] & 0x0F == 0x8:
@@ -132,6 +136,16 @@ def on_readable(conns: Dict[int, Conn], fd: int, sel: selectors.BaseSelector, du
     global _SEQ
     _SEQ += 1
     heapq.heappush(due, (arrived + delay_ns, _SEQ, conn, resource, response, arrived))
+
+
+def arrival_ns(ancillary: list) -> int:  # type: ignore[type-arg]
+    """The kernel's receive timestamp (wall clock) mapped onto perf_counter_ns()."""
+    now = time.perf_counter_ns()
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= TIMESPEC.size:
+            seconds, nanoseconds = TIMESPEC.unpack_from(payload)
+            return now - (time.time_ns() - (seconds * 1_000_000_000 + nanoseconds))
+    return now
 
 
 def drop(conns: Dict[int, Conn], fd: int, sel: selectors.BaseSelector) -> None:

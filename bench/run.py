@@ -461,12 +461,15 @@ def med(values: Sequence[float]) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global EXPORTER
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a handful of probes each, one table, < 20 s")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run")
     parser.add_argument("--only", default="", help="comma-separated sections: load,timing,memory,start")
+    parser.add_argument("--exporter", default=EXPORTER, help="the ws_exporter.py to measure (for A/B runs)")
     args = parser.parse_args(argv)
+    EXPORTER = os.path.abspath(args.exporter)
     if args.smoke:
         args.rounds, args.duration = 1, 1.0
     sections = set(args.only.split(",")) if args.only else {"load", "timing", "memory", "start"}
