@@ -593,6 +593,19 @@ def report_start(args: argparse.Namespace, pki: Dict[str, str], tmp: str, first_
     lines.append("")
     lines.append(row("spawn to first 200 on /-/healthy (ms), n=%d" % len(first_answer["ours"]),
                      med(first_answer["ours"]), med(first_answer["blackbox"]), "%.0f", "<= 150 ms"))
+    bare = [bare_interpreter() for _ in range(1 if args.smoke else 5)]
+    lines.append("%-44s %12.0f   (for reference: the floor under ours)" % ("bare interpreter, spawn to exit (ms)", med([b[0] for b in bare])))
+    lines.append("%-44s %12.1f" % ("bare interpreter, RSS (MB)", med([b[1] for b in bare])))
+
+
+_OWN_RSS = "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')][0])"
+
+
+def bare_interpreter() -> Tuple[float, float]:
+    """(ms from spawn to exit, RSS in MB) of an interpreter that only reads its own RSS."""
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", _OWN_RSS], capture_output=True, text=True, check=True).stdout
+    return (time.monotonic() - start) * 1000, int(out) / 1024
 
 
 if __name__ == "__main__":
