@@ -412,7 +412,8 @@ def make_pki(directory: str) -> Dict[str, str]:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
 
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-            "-days", "2", "-subj", "/CN=bench CA")
+            "-days", "2", "-subj", "/CN=bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # Python 3.13 verifies strictly (X509 strict)
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
             "-subj", "/CN=127.0.0.1")
     with open(os.path.join(directory, "ext.cnf"), "w") as f:
