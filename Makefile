@@ -29,7 +29,7 @@ docker:
 	docker build -t ws-exporter .
 
 bench:
-	$(PYTHON) bench/run.py
+	bash .ci/peers && . ./$(PEERS_ENV) && $(PYTHON) bench/run.py
 
 peers:
 	bash .ci/peers

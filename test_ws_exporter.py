@@ -3105,6 +3105,70 @@ class TestCheckInterop(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------------------------
+# Truthful timings: phases end when the kernel received the answer
+# ----------------------------------------------------------------------------------------------
+
+
+class TestArrivalStamps(unittest.TestCase):
+    def stamp(self, seconds_ago: float) -> List[Tuple[int, int, bytes]]:
+        wall = time.time() - seconds_ago
+        payload = wx._TIMESPEC.pack(int(wall), int((wall % 1) * 1e9))
+        return [(socket.SOL_SOCKET, wx.SO_TIMESTAMPNS, payload)]
+
+    def test_a_stamp_moves_the_arrival_back_to_when_the_kernel_received_the_data(self) -> None:
+        if not wx.SO_TIMESTAMPNS:
+            self.skipTest("no SO_TIMESTAMPNS on this platform")
+        before = time.perf_counter()
+        arrived = wx.arrival_time(self.stamp(0.5))
+        self.assertAlmostEqual(before - arrived, 0.5, delta=0.05)
+
+    def test_without_a_usable_stamp_the_arrival_is_now(self) -> None:
+        for ancillary in ([], self.stamp(-5.0), self.stamp(3600.0)):
+            before = time.perf_counter()
+            arrived = wx.arrival_time(ancillary)
+            self.assertGreaterEqual(arrived, before)
+            self.assertLessEqual(arrived, time.perf_counter())
+
+    def test_upgrade_phase_spans_the_servers_delay(self) -> None:
+        delay = 0.2
+
+        def handler(conn: socket.socket) -> None:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = re.search(rb"Sec-WebSocket-Key: (\S+)", request).group(1).decode()  # type: ignore[union-attr]
+            time.sleep(delay)
+            conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          "Sec-WebSocket-Accept: %s\r\n\r\n" % wx.expected_accept(key)).encode())
+            conn.recv(4096)
+            conn.sendall(server_close())
+
+        server = LocalServer(handler)
+        self.addCleanup(server.close)
+        result = wx.ProbeResult("connect", 5.0)
+        log = wx.ProbeLog(wx.Logger("error", "logfmt", io.StringIO()))
+        wx.run_probe("ws://127.0.0.1:%d/" % server.port, wx.Module("connect"), wx.Deadline(5.0), result, log)
+        self.assertTrue(result.success, result.failure)
+        self.assertGreaterEqual(result.durations["upgrade"], delay)
+        self.assertLess(result.durations["upgrade"], delay + 0.1)
+
+
+class TestBenchSmoke(unittest.TestCase):
+    """bench/run.py --smoke: every piece starts and a few probes go through both exporters."""
+
+    def test_smoke_run_prints_one_table(self) -> None:
+        require_peer(self, "WS_PEER_NODE", "WS_PEER_NODE_PATH", "WS_BLACKBOX_EXPORTER", "WS_WRK")
+        if shutil.which("openssl") is None:
+            self.skipTest("no openssl CLI")
+        result = subprocess.run([sys.executable, os.path.join(HERE, "bench", "run.py"), "--smoke"],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:] + result.stdout[-2000:])
+        self.assertIn("ws c=16 probes/s", result.stdout)
+        self.assertIn("wss c=16 probes/s", result.stdout)
+        self.assertIn("spawn to first 200", result.stdout)
+
+
+# ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits
 # when its stdin closes, so none outlives the test process.

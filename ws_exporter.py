@@ -129,6 +129,13 @@ MAX_CLOSE_FRAMES = 1000  # frames we read while waiting for the server's close
 CLOSE_WAIT_SECONDS = 2.0  # how long a probe waits for the server to answer our close
 RECV_BYTES = 65536
 MAX_RESOLVER_THREADS = 64  # lookups running at once; a hung resolver cannot pile up threads
+# Linux socket(7) SO_TIMESTAMPNS (the socket module does not name it): the kernel stamps each
+# received segment, so a phase can end when the answer arrived rather than when a thread got the
+# GIL to read it.  The value is 35 on every architecture but alpha, mips, parisc and sparc.
+_STAMPING_MACHINES = ("x86", "i686", "aarch64", "arm", "ppc", "s390", "riscv")
+SO_TIMESTAMPNS = 35 if sys.platform == "linux" and os.uname().machine.startswith(_STAMPING_MACHINES) else 0
+_TIMESPEC = struct.Struct("@ll")  # struct timespec {time_t tv_sec; long tv_nsec;}
+CLOCK_STEP_SECONDS = 60.0  # a stamp this old or from the future means the wall clock moved
 
 # The exporter's own HTTP server.
 KEEPALIVE_IDLE_SECONDS = 90.0  # an idle keep-alive connection is closed after this
@@ -860,17 +867,22 @@ class Deadline:
 
 
 class ProbeLog:
-    """The log lines of one probe: kept for its debug page, written to the exporter's log."""
+    """The log lines of one probe: kept for its debug page, written to the exporter's log.
+    Lines are formatted only when read, since few probes ever have their debug page asked for."""
 
     def __init__(self, logger: "Logger", **fields: object) -> None:
         self.logger = logger
         self.fields = fields
-        self.lines: List[str] = []
+        self._records: List[Tuple[float, str, str, Dict[str, object]]] = []  # (time, level, msg, fields)
 
     def log(self, level: str, msg: str, **fields: object) -> None:
         merged = dict(self.fields, **fields)
-        self.lines.append(format_logfmt(level, msg, merged))
+        self._records.append((time.time(), level, msg, merged))
         self.logger.log(level, msg, **merged)
+
+    @property
+    def lines(self) -> List[str]:
+        return [format_logfmt(level, msg, fields, when) for when, level, msg, fields in self._records]
 
 
 class ProbeResult:
@@ -912,19 +924,23 @@ class ProbeResult:
 
 
 class _Phase:
-    """Times one phase into the result and charges failures raised inside it to that phase."""
+    """Times one phase into the result and charges failures raised inside it to that phase.
+    A block may set ``start`` and ``end`` to the moments its I/O really began and ended."""
 
     def __init__(self, result: ProbeResult, name: str) -> None:
         self.result = result
         self.name = name
         self.start = 0.0
+        self.end: Optional[float] = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> "_Phase":
         self.result.phase = self.name
         self.start = time.perf_counter()
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        self.result.durations[self.name] = time.perf_counter() - self.start
+        end = time.perf_counter() if self.end is None else self.end
+        self.result.durations[self.name] = max(end - self.start, 0.0)
 
 
 class Connection:
@@ -934,19 +950,55 @@ class Connection:
         self.sock = sock
         self.deadline = deadline
         self.reader = FrameReader()
+        self.send_started = 0.0  # perf_counter() just before the last send went to the kernel
+        self.arrived = 0.0  # perf_counter() when the bytes last received reached this host
+        # TLS sockets decrypt through OpenSSL's own reads: their data carries no stamps.
+        self._stamped = bool(SO_TIMESTAMPNS) and not isinstance(sock, ssl.SSLSocket)
 
     def send(self, data: bytes) -> None:
         self.sock.settimeout(self.deadline.remaining())
+        self.send_started = time.perf_counter()
         self.sock.sendall(data)
 
     def recv(self, limit: Optional[float] = None) -> bytes:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
         timeout = self.deadline.remaining()
         self.sock.settimeout(timeout if limit is None else min(timeout, limit))
-        data = self.sock.recv(RECV_BYTES)
+        if self._stamped:
+            data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
+            self.arrived = arrival_time(ancillary)
+        else:
+            data = self.sock.recv(RECV_BYTES)
+            self.arrived = time.perf_counter()
         if not data:
             raise ProbeError("connection_closed", "peer closed the connection")
         return data
+
+
+_ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if SO_TIMESTAMPNS else 0
+
+
+def arrival_time(ancillary: List[Tuple[int, int, bytes]]) -> float:
+    """The perf_counter() reading at which the kernel stamped the data just received (a wall
+    clock time), or now when it carries no stamp."""
+    now = time.perf_counter()
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+            waited = time.time() - (seconds + nanoseconds * 1e-9)  # type: float
+            if 0.0 <= waited < CLOCK_STEP_SECONDS:  # otherwise the wall clock was stepped meanwhile
+                return now - waited
+    return now
+
+
+def enable_arrival_stamps(sock: socket.socket) -> None:
+    """Ask the kernel to stamp what it receives, where it can; without stamps a phase ends when
+    its thread got to read the answer."""
+    if SO_TIMESTAMPNS:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:
+            pass
 
 
 def run_probe(
@@ -1034,9 +1086,11 @@ def open_websocket(
             with _Phase(result, "tls"):
                 sock = start_tls(sock, target.host, deadline, result, module.tls_context, module.tls.server_name)
             log.log("debug", "TLS established", version=result.tls_version, cipher=result.tls_cipher)
-        with _Phase(result, "upgrade"):
+        with _Phase(result, "upgrade") as phase:
             conn = Connection(sock, deadline)
             upgrade(conn, target, module, result)
+            # The span the server and the network took, not the moments this thread held the GIL.
+            phase.start, phase.end = conn.send_started, conn.arrived
     except BaseException:
         sock.close()
         raise
@@ -1168,6 +1222,7 @@ def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) 
             sock.settimeout(deadline.remaining())
             sock.connect(sockaddr)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            enable_arrival_stamps(sock)
             return sock
         except OSError as err:
             sock.close()
@@ -2012,13 +2067,13 @@ def _logfmt_value(value: object) -> str:
     return json.dumps(text)
 
 
-def _timestamp() -> str:
-    now = time.time()
+def _timestamp(now: Optional[float] = None) -> str:
+    now = time.time() if now is None else now
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % (int(now * 1000) % 1000)
 
 
-def format_logfmt(level: str, msg: str, fields: Dict[str, object]) -> str:
-    parts = ["ts=" + _timestamp(), "level=" + level, "msg=" + _logfmt_value(msg)]
+def format_logfmt(level: str, msg: str, fields: Dict[str, object], when: Optional[float] = None) -> str:
+    parts = ["ts=" + _timestamp(when), "level=" + level, "msg=" + _logfmt_value(msg)]
     parts.extend("%s=%s" % (k, _logfmt_value(v)) for k, v in fields.items())
     return " ".join(parts)
 
