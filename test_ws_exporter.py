@@ -3104,6 +3104,42 @@ class TestCheckInterop(unittest.TestCase):
 
 
 
+class TestFailureEdges(unittest.TestCase):
+    """Rare failures stay probe failures that leak nothing and hold nothing."""
+
+    def test_a_malformed_request_line_logs_no_word_of_its_query(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        with socket.create_connection(("127.0.0.1", fixture.port), timeout=10) as conn:
+            conn.sendall(b"GET /probe?target=wss://h/KEY1 KEY2 KEY3 HTTP/1.1\r\n\r\n")
+            self.assertRegex(conn.makefile("rb").readline(), rb"^HTTP/1\.[01] 400 ")
+        self.assertTrue(wait_until(lambda: "HTTP server" in fixture.log.getvalue()))
+        self.assertNotRegex(fixture.log.getvalue(), "KEY[123]")
+
+    def test_an_overlong_request_line_gets_414(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        with socket.create_connection(("127.0.0.1", fixture.port), timeout=10) as conn:
+            line = b"GET /probe?target="
+            conn.sendall(line + b"a" * (65537 - len(line)))  # what http.server reads: nothing left to reset
+            self.assertRegex(conn.makefile("rb").readline(), rb"^HTTP/1\.[01] 414 ")
+
+    def test_a_proxy_with_a_bad_port_fails_the_connect_phase_without_quoting_it(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        with mock.patch.dict(os.environ, {"http_proxy": "http://u:p@127.0.0.1:PORTKEY", "no_proxy": ""}):
+            metrics = fixture.probe("ws://127.0.0.1:1/")
+        self.assertEqual(failure_of(metrics), ("connect", "connect_error"))
+        self.assertNotIn("PORTKEY", fixture.log.getvalue())
+
+    def test_a_refused_resolver_thread_gives_its_slot_back(self) -> None:
+        with mock.patch.object(wx.threading.Thread, "start", side_effect=RuntimeError("can't start new thread")):
+            for _ in range(wx.MAX_RESOLVER_THREADS + 1):
+                with self.assertRaises(RuntimeError):
+                    wx.resolve("localhost", 80, wx.Deadline(5))
+        self.assertTrue(wx.resolve("localhost", 80, wx.Deadline(5)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits

@@ -1051,7 +1051,6 @@ AddrInfo = Tuple[int, Tuple[object, ...]]  # (family, sockaddr)
 def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     """getaddrinfo under the deadline: it has no timeout of its own, so a name (not an IP
     literal) is looked up in a helper thread that the probe stops waiting for."""
-    flags = 0
     try:
         ipaddress.ip_address(host)
         return _getaddrinfo(host, port, socket.AI_NUMERICHOST)
@@ -1062,7 +1061,7 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
 
     def lookup() -> None:
         try:
-            box.append(_getaddrinfo(host, port, flags))
+            box.append(_getaddrinfo(host, port, 0))
         except BaseException as err:
             box.append(err)
         finally:
@@ -1071,7 +1070,11 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
 
     if not _RESOLVER_SLOTS.acquire(timeout=deadline.remaining()):
         raise ProbeError("timeout", "every resolver thread is busy")
-    threading.Thread(target=lookup, name="resolve", daemon=True).start()
+    try:
+        threading.Thread(target=lookup, name="resolve", daemon=True).start()
+    except BaseException:  # no thread (RuntimeError when the system refuses one): free its slot
+        _RESOLVER_SLOTS.release()
+        raise
     if not done.wait(deadline.remaining()):
         raise ProbeError("timeout", "name resolution did not finish before the deadline")
     outcome = box[0]
@@ -1095,10 +1098,14 @@ def proxy_for(target: Target, module: Module) -> Optional[urllib.parse.SplitResu
         return None
     if "://" not in url:
         url = "http://" + url
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ProbeError("connect_error", "unsupported proxy URL", "connect")
-    return parts
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a bad port raises ValueError here rather than later, with its text
+        if parts.scheme == "http" and parts.hostname:
+            return parts
+    except ValueError:
+        pass
+    raise ProbeError("connect_error", "unsupported proxy URL", "connect")
 
 
 def environment(name: str) -> str:
@@ -1163,9 +1170,10 @@ def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) 
     last: Optional[Exception] = None
     for family, sockaddr in addresses:
         result.ip_protocol = 6 if family == socket.AF_INET6 else 4
+        timeout = deadline.remaining()  # before the socket exists: a timeout here leaks nothing
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.settimeout(deadline.remaining())
+            sock.settimeout(timeout)
             sock.connect(sockaddr)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
@@ -2175,13 +2183,14 @@ class Exporter:
         """Run one probe whose deadline counts from ``start`` (when its request arrived);
         Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
         by ``alias`` when given (its URL may hold a token)."""
-        if not self.probe_slots.acquire(blocking=False):
-            self.stats.reject("overloaded")
-            raise Overloaded("Too many probes in flight")
         result = ProbeResult(module.name, timeout)
         redacted = alias or _redact_raw_target(target)
         log = ProbeLog(self.logger, module=module.name, target=redacted)
         started = time.time()
+        # Nothing that can raise stands between taking the slot and the try that frees it.
+        if not self.probe_slots.acquire(blocking=False):
+            self.stats.reject("overloaded")
+            raise Overloaded("Too many probes in flight")
         self.stats.begin()
         try:
             run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
@@ -2330,7 +2339,9 @@ class _SocketWriter(io.BufferedIOBase):
             self.sock.sendall(data)
 
 
-_QUERY_IN_TEXT = re.compile(r"\?[^\s'\"]*")
+# From the first "?" to the end: a request line quoted in http.server's messages may hold a
+# query with spaces (a malformed request), and every word of it may be part of a target.
+_QUERY_IN_TEXT = re.compile(r"\?.*", re.DOTALL)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -2351,6 +2362,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._reader.deadline = None
+        # http.server answers a malformed request line (400) or an overlong one (414) before it
+        # sets path; log_request reads path, and failing there would drop the error response.
+        self.path = ""
         super().handle_one_request()
 
     def __getattr__(self, name: str) -> Callable[[], None]:
