@@ -1657,9 +1657,9 @@ class TestWebConfig(unittest.TestCase):
     def test_bad_values_name_their_key(self) -> None:
         tls = {"cert_file": "a", "key_file": "b"}
         cases = [
-            ([], "top level: want an object"),
+            ([], "top level: want an object, got array"),
             ('{"healthy_unauthenticated": true, "healthy_unauthenticated": false}', "key 'healthy_unauthenticated' appears twice in one object"),
-            ({"healthy_unauthenticated": "yes"}, "healthy_unauthenticated: want true or false"),
+            ({"healthy_unauthenticated": "yes"}, "healthy_unauthenticated: want true or false, got string"),
             ({"tls_server_config": {"cert_file": "a"}}, "tls_server_config.key_file: required"),
             ({"tls_server_config": dict(tls, min_version="TLS11")}, "tls_server_config.min_version: want one of: TLS12, TLS13"),
             ({"tls_server_config": dict(tls, client_auth_type="RequireAnyClientCert")},
@@ -1668,7 +1668,7 @@ class TestWebConfig(unittest.TestCase):
              "tls_server_config.client_ca_file: required when client_auth_type is RequireAndVerifyClientCert"),
             ({"tls_server_config": dict(tls, client_ca_file="ca.pem")},
              "tls_server_config.client_auth_type: client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert"),
-            ({"basic_auth_users": {"alice": 1}}, "basic_auth_users.alice: want a string"),
+            ({"basic_auth_users": {"alice": 1}}, "basic_auth_users.alice: want a string, got number"),
             ({"basic_auth_users": {"a:b": self.hash}}, "basic_auth_users: 'a:b' is not a user name"),
             ({"basic_auth_users": {"alice": "$2y$10$mDwo.lAisC94iLAyP81MCesa29IzH37oigHC/42V2pdJlUprsJPze"}},
              "basic_auth_users.alice: bcrypt is not in Python's standard library; make an scrypt hash with --web.hash-password"),
@@ -3138,6 +3138,19 @@ class TestFailureEdges(unittest.TestCase):
                 with self.assertRaises(RuntimeError):
                     wx.resolve("localhost", 80, wx.Deadline(5))
         self.assertTrue(wx.resolve("localhost", 80, wx.Deadline(5)))
+
+
+class TestConfigFiles(unittest.TestCase):
+    """--config.file and --web.config.file are read by the same JSON checks."""
+
+    def test_a_key_twice_in_one_object_is_refused_in_either_file(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = write_config(directory, '{"modules": {"m": {"timeout": "1s"}, "m": {"timeout": "2s"}}}')
+        for load in (wx.load_config, wx.load_web_config):
+            with self.subTest(load.__name__), self.assertRaises(wx.ConfigError) as caught:
+                load(path)
+            self.assertEqual(str(caught.exception), "key 'm' appears twice in one object")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ __all__ = [
     "parse_duration",
     "make_server",
     "WebConfig",
+    "ConfigError",
     "WebConfigError",
     "load_web_config",
     "hash_password",
@@ -70,7 +71,6 @@ from typing import (
     Callable,
     Deque,
     Dict,
-    FrozenSet,
     Iterable,
     Iterator,
     List,
@@ -297,8 +297,16 @@ class Overloaded(Exception):
     """Too many probes in flight; answered with 503 and this message."""
 
 
-class WebConfigError(Exception):
-    """--web.config.file cannot be read or holds something invalid; the message names the key."""
+class ConfigError(Exception):
+    """A configuration file (--config.file or --web.config.file) cannot be read or is invalid;
+    the message starts with the path of the offending key ("modules.eth.tls.ca_fle: unknown key")."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__("%s: %s" % (path, message) if path else message)
+
+
+WebConfigError = ConfigError  # --web.config.file is read by the same JSON checks as --config.file
 
 
 # ==============================================================================================
@@ -3027,15 +3035,6 @@ def parse_flags(argv: Sequence[str]) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-class ConfigError(Exception):
-    """A configuration file cannot be read or is invalid; the message starts with the path of
-    the offending key ("modules.eth.tls.ca_fle: unknown key")."""
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        super().__init__("%s: %s" % (path, message) if path else message)
-
-
 class Alias(NamedTuple):
     """A target alias: /probe?target=NAME probes ``url`` (which may hold a token) with ``module``."""
 
@@ -3057,14 +3056,28 @@ _JSON_TYPES = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "str
 
 def load_config(path: str) -> Config:
     """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}}."""
+    return parse_config(read_json_file(path))
+
+
+def read_json_file(path: str) -> object:
+    """A configuration file's JSON, for both --config.file and --web.config.file."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
+            return json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique_keys)
     except OSError as err:
         raise ConfigError("", "cannot read %s: %s" % (path, err.strerror or err))
     except ValueError as err:
         raise ConfigError("", "%s is not valid JSON: %s" % (path, err))
-    return parse_config(data)
+
+
+def _unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
+    """A key given twice in one object is refused rather than silently overridden."""
+    seen: Dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError("", "key %r appears twice in one object" % key)
+        seen[key] = value
+    return seen
 
 
 def parse_config(data: object) -> Config:
@@ -3084,9 +3097,13 @@ def _json_type(value: object) -> str:
     return next(name for kind, name in _JSON_TYPES if isinstance(value, kind))
 
 
+def _key_path(path: str, key: str) -> str:
+    return "%s.%s" % (path, key) if path else key
+
+
 def _object(value: object, path: str, keys: Optional[Sequence[str]] = None) -> Dict[str, object]:
     if not isinstance(value, dict):
-        raise ConfigError(path or "(top level)", "want an object, got %s" % _json_type(value))
+        raise ConfigError(path or "top level", "want an object, got %s" % _json_type(value))
     unknown = sorted(set(value) - set(keys)) if keys is not None else []
     if unknown:
         raise ConfigError(_key_path(path, unknown[0]), "unknown key")
@@ -3131,11 +3148,13 @@ def _strings(value: object, path: str) -> Tuple[str, ...]:
 
 
 def _one_of(*options: str) -> Callable[[object, str], str]:
+    choose = _choice(options)
+
     def convert(value: object, path: str) -> str:
-        text = _string(value, path)
-        if text not in options:
-            raise ConfigError(path, "want one of: %s" % ", ".join(options))
-        return text
+        try:
+            return choose(_string(value, path))
+        except ValueError as err:
+            raise ConfigError(path, str(err))
 
     return convert
 
@@ -3178,7 +3197,7 @@ _TLS_KEYS: Dict[str, Callable[[object, str], object]] = {
     "key_file": _string,
     "server_name": _string,
     "insecure_skip_verify": _boolean,
-    "min_version": _one_of("TLS12", "TLS13"),
+    "min_version": _one_of(*TLS_MIN_VERSIONS),
 }
 
 
@@ -3202,7 +3221,7 @@ def tls_context(options: TLSOptions, path: str) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if options.min_version:
-        context.minimum_version = ssl.TLSVersion.TLSv1_3 if options.min_version == "TLS13" else ssl.TLSVersion.TLSv1_2
+        context.minimum_version = TLS_MIN_VERSIONS[options.min_version]
     return context
 
 
@@ -3322,90 +3341,51 @@ def usage() -> str:
 
 # --- --web.config.file and --web.hash-password -------------------------------------------------
 
-WEB_CONFIG_KEYS = frozenset(("tls_server_config", "basic_auth_users", "healthy_unauthenticated"))
-TLS_CONFIG_KEYS = frozenset(("cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version"))
+WEB_CONFIG_KEYS = ("tls_server_config", "basic_auth_users", "healthy_unauthenticated")
+TLS_CONFIG_KEYS = ("cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version")
 
 
 def load_web_config(path: str) -> WebConfig:
     """--web.config.file: exporter-toolkit's web configuration written as JSON.  Relative file
     names are taken from the file's directory, as exporter-toolkit does; the TLS files are
     loaded once here so that a bad one stops the start rather than the first scrape."""
-    try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (OSError, ValueError) as err:
-        raise WebConfigError(str(err))
-    config = parse_web_config(raw, os.path.dirname(os.path.abspath(path)))
+    config = parse_web_config(read_json_file(path), os.path.dirname(os.path.abspath(path)))
     if config.tls is not None:
         try:
             build_server_context(config.tls)
         except OSError as err:
-            raise WebConfigError("tls_server_config: the files do not load: %s" % err)
+            raise ConfigError("tls_server_config", "the files do not load: %s" % err)
     return config
 
 
-def _unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
-    seen: Dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError("key %r appears twice in one object" % key)
-        seen[key] = value
-    return seen
-
-
 def parse_web_config(raw: object, base_dir: str) -> WebConfig:
-    """The web configuration from parsed JSON; WebConfigError names the offending key."""
-    top = _config_object(raw, "", WEB_CONFIG_KEYS)
+    """The web configuration from parsed JSON; ConfigError names the offending key."""
+    top = _object(raw, "", WEB_CONFIG_KEYS)
     tls = None
     if "tls_server_config" in top:
-        tls = _tls_server_config(_config_object(top["tls_server_config"], "tls_server_config", TLS_CONFIG_KEYS), base_dir)
-    users = _basic_auth_users(_config_object(top.get("basic_auth_users", {}), "basic_auth_users", None))
-    healthy = top.get("healthy_unauthenticated", False)
-    if not isinstance(healthy, bool):
-        raise WebConfigError("healthy_unauthenticated: want true or false")
+        tls = _tls_server_config(_object(top["tls_server_config"], "tls_server_config", TLS_CONFIG_KEYS), base_dir)
+    users = _basic_auth_users(_object(top.get("basic_auth_users", {}), "basic_auth_users"))
+    healthy = _boolean(top.get("healthy_unauthenticated", False), "healthy_unauthenticated")
     return WebConfig(tls, users, healthy)
-
-
-def _key_path(path: str, key: str) -> str:
-    return "%s.%s" % (path, key) if path else key
-
-
-def _config_object(value: object, path: str, allowed: Optional[FrozenSet[str]]) -> Dict[str, object]:
-    if not isinstance(value, dict):
-        raise WebConfigError("%s: want an object" % (path or "top level"))
-    for key in value:
-        if allowed is not None and key not in allowed:
-            raise WebConfigError("%s: unknown key" % _key_path(path, key))
-    return value
-
-
-def _config_text(obj: Dict[str, object], path: str, key: str, options: Iterable[str] = (), default: str = "") -> str:
-    """A string value, ``default`` when absent; one of ``options`` when they are given."""
-    value = obj.get(key, default)
-    if not isinstance(value, str):
-        raise WebConfigError("%s: want a string" % _key_path(path, key))
-    try:
-        return _choice(options)(value) if options else value
-    except ValueError as err:
-        raise WebConfigError("%s: %s" % (_key_path(path, key), err))
 
 
 def _tls_server_config(obj: Dict[str, object], base_dir: str) -> TLSServerConfig:
     path = "tls_server_config"
     files = {}
     for key in ("cert_file", "key_file", "client_ca_file"):
-        name = _config_text(obj, path, key)
+        name = _string(obj.get(key, ""), _key_path(path, key))
         files[key] = os.path.join(base_dir, name) if name else ""
     for key in ("cert_file", "key_file"):
         if not files[key]:
-            raise WebConfigError("%s: required" % _key_path(path, key))
-    client_auth = _config_text(obj, path, "client_auth_type", CLIENT_AUTH_TYPES, "NoClientCert")
-    min_version = _config_text(obj, path, "min_version", TLS_MIN_VERSIONS, "TLS12")
+            raise ConfigError(_key_path(path, key), "required")
+    client_auth = _one_of(*CLIENT_AUTH_TYPES)(obj.get("client_auth_type", "NoClientCert"), _key_path(path, "client_auth_type"))
+    min_version = _one_of(*TLS_MIN_VERSIONS)(obj.get("min_version", "TLS12"), _key_path(path, "min_version"))
     verifies = CLIENT_AUTH_TYPES[client_auth] != ssl.CERT_NONE
     if verifies and not files["client_ca_file"]:
-        raise WebConfigError("%s.client_ca_file: required when client_auth_type is %s" % (path, client_auth))
+        raise ConfigError(_key_path(path, "client_ca_file"), "required when client_auth_type is %s" % client_auth)
     if files["client_ca_file"] and not verifies:
-        raise WebConfigError("%s.client_auth_type: client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert" % path)
+        raise ConfigError(_key_path(path, "client_auth_type"),
+                          "client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert")
     return TLSServerConfig(files["cert_file"], files["key_file"], files["client_ca_file"], client_auth, min_version)
 
 
@@ -3413,11 +3393,12 @@ def _basic_auth_users(obj: Dict[str, object]) -> Tuple[Tuple[str, PasswordHash],
     users = []
     for name in sorted(obj):
         if not name or ":" in name:  # RFC 7617 §2: a user-id cannot contain a colon
-            raise WebConfigError("basic_auth_users: %r is not a user name" % name)
+            raise ConfigError("basic_auth_users", "%r is not a user name" % name)
+        where = _key_path("basic_auth_users", name)
         try:
-            users.append((name, parse_password_hash(_config_text(obj, "basic_auth_users", name))))
+            users.append((name, parse_password_hash(_string(obj[name], where))))
         except ValueError as err:
-            raise WebConfigError("basic_auth_users.%s: %s" % (name, err))
+            raise ConfigError(where, str(err))
     return tuple(users)
 
 
@@ -3485,7 +3466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FlagError as err:
         sys.stderr.write("ws_exporter: %s\n" % err)
         return 2
-    except WebConfigError as err:
+    except ConfigError as err:
         sys.stderr.write("ws_exporter: --web.config.file=%s: %s\n" % (settings.web_config_file, err))
         return 2
     logger = Logger(settings.log_level, settings.log_format)
