@@ -89,12 +89,17 @@ from typing import (
 
 EXPORTER_NAME = "ws-exporter"
 USER_AGENT = "%s/%s" % (EXPORTER_NAME, __version__)
+PYTHON_VERSION = "%d.%d.%d" % sys.version_info[:3]
 
 DEFAULT_LISTEN_ADDRESS = ":9095"
 DEFAULT_TIMEOUT_SECONDS = 10.0
 DEFAULT_TIMEOUT_OFFSET_SECONDS = 0.5
 MIN_PROBE_TIMEOUT_SECONDS = 0.1  # the floor when a scrape timeout minus the offset is tiny
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+# RFC 6455 §3: ws and wss default to the ports of http and https (RFC 9110 §4.2), as does a proxy URL.
+HTTP_PORT = 80
+HTTPS_PORT = 443
+REDACTED_DIGEST_CHARS = 8  # hex digits of the hash that stands for a target's secret parts
 
 # RFC 6455 §1.3: the GUID appended to Sec-WebSocket-Key before hashing.
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -119,6 +124,7 @@ MAX_PAYLOAD_64 = 0x7FFFFFFFFFFFFFFF
 MASK_KEY_BYTES = 4
 # RFC 6455 §5.5: control frames carry at most 125 bytes and are never fragmented.
 MAX_CONTROL_PAYLOAD = 125
+MAX_CLOSE_REASON_BYTES = MAX_CONTROL_PAYLOAD - 2  # §5.5.1: the 2-byte code comes first
 
 # Limits on what a server may send us.
 MAX_HANDSHAKE_LINE = 8192  # one status or header line of the upgrade response
@@ -147,6 +153,7 @@ AUTH_REALM = EXPORTER_NAME
 AUTH_MAX_HASHING = 2  # password hashes computed at once: each one keeps a core busy
 AUTH_HASH_WAIT_SECONDS = 1.0  # how long a request waits for a hashing slot before a 429
 AUTH_CACHE_ENTRIES = 1024  # verified credentials remembered, as keyed digests
+AUTH_CACHE_KEY_BYTES = 32  # the HMAC-SHA256 key of those digests: one hash output's length
 # RFC 7914 §2: scrypt parameters of new password hashes (16 MiB, tens of milliseconds).
 SCRYPT_N = 2 ** 14
 SCRYPT_R = 8
@@ -283,6 +290,13 @@ class FrameError(ProbeError):
 
     def __init__(self, detail: str, reason: str = "protocol_error") -> None:
         super().__init__(reason, detail)
+
+
+class CheckError(ProbeError):
+    """A module's check failed; always charged to the check phase."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail, "check")
 
 
 class FlagError(Exception):
@@ -476,7 +490,7 @@ def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask_key: 
 
 def encode_close(code: int = CloseCode.NORMAL, reason: str = "") -> bytes:
     """RFC 6455 §5.5.1: a close frame carrying ``code`` and a UTF-8 reason."""
-    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:MAX_CLOSE_REASON_BYTES])
 
 
 class Frame(NamedTuple):
@@ -656,14 +670,11 @@ class Target(NamedTuple):
 
     @property
     def host_port(self) -> str:
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s:%d" % (host, self.port)
+        return "%s:%d" % (bracketed(self.host), self.port)
 
     def host_header(self) -> str:
         """RFC 6455 §4.1 / RFC 7230 §5.4: the port only when it is not the scheme's default."""
-        default = 443 if self.secure else 80
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return host if self.port == default else "%s:%d" % (host, self.port)
+        return bracketed(self.host) if self.port == default_port(self.secure) else self.host_port
 
     def redacted(self) -> str:
         """scheme://host:port and, when the target has a path, query or userinfo, a short stable
@@ -672,8 +683,21 @@ class Target(NamedTuple):
         secret += "@" + self.userinfo if self.userinfo else ""
         if not secret:
             return "%s://%s/" % (self.scheme, self.host_port)
-        digest = hashlib.sha256(secret.encode("utf-8")).hexdigest()[:8]
-        return "%s://%s/<%s>" % (self.scheme, self.host_port, digest)
+        return "%s://%s/<%s>" % (self.scheme, self.host_port, short_digest(secret))
+
+
+def bracketed(host: str) -> str:
+    """RFC 3986 §3.2.2: an IPv6 literal is written in brackets next to a port."""
+    return "[%s]" % host if ":" in host else host
+
+
+def default_port(secure: bool) -> int:
+    return HTTPS_PORT if secure else HTTP_PORT
+
+
+def short_digest(secret: str) -> str:
+    """A short stable hash that tells secrets apart in logs without revealing them."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()[:REDACTED_DIGEST_CHARS]
 
 
 _SCHEMES = {"ws": False, "wss": True, "http": False, "https": True}
@@ -705,7 +729,7 @@ def parse_target(raw: str) -> Target:
         raise _bad_target("port 0")
     userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
     resource = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    return Target(secure, host, port or (443 if secure else 80), resource, urllib.parse.unquote(userinfo))
+    return Target(secure, host, port or default_port(secure), resource, urllib.parse.unquote(userinfo))
 
 
 def _target_host(host: str) -> str:
@@ -800,7 +824,7 @@ def redact_proxy_url(url: str) -> str:
         return ""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
-    return "%s://%s:%s" % (parts.scheme, "[%s]" % host if ":" in host else host, parts.port or 80)
+    return "%s://%s:%s" % (parts.scheme, bracketed(host), parts.port or HTTP_PORT)
 
 
 def step_settings(step: Step) -> Dict[str, object]:
@@ -812,11 +836,6 @@ def step_settings(step: Step) -> Dict[str, object]:
         shown["equals"] = step.equals[0]
     shown.update((k, v) for k, v in (("at_least", step.at_least), ("at_most", step.at_most)) if v is not None)
     return {"expect": shown}
-
-
-# The built-in modules: one per preset, each named after it (see PRESETS in the checks section).
-PRESET_NAMES = ("connect", "ping", "evm", "evm_newheads", "solana_slot", "substrate_newheads", "cometbft_newblock")
-DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
 
 
 class TargetPolicy(NamedTuple):
@@ -1021,7 +1040,7 @@ def open_websocket(
     """Resolve, connect, negotiate TLS and upgrade; return the open WebSocket."""
     log.log("debug", "Beginning probe", timeout=deadline.seconds)
     proxy = proxy_for(target, module)
-    host, port = (proxy.hostname or "", proxy.port or 80) if proxy else (target.host, target.port)
+    host, port = (proxy.hostname or "", proxy.port or HTTP_PORT) if proxy else (target.host, target.port)
     with _Phase(result, "resolve"):
         addresses = by_family(resolve(host, port, deadline), module)
         if proxy is None:
@@ -1139,10 +1158,7 @@ def tunnel(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult,
     try:
         conn = Connection(sock, deadline)
         conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
-        parser = ResponseParser()
-        response = None
-        while response is None:
-            response = parser.feed(conn.recv())
+        response = read_response_head(conn)
     except HandshakeError as err:
         sock.close()
         raise ProbeError("connect_error", "proxy: %s" % err.detail, "connect")
@@ -1241,19 +1257,24 @@ def upgrade(conn: Connection, target: Target, module: Module, result: ProbeResul
     """RFC 6455 §4.1: send the opening handshake and validate the answer."""
     key = new_key()
     conn.send(build_upgrade_request(target.host_header(), target.resource, key, upgrade_headers(target, module)))
-    parser = ResponseParser()
-    response = None
-    while response is None:
-        try:
-            data = conn.recv()
-        except ProbeError as err:
-            if err.reason == "connection_closed":
-                raise HandshakeError("connection_closed", "connection closed before the upgrade response")
-            raise
-        response = parser.feed(data)
+    try:
+        response = read_response_head(conn)
+    except ProbeError as err:
+        if err.reason == "connection_closed":
+            raise HandshakeError("connection_closed", "connection closed before the upgrade response")
+        raise
     result.status_code = response.status
     validate_handshake(response, key, module.subprotocols)
     conn.reader.feed(response.rest)
+
+
+def read_response_head(conn: Connection) -> HandshakeResponse:
+    """An HTTP response head from the peer (a proxy or the WebSocket server), within the deadline."""
+    parser = ResponseParser()
+    while True:
+        response = parser.feed(conn.recv())
+        if response is not None:
+            return response
 
 
 def upgrade_headers(target: Target, module: Module) -> List[Tuple[str, str]]:
@@ -1303,21 +1324,6 @@ def wait_for_close(conn: Connection) -> Close:
 # ==============================================================================================
 # Checks (modules)
 # ==============================================================================================
-
-
-def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
-    """The module a /probe request names; BadRequest when there is none by that name."""
-    module = modules.get(name)
-    if module is None:
-        raise BadRequest('Unknown module "%s"' % name)
-    return module
-
-
-class CheckError(ProbeError):
-    """A module's check failed; always charged to the check phase."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail, "check")
 
 
 class Head(NamedTuple):
@@ -1672,6 +1678,9 @@ PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
     "substrate_newheads": check_subscription,
     "cometbft_newblock": check_subscription,
 }
+PRESET_NAMES = tuple(PRESETS)
+# The built-in modules: one per preset, each named after it.
+DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
 # Presets whose answers carry a numeric chain id or a block time (for expect_chain_id, max_head_age).
 CHAIN_ID_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.chain_id_method])
 HEAD_TIME_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
@@ -1966,15 +1975,14 @@ class Stats:
 
 
 def build_samples() -> List[Sample]:
-    python = "%d.%d.%d" % sys.version_info[:3]
-    info = (("version", __version__), ("python_version", python))
+    info = (("version", __version__), ("python_version", PYTHON_VERSION))
     impl = sys.implementation.name
     py_labels = (
         ("implementation", impl),
         ("major", str(sys.version_info[0])),
         ("minor", str(sys.version_info[1])),
         ("patchlevel", str(sys.version_info[2])),
-        ("version", python),
+        ("version", PYTHON_VERSION),
     )
     return [Sample("ws_exporter_build_info", info, 1), Sample("python_info", py_labels, 1)]
 
@@ -2075,25 +2083,6 @@ class Logger:
 # ==============================================================================================
 
 
-class Settings(NamedTuple):
-    listen_address: str = DEFAULT_LISTEN_ADDRESS
-    telemetry_path: str = "/metrics"
-    probe_path: str = "/probe"
-    web_config_file: str = ""
-    hash_password: bool = False
-    timeout: float = DEFAULT_TIMEOUT_SECONDS
-    timeout_offset: float = DEFAULT_TIMEOUT_OFFSET_SECONDS
-    log_level: str = "info"
-    log_format: str = "logfmt"
-    allow_targets: Tuple[str, ...] = ()
-    deny_private: bool = False
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    show_help: bool = False
-    show_version: bool = False
-    config_file: str = ""
-
-
 class RecentProbe(NamedTuple):
     """One probe as the landing page lists it; its debug page is rendered only when asked for."""
 
@@ -2105,7 +2094,7 @@ class RecentProbe(NamedTuple):
     log: ProbeLog
 
     def debug_text(self) -> str:
-        return debug_page(self.log, render_samples(probe_samples(self.result)), self.module)
+        return debug_page(self.log, self.result, self.module)
 
 
 class RecentProbes:
@@ -2221,8 +2210,15 @@ def _redact_raw_target(raw: str) -> str:
     try:
         return parse_target(raw).redacted()
     except ProbeError:
-        digest = hashlib.sha256(raw.encode("utf-8", "replace")).hexdigest()[:8]
-        return "<unparsable:%s>" % digest
+        return "<unparsable:%s>" % short_digest(raw)
+
+
+def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
+    """The module a /probe request names; BadRequest when there is none by that name."""
+    module = modules.get(name)
+    if module is None:
+        raise BadRequest('Unknown module "%s"' % name)
+    return module
 
 
 def single_param(query: Dict[str, List[str]], name: str) -> Optional[str]:
@@ -2280,12 +2276,11 @@ def _recent_probe_row(probe: RecentProbe) -> str:
     return '<tr>%s<td><a href="/logs?id=%d">logs</a></td></tr>\n' % (row, probe.id)
 
 
-
-def debug_page(log: ProbeLog, metrics: str, module: Module) -> str:
+def debug_page(log: ProbeLog, result: ProbeResult, module: Module) -> str:
     """The text a /probe?debug=true request answers with: log lines, metrics, module."""
     return "Logs for the probe:\n%s\n\nMetrics that would have been returned:\n%s\nModule configuration:\n%s\n" % (
         "\n".join(log.lines),
-        metrics,
+        render_samples(probe_samples(result)),
         json.dumps(module.settings(), indent=2, sort_keys=True),
     )
 
@@ -2446,7 +2441,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.respond(503, "%s\n" % err, headers=(("Retry-After", "1"),))
             return
         if debug:
-            self.respond(200, debug_page(log, render_samples(probe_samples(result)), module))
+            self.respond(200, debug_page(log, result, module))
         else:
             self.respond_metrics(probe_samples(result))
 
@@ -2665,7 +2660,7 @@ def make_server(exporter: Exporter, web: Optional[WebConfig] = None) -> Exporter
 
 def format_address(address: Tuple[object, ...]) -> str:
     host = str(address[0])
-    return "%s:%s" % ("[%s]" % host if ":" in host else host, address[1])
+    return "%s:%s" % (bracketed(host), address[1])
 
 
 # --- Protecting the listener: TLS, password hashes, basic auth (--web.config.file) -------------
@@ -2853,7 +2848,7 @@ class BasicAuth:
 
     def __init__(self, users: Iterable[Tuple[str, PasswordHash]]) -> None:
         self._users = dict(users)
-        self._key = os.urandom(32)
+        self._key = os.urandom(AUTH_CACHE_KEY_BYTES)
         self._verified: Set[bytes] = set()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(AUTH_MAX_HASHING)
@@ -2968,6 +2963,27 @@ def _host_pattern(text: str) -> str:
     if not text or _CONTROL_CHARS.search(text) or "/" in text:
         raise ValueError("want a host name or pattern such as *.example.net")
     return text.lower()
+
+
+class Settings(NamedTuple):
+    """What the command-line flags set."""
+
+    listen_address: str = DEFAULT_LISTEN_ADDRESS
+    telemetry_path: str = "/metrics"
+    probe_path: str = "/probe"
+    web_config_file: str = ""
+    hash_password: bool = False
+    timeout: float = DEFAULT_TIMEOUT_SECONDS
+    timeout_offset: float = DEFAULT_TIMEOUT_OFFSET_SECONDS
+    log_level: str = "info"
+    log_format: str = "logfmt"
+    allow_targets: Tuple[str, ...] = ()
+    deny_private: bool = False
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    show_help: bool = False
+    show_version: bool = False
+    config_file: str = ""
 
 
 class FlagSpec(NamedTuple):
@@ -3420,6 +3436,9 @@ def password_from(stream: IO[bytes]) -> str:
 # ==============================================================================================
 
 
+RELOAD_SIGNALS: Tuple[int, ...] = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+
+
 def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
     """SIGTERM, SIGINT (stop) and SIGHUP (reload) write their number to the first socket of the
     returned pair (keep both open).  The handlers do nothing: one that took a lock could deadlock
@@ -3430,9 +3449,6 @@ def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
     for signum in (signal.SIGTERM, signal.SIGINT) + RELOAD_SIGNALS:
         signal.signal(signum, lambda *_: None)
     return receiver, sender
-
-
-RELOAD_SIGNALS: Tuple[int, ...] = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
 def wait_for_stop(wakeup: socket.socket, exporter: Exporter) -> int:
@@ -3456,7 +3472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(usage())
         return 0
     if settings.show_version:
-        sys.stdout.write("%s %s (python %s)\n" % (EXPORTER_NAME, __version__, "%d.%d.%d" % sys.version_info[:3]))
+        sys.stdout.write("%s %s (python %s)\n" % (EXPORTER_NAME, __version__, PYTHON_VERSION))
         return 0
     try:
         if settings.hash_password:
