@@ -3152,6 +3152,14 @@ class TestConfigFiles(unittest.TestCase):
                 load(path)
             self.assertEqual(str(caught.exception), "key 'm' appears twice in one object")
 
+    def test_json_nested_too_deep_is_a_config_error(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = write_config(directory, "[" * 100000 + "]" * 100000)
+        with self.assertRaises(wx.ConfigError) as caught:
+            wx.load_config(path)
+        self.assertTrue(str(caught.exception).startswith("%s is not valid JSON: " % path), caught.exception)
+
 
 # ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).

@@ -963,8 +963,12 @@ class Connection:
         self.reader = FrameReader()
 
     def send(self, data: bytes) -> None:
-        self.sock.settimeout(self.deadline.remaining())
-        self.sock.sendall(data)
+        """All of ``data`` within the deadline.  Not sendall: an SSLSocket's sendall gives each
+        chunk the whole timeout again, so a peer reading slowly could stretch it past the deadline."""
+        view = memoryview(data)
+        while view:
+            self.sock.settimeout(self.deadline.remaining())
+            view = view[self.sock.send(view):]
 
     def recv(self, limit: Optional[float] = None) -> bytes:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
@@ -3082,7 +3086,7 @@ def read_json_file(path: str) -> object:
             return json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique_keys)
     except OSError as err:
         raise ConfigError("", "cannot read %s: %s" % (path, err.strerror or err))
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser goes
         raise ConfigError("", "%s is not valid JSON: %s" % (path, err))
 
 
