@@ -2,8 +2,9 @@
 """ws-exporter: a Prometheus multi-target exporter that probes WebSocket endpoints.
 
 ``GET /probe?target=wss://node.example/KEY`` resolves the host, connects, negotiates TLS,
-performs the RFC 6455 opening handshake, closes the connection cleanly and answers with
-Prometheus metrics describing every phase.  ``/metrics`` describes the exporter itself.
+performs the RFC 6455 opening handshake, runs the module's checks (ping, JSON-RPC, subscriptions),
+closes the connection cleanly and answers with Prometheus metrics describing every phase.
+``/metrics`` describes the exporter itself.
 
 One file, Python standard library only, Python 3.8 or newer: copy it and run it.
 """
@@ -2352,7 +2353,7 @@ _QUERY_IN_TEXT = re.compile(r"\?.*", re.DOTALL)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """/probe, the telemetry path, / and /-/healthy; GET and HEAD only."""
+    """/probe, the telemetry path, /, /logs and /-/healthy by GET or HEAD; /-/reload by POST."""
 
     server: "ExporterServer"
     protocol_version = "HTTP/1.1"
@@ -3466,12 +3467,17 @@ def wait_for_stop(wakeup: socket.socket, exporter: Exporter) -> int:
         exporter.reload()
 
 
+def usage_error(message: str) -> int:
+    """One line on stderr and the exit status of a bad command line or configuration."""
+    sys.stderr.write("ws_exporter: %s\n" % message)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = parse_flags(sys.argv[1:] if argv is None else argv)
     except FlagError as err:
-        sys.stderr.write("ws_exporter: %s\n" % err)
-        return 2
+        return usage_error(str(err))
     if settings.show_help:
         sys.stdout.write(usage())
         return 0
@@ -3484,19 +3490,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         web = load_web_config(settings.web_config_file) if settings.web_config_file else None
     except FlagError as err:
-        sys.stderr.write("ws_exporter: %s\n" % err)
-        return 2
+        return usage_error(str(err))
     except ConfigError as err:
-        sys.stderr.write("ws_exporter: --web.config.file=%s: %s\n" % (settings.web_config_file, err))
-        return 2
+        return usage_error("--web.config.file=%s: %s" % (settings.web_config_file, err))
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(settings, logger)
     if settings.config_file:
         try:
             exporter.config = load_config(settings.config_file)
         except ConfigError as err:
-            sys.stderr.write("ws_exporter: config file %s: %s\n" % (settings.config_file, err))
-            return 2
+            return usage_error("config file %s: %s" % (settings.config_file, err))
     try:
         server = make_server(exporter, web)
     except OSError as err:
