@@ -1657,9 +1657,9 @@ class TestWebConfig(unittest.TestCase):
     def test_bad_values_name_their_key(self) -> None:
         tls = {"cert_file": "a", "key_file": "b"}
         cases = [
-            ([], "top level: want an object"),
+            ([], "top level: want an object, got array"),
             ('{"healthy_unauthenticated": true, "healthy_unauthenticated": false}', "key 'healthy_unauthenticated' appears twice in one object"),
-            ({"healthy_unauthenticated": "yes"}, "healthy_unauthenticated: want true or false"),
+            ({"healthy_unauthenticated": "yes"}, "healthy_unauthenticated: want true or false, got string"),
             ({"tls_server_config": {"cert_file": "a"}}, "tls_server_config.key_file: required"),
             ({"tls_server_config": dict(tls, min_version="TLS11")}, "tls_server_config.min_version: want one of: TLS12, TLS13"),
             ({"tls_server_config": dict(tls, client_auth_type="RequireAnyClientCert")},
@@ -1668,7 +1668,7 @@ class TestWebConfig(unittest.TestCase):
              "tls_server_config.client_ca_file: required when client_auth_type is RequireAndVerifyClientCert"),
             ({"tls_server_config": dict(tls, client_ca_file="ca.pem")},
              "tls_server_config.client_auth_type: client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert"),
-            ({"basic_auth_users": {"alice": 1}}, "basic_auth_users.alice: want a string"),
+            ({"basic_auth_users": {"alice": 1}}, "basic_auth_users.alice: want a string, got number"),
             ({"basic_auth_users": {"a:b": self.hash}}, "basic_auth_users: 'a:b' is not a user name"),
             ({"basic_auth_users": {"alice": "$2y$10$mDwo.lAisC94iLAyP81MCesa29IzH37oigHC/42V2pdJlUprsJPze"}},
              "basic_auth_users.alice: bcrypt is not in Python's standard library; make an scrypt hash with --web.hash-password"),
@@ -3102,6 +3102,63 @@ class TestCheckInterop(unittest.TestCase):
         self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
         self.assertGreater(metrics["probe_websocket_ping_rtt_seconds"], 0)
 
+
+
+class TestFailureEdges(unittest.TestCase):
+    """Rare failures stay probe failures that leak nothing and hold nothing."""
+
+    def test_a_malformed_request_line_logs_no_word_of_its_query(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        with socket.create_connection(("127.0.0.1", fixture.port), timeout=10) as conn:
+            conn.sendall(b"GET /probe?target=wss://h/KEY1 KEY2 KEY3 HTTP/1.1\r\n\r\n")
+            self.assertRegex(conn.makefile("rb").readline(), rb"^HTTP/1\.[01] 400 ")
+        self.assertTrue(wait_until(lambda: "HTTP server" in fixture.log.getvalue()))
+        self.assertNotRegex(fixture.log.getvalue(), "KEY[123]")
+
+    def test_an_overlong_request_line_gets_414(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        with socket.create_connection(("127.0.0.1", fixture.port), timeout=10) as conn:
+            line = b"GET /probe?target="
+            conn.sendall(line + b"a" * (65537 - len(line)))  # what http.server reads: nothing left to reset
+            self.assertRegex(conn.makefile("rb").readline(), rb"^HTTP/1\.[01] 414 ")
+
+    def test_a_proxy_with_a_bad_port_fails_the_connect_phase_without_quoting_it(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        with mock.patch.dict(os.environ, {"http_proxy": "http://u:p@127.0.0.1:PORTKEY", "no_proxy": ""}):
+            metrics = fixture.probe("ws://127.0.0.1:1/")
+        self.assertEqual(failure_of(metrics), ("connect", "connect_error"))
+        self.assertNotIn("PORTKEY", fixture.log.getvalue())
+
+    def test_a_refused_resolver_thread_gives_its_slot_back(self) -> None:
+        with mock.patch.object(wx.threading.Thread, "start", side_effect=RuntimeError("can't start new thread")):
+            for _ in range(wx.MAX_RESOLVER_THREADS + 1):
+                with self.assertRaises(RuntimeError):
+                    wx.resolve("localhost", 80, wx.Deadline(5))
+        self.assertTrue(wx.resolve("localhost", 80, wx.Deadline(5)))
+
+
+class TestConfigFiles(unittest.TestCase):
+    """--config.file and --web.config.file are read by the same JSON checks."""
+
+    def test_a_key_twice_in_one_object_is_refused_in_either_file(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = write_config(directory, '{"modules": {"m": {"timeout": "1s"}, "m": {"timeout": "2s"}}}')
+        for load in (wx.load_config, wx.load_web_config):
+            with self.subTest(load.__name__), self.assertRaises(wx.ConfigError) as caught:
+                load(path)
+            self.assertEqual(str(caught.exception), "key 'm' appears twice in one object")
+
+    def test_json_nested_too_deep_is_a_config_error(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = write_config(directory, "[" * 100000 + "]" * 100000)
+        with self.assertRaises(wx.ConfigError) as caught:
+            wx.load_config(path)
+        self.assertTrue(str(caught.exception).startswith("%s is not valid JSON: " % path), caught.exception)
 
 
 # ----------------------------------------------------------------------------------------------

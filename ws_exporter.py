@@ -2,8 +2,9 @@
 """ws-exporter: a Prometheus multi-target exporter that probes WebSocket endpoints.
 
 ``GET /probe?target=wss://node.example/KEY`` resolves the host, connects, negotiates TLS,
-performs the RFC 6455 opening handshake, closes the connection cleanly and answers with
-Prometheus metrics describing every phase.  ``/metrics`` describes the exporter itself.
+performs the RFC 6455 opening handshake, runs the module's checks (ping, JSON-RPC, subscriptions),
+closes the connection cleanly and answers with Prometheus metrics describing every phase.
+``/metrics`` describes the exporter itself.
 
 One file, Python standard library only, Python 3.8 or newer: copy it and run it.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "parse_duration",
     "make_server",
     "WebConfig",
+    "ConfigError",
     "WebConfigError",
     "load_web_config",
     "hash_password",
@@ -70,7 +72,6 @@ from typing import (
     Callable,
     Deque,
     Dict,
-    FrozenSet,
     Iterable,
     Iterator,
     List,
@@ -89,12 +90,17 @@ from typing import (
 
 EXPORTER_NAME = "ws-exporter"
 USER_AGENT = "%s/%s" % (EXPORTER_NAME, __version__)
+PYTHON_VERSION = "%d.%d.%d" % sys.version_info[:3]
 
 DEFAULT_LISTEN_ADDRESS = ":9095"
 DEFAULT_TIMEOUT_SECONDS = 10.0
 DEFAULT_TIMEOUT_OFFSET_SECONDS = 0.5
 MIN_PROBE_TIMEOUT_SECONDS = 0.1  # the floor when a scrape timeout minus the offset is tiny
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+# RFC 6455 §3: ws and wss default to the ports of http and https (RFC 9110 §4.2), as does a proxy URL.
+HTTP_PORT = 80
+HTTPS_PORT = 443
+REDACTED_DIGEST_CHARS = 8  # hex digits of the hash that stands for a target's secret parts
 
 # RFC 6455 §1.3: the GUID appended to Sec-WebSocket-Key before hashing.
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -119,6 +125,7 @@ MAX_PAYLOAD_64 = 0x7FFFFFFFFFFFFFFF
 MASK_KEY_BYTES = 4
 # RFC 6455 §5.5: control frames carry at most 125 bytes and are never fragmented.
 MAX_CONTROL_PAYLOAD = 125
+MAX_CLOSE_REASON_BYTES = MAX_CONTROL_PAYLOAD - 2  # §5.5.1: the 2-byte code comes first
 
 # Limits on what a server may send us.
 MAX_HANDSHAKE_LINE = 8192  # one status or header line of the upgrade response
@@ -154,6 +161,7 @@ AUTH_REALM = EXPORTER_NAME
 AUTH_MAX_HASHING = 2  # password hashes computed at once: each one keeps a core busy
 AUTH_HASH_WAIT_SECONDS = 1.0  # how long a request waits for a hashing slot before a 429
 AUTH_CACHE_ENTRIES = 1024  # verified credentials remembered, as keyed digests
+AUTH_CACHE_KEY_BYTES = 32  # the HMAC-SHA256 key of those digests: one hash output's length
 # RFC 7914 §2: scrypt parameters of new password hashes (16 MiB, tens of milliseconds).
 SCRYPT_N = 2 ** 14
 SCRYPT_R = 8
@@ -292,6 +300,13 @@ class FrameError(ProbeError):
         super().__init__(reason, detail)
 
 
+class CheckError(ProbeError):
+    """A module's check failed; always charged to the check phase."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail, "check")
+
+
 class FlagError(Exception):
     """A command-line flag is unknown or has a bad value."""
 
@@ -304,8 +319,16 @@ class Overloaded(Exception):
     """Too many probes in flight; answered with 503 and this message."""
 
 
-class WebConfigError(Exception):
-    """--web.config.file cannot be read or holds something invalid; the message names the key."""
+class ConfigError(Exception):
+    """A configuration file (--config.file or --web.config.file) cannot be read or is invalid;
+    the message starts with the path of the offending key ("modules.eth.tls.ca_fle: unknown key")."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__("%s: %s" % (path, message) if path else message)
+
+
+WebConfigError = ConfigError  # --web.config.file is read by the same JSON checks as --config.file
 
 
 # ==============================================================================================
@@ -475,7 +498,7 @@ def encode_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask_key: 
 
 def encode_close(code: int = CloseCode.NORMAL, reason: str = "") -> bytes:
     """RFC 6455 §5.5.1: a close frame carrying ``code`` and a UTF-8 reason."""
-    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123])
+    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:MAX_CLOSE_REASON_BYTES])
 
 
 class Frame(NamedTuple):
@@ -655,14 +678,11 @@ class Target(NamedTuple):
 
     @property
     def host_port(self) -> str:
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s:%d" % (host, self.port)
+        return "%s:%d" % (bracketed(self.host), self.port)
 
     def host_header(self) -> str:
         """RFC 6455 §4.1 / RFC 7230 §5.4: the port only when it is not the scheme's default."""
-        default = 443 if self.secure else 80
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return host if self.port == default else "%s:%d" % (host, self.port)
+        return bracketed(self.host) if self.port == default_port(self.secure) else self.host_port
 
     def redacted(self) -> str:
         """scheme://host:port and, when the target has a path, query or userinfo, a short stable
@@ -671,8 +691,21 @@ class Target(NamedTuple):
         secret += "@" + self.userinfo if self.userinfo else ""
         if not secret:
             return "%s://%s/" % (self.scheme, self.host_port)
-        digest = hashlib.sha256(secret.encode("utf-8")).hexdigest()[:8]
-        return "%s://%s/<%s>" % (self.scheme, self.host_port, digest)
+        return "%s://%s/<%s>" % (self.scheme, self.host_port, short_digest(secret))
+
+
+def bracketed(host: str) -> str:
+    """RFC 3986 §3.2.2: an IPv6 literal is written in brackets next to a port."""
+    return "[%s]" % host if ":" in host else host
+
+
+def default_port(secure: bool) -> int:
+    return HTTPS_PORT if secure else HTTP_PORT
+
+
+def short_digest(secret: str) -> str:
+    """A short stable hash that tells secrets apart in logs without revealing them."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()[:REDACTED_DIGEST_CHARS]
 
 
 _SCHEMES = {"ws": False, "wss": True, "http": False, "https": True}
@@ -704,7 +737,7 @@ def parse_target(raw: str) -> Target:
         raise _bad_target("port 0")
     userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
     resource = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    return Target(secure, host, port or (443 if secure else 80), resource, urllib.parse.unquote(userinfo))
+    return Target(secure, host, port or default_port(secure), resource, urllib.parse.unquote(userinfo))
 
 
 def _target_host(host: str) -> str:
@@ -799,7 +832,7 @@ def redact_proxy_url(url: str) -> str:
         return ""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
-    return "%s://%s:%s" % (parts.scheme, "[%s]" % host if ":" in host else host, parts.port or 80)
+    return "%s://%s:%s" % (parts.scheme, bracketed(host), parts.port or HTTP_PORT)
 
 
 def step_settings(step: Step) -> Dict[str, object]:
@@ -811,11 +844,6 @@ def step_settings(step: Step) -> Dict[str, object]:
         shown["equals"] = step.equals[0]
     shown.update((k, v) for k, v in (("at_least", step.at_least), ("at_most", step.at_most)) if v is not None)
     return {"expect": shown}
-
-
-# The built-in modules: one per preset, each named after it (see PRESETS in the checks section).
-PRESET_NAMES = ("connect", "ping", "evm", "evm_newheads", "solana_slot", "substrate_newheads", "cometbft_newblock")
-DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
 
 
 class TargetPolicy(NamedTuple):
@@ -956,9 +984,13 @@ class Connection:
         self._stamped = bool(SO_TIMESTAMPNS) and not isinstance(sock, ssl.SSLSocket)
 
     def send(self, data: bytes) -> None:
-        self.sock.settimeout(self.deadline.remaining())
+        """All of ``data`` within the deadline.  Not sendall: an SSLSocket's sendall gives each
+        chunk the whole timeout again, so a peer reading slowly could stretch it past the deadline."""
+        view = memoryview(data)
         self.send_started = time.perf_counter()
-        self.sock.sendall(data)
+        while view:
+            self.sock.settimeout(self.deadline.remaining())
+            view = view[self.sock.send(view):]
 
     def recv(self, limit: Optional[float] = None) -> bytes:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
@@ -1065,7 +1097,7 @@ def open_websocket(
     """Resolve, connect, negotiate TLS and upgrade; return the open WebSocket."""
     log.log("debug", "Beginning probe", timeout=deadline.seconds)
     proxy = proxy_for(target, module)
-    host, port = (proxy.hostname or "", proxy.port or 80) if proxy else (target.host, target.port)
+    host, port = (proxy.hostname or "", proxy.port or HTTP_PORT) if proxy else (target.host, target.port)
     with _Phase(result, "resolve"):
         addresses = by_family(resolve(host, port, deadline), module)
         if proxy is None:
@@ -1105,7 +1137,6 @@ AddrInfo = Tuple[int, Tuple[object, ...]]  # (family, sockaddr)
 def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     """getaddrinfo under the deadline: it has no timeout of its own, so a name (not an IP
     literal) is looked up in a helper thread that the probe stops waiting for."""
-    flags = 0
     try:
         ipaddress.ip_address(host)
         return _getaddrinfo(host, port, socket.AI_NUMERICHOST)
@@ -1116,7 +1147,7 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
 
     def lookup() -> None:
         try:
-            box.append(_getaddrinfo(host, port, flags))
+            box.append(_getaddrinfo(host, port, 0))
         except BaseException as err:
             box.append(err)
         finally:
@@ -1125,7 +1156,11 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
 
     if not _RESOLVER_SLOTS.acquire(timeout=deadline.remaining()):
         raise ProbeError("timeout", "every resolver thread is busy")
-    threading.Thread(target=lookup, name="resolve", daemon=True).start()
+    try:
+        threading.Thread(target=lookup, name="resolve", daemon=True).start()
+    except BaseException:  # no thread (RuntimeError when the system refuses one): free its slot
+        _RESOLVER_SLOTS.release()
+        raise
     if not done.wait(deadline.remaining()):
         raise ProbeError("timeout", "name resolution did not finish before the deadline")
     outcome = box[0]
@@ -1149,10 +1184,14 @@ def proxy_for(target: Target, module: Module) -> Optional[urllib.parse.SplitResu
         return None
     if "://" not in url:
         url = "http://" + url
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ProbeError("connect_error", "unsupported proxy URL", "connect")
-    return parts
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a bad port raises ValueError here rather than later, with its text
+        if parts.scheme == "http" and parts.hostname:
+            return parts
+    except ValueError:
+        pass
+    raise ProbeError("connect_error", "unsupported proxy URL", "connect")
 
 
 def environment(name: str) -> str:
@@ -1178,10 +1217,7 @@ def tunnel(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult,
     try:
         conn = Connection(sock, deadline)
         conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
-        parser = ResponseParser()
-        response = None
-        while response is None:
-            response = parser.feed(conn.recv())
+        response = read_response_head(conn)
     except HandshakeError as err:
         sock.close()
         raise ProbeError("connect_error", "proxy: %s" % err.detail, "connect")
@@ -1217,9 +1253,10 @@ def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) 
     last: Optional[Exception] = None
     for family, sockaddr in addresses:
         result.ip_protocol = 6 if family == socket.AF_INET6 else 4
+        timeout = deadline.remaining()  # before the socket exists: a timeout here leaks nothing
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.settimeout(deadline.remaining())
+            sock.settimeout(timeout)
             sock.connect(sockaddr)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             enable_arrival_stamps(sock)
@@ -1280,19 +1317,24 @@ def upgrade(conn: Connection, target: Target, module: Module, result: ProbeResul
     """RFC 6455 §4.1: send the opening handshake and validate the answer."""
     key = new_key()
     conn.send(build_upgrade_request(target.host_header(), target.resource, key, upgrade_headers(target, module)))
-    parser = ResponseParser()
-    response = None
-    while response is None:
-        try:
-            data = conn.recv()
-        except ProbeError as err:
-            if err.reason == "connection_closed":
-                raise HandshakeError("connection_closed", "connection closed before the upgrade response")
-            raise
-        response = parser.feed(data)
+    try:
+        response = read_response_head(conn)
+    except ProbeError as err:
+        if err.reason == "connection_closed":
+            raise HandshakeError("connection_closed", "connection closed before the upgrade response")
+        raise
     result.status_code = response.status
     validate_handshake(response, key, module.subprotocols)
     conn.reader.feed(response.rest)
+
+
+def read_response_head(conn: Connection) -> HandshakeResponse:
+    """An HTTP response head from the peer (a proxy or the WebSocket server), within the deadline."""
+    parser = ResponseParser()
+    while True:
+        response = parser.feed(conn.recv())
+        if response is not None:
+            return response
 
 
 def upgrade_headers(target: Target, module: Module) -> List[Tuple[str, str]]:
@@ -1342,21 +1384,6 @@ def wait_for_close(conn: Connection) -> Close:
 # ==============================================================================================
 # Checks (modules)
 # ==============================================================================================
-
-
-def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
-    """The module a /probe request names; BadRequest when there is none by that name."""
-    module = modules.get(name)
-    if module is None:
-        raise BadRequest('Unknown module "%s"' % name)
-    return module
-
-
-class CheckError(ProbeError):
-    """A module's check failed; always charged to the check phase."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail, "check")
 
 
 class Head(NamedTuple):
@@ -1711,6 +1738,9 @@ PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
     "substrate_newheads": check_subscription,
     "cometbft_newblock": check_subscription,
 }
+PRESET_NAMES = tuple(PRESETS)
+# The built-in modules: one per preset, each named after it.
+DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
 # Presets whose answers carry a numeric chain id or a block time (for expect_chain_id, max_head_age).
 CHAIN_ID_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.chain_id_method])
 HEAD_TIME_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
@@ -2005,15 +2035,14 @@ class Stats:
 
 
 def build_samples() -> List[Sample]:
-    python = "%d.%d.%d" % sys.version_info[:3]
-    info = (("version", __version__), ("python_version", python))
+    info = (("version", __version__), ("python_version", PYTHON_VERSION))
     impl = sys.implementation.name
     py_labels = (
         ("implementation", impl),
         ("major", str(sys.version_info[0])),
         ("minor", str(sys.version_info[1])),
         ("patchlevel", str(sys.version_info[2])),
-        ("version", python),
+        ("version", PYTHON_VERSION),
     )
     return [Sample("ws_exporter_build_info", info, 1), Sample("python_info", py_labels, 1)]
 
@@ -2114,25 +2143,6 @@ class Logger:
 # ==============================================================================================
 
 
-class Settings(NamedTuple):
-    listen_address: str = DEFAULT_LISTEN_ADDRESS
-    telemetry_path: str = "/metrics"
-    probe_path: str = "/probe"
-    web_config_file: str = ""
-    hash_password: bool = False
-    timeout: float = DEFAULT_TIMEOUT_SECONDS
-    timeout_offset: float = DEFAULT_TIMEOUT_OFFSET_SECONDS
-    log_level: str = "info"
-    log_format: str = "logfmt"
-    allow_targets: Tuple[str, ...] = ()
-    deny_private: bool = False
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    show_help: bool = False
-    show_version: bool = False
-    config_file: str = ""
-
-
 class RecentProbe(NamedTuple):
     """One probe as the landing page lists it; its debug page is rendered only when asked for."""
 
@@ -2144,7 +2154,7 @@ class RecentProbe(NamedTuple):
     log: ProbeLog
 
     def debug_text(self) -> str:
-        return debug_page(self.log, render_samples(probe_samples(self.result)), self.module)
+        return debug_page(self.log, self.result, self.module)
 
 
 class RecentProbes:
@@ -2230,13 +2240,14 @@ class Exporter:
         """Run one probe whose deadline counts from ``start`` (when its request arrived);
         Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
         by ``alias`` when given (its URL may hold a token)."""
-        if not self.probe_slots.acquire(blocking=False):
-            self.stats.reject("overloaded")
-            raise Overloaded("Too many probes in flight")
         result = ProbeResult(module.name, timeout)
         redacted = alias or _redact_raw_target(target)
         log = ProbeLog(self.logger, module=module.name, target=redacted)
         started = time.time()
+        # Nothing that can raise stands between taking the slot and the try that frees it.
+        if not self.probe_slots.acquire(blocking=False):
+            self.stats.reject("overloaded")
+            raise Overloaded("Too many probes in flight")
         self.stats.begin()
         try:
             run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
@@ -2259,8 +2270,15 @@ def _redact_raw_target(raw: str) -> str:
     try:
         return parse_target(raw).redacted()
     except ProbeError:
-        digest = hashlib.sha256(raw.encode("utf-8", "replace")).hexdigest()[:8]
-        return "<unparsable:%s>" % digest
+        return "<unparsable:%s>" % short_digest(raw)
+
+
+def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
+    """The module a /probe request names; BadRequest when there is none by that name."""
+    module = modules.get(name)
+    if module is None:
+        raise BadRequest('Unknown module "%s"' % name)
+    return module
 
 
 def single_param(query: Dict[str, List[str]], name: str) -> Optional[str]:
@@ -2318,12 +2336,11 @@ def _recent_probe_row(probe: RecentProbe) -> str:
     return '<tr>%s<td><a href="/logs?id=%d">logs</a></td></tr>\n' % (row, probe.id)
 
 
-
-def debug_page(log: ProbeLog, metrics: str, module: Module) -> str:
+def debug_page(log: ProbeLog, result: ProbeResult, module: Module) -> str:
     """The text a /probe?debug=true request answers with: log lines, metrics, module."""
     return "Logs for the probe:\n%s\n\nMetrics that would have been returned:\n%s\nModule configuration:\n%s\n" % (
         "\n".join(log.lines),
-        metrics,
+        render_samples(probe_samples(result)),
         json.dumps(module.settings(), indent=2, sort_keys=True),
     )
 
@@ -2385,11 +2402,13 @@ class _SocketWriter(io.BufferedIOBase):
             self.sock.sendall(data)
 
 
-_QUERY_IN_TEXT = re.compile(r"\?[^\s'\"]*")
+# From the first "?" to the end: a request line quoted in http.server's messages may hold a
+# query with spaces (a malformed request), and every word of it may be part of a target.
+_QUERY_IN_TEXT = re.compile(r"\?.*", re.DOTALL)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """/probe, the telemetry path, / and /-/healthy; GET and HEAD only."""
+    """/probe, the telemetry path, /, /logs and /-/healthy by GET or HEAD; /-/reload by POST."""
 
     server: "ExporterServer"
     protocol_version = "HTTP/1.1"
@@ -2406,6 +2425,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._reader.deadline = None
+        # http.server answers a malformed request line (400) or an overlong one (414) before it
+        # sets path; log_request reads path, and failing there would drop the error response.
+        self.path = ""
         super().handle_one_request()
 
     def __getattr__(self, name: str) -> Callable[[], None]:
@@ -2479,7 +2501,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.respond(503, "%s\n" % err, headers=(("Retry-After", "1"),))
             return
         if debug:
-            self.respond(200, debug_page(log, render_samples(probe_samples(result)), module))
+            self.respond(200, debug_page(log, result, module))
         else:
             self.respond_metrics(probe_samples(result))
 
@@ -2698,7 +2720,7 @@ def make_server(exporter: Exporter, web: Optional[WebConfig] = None) -> Exporter
 
 def format_address(address: Tuple[object, ...]) -> str:
     host = str(address[0])
-    return "%s:%s" % ("[%s]" % host if ":" in host else host, address[1])
+    return "%s:%s" % (bracketed(host), address[1])
 
 
 # --- Protecting the listener: TLS, password hashes, basic auth (--web.config.file) -------------
@@ -2886,7 +2908,7 @@ class BasicAuth:
 
     def __init__(self, users: Iterable[Tuple[str, PasswordHash]]) -> None:
         self._users = dict(users)
-        self._key = os.urandom(32)
+        self._key = os.urandom(AUTH_CACHE_KEY_BYTES)
         self._verified: Set[bytes] = set()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(AUTH_MAX_HASHING)
@@ -3003,6 +3025,27 @@ def _host_pattern(text: str) -> str:
     return text.lower()
 
 
+class Settings(NamedTuple):
+    """What the command-line flags set."""
+
+    listen_address: str = DEFAULT_LISTEN_ADDRESS
+    telemetry_path: str = "/metrics"
+    probe_path: str = "/probe"
+    web_config_file: str = ""
+    hash_password: bool = False
+    timeout: float = DEFAULT_TIMEOUT_SECONDS
+    timeout_offset: float = DEFAULT_TIMEOUT_OFFSET_SECONDS
+    log_level: str = "info"
+    log_format: str = "logfmt"
+    allow_targets: Tuple[str, ...] = ()
+    deny_private: bool = False
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    show_help: bool = False
+    show_version: bool = False
+    config_file: str = ""
+
+
 class FlagSpec(NamedTuple):
     name: str
     field: str  # the Settings field it sets
@@ -3068,15 +3111,6 @@ def parse_flags(argv: Sequence[str]) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-class ConfigError(Exception):
-    """A configuration file cannot be read or is invalid; the message starts with the path of
-    the offending key ("modules.eth.tls.ca_fle: unknown key")."""
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        super().__init__("%s: %s" % (path, message) if path else message)
-
-
 class Alias(NamedTuple):
     """A target alias: /probe?target=NAME probes ``url`` (which may hold a token) with ``module``."""
 
@@ -3098,14 +3132,28 @@ _JSON_TYPES = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "str
 
 def load_config(path: str) -> Config:
     """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}}."""
+    return parse_config(read_json_file(path))
+
+
+def read_json_file(path: str) -> object:
+    """A configuration file's JSON, for both --config.file and --web.config.file."""
     try:
         with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
+            return json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique_keys)
     except OSError as err:
         raise ConfigError("", "cannot read %s: %s" % (path, err.strerror or err))
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser goes
         raise ConfigError("", "%s is not valid JSON: %s" % (path, err))
-    return parse_config(data)
+
+
+def _unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
+    """A key given twice in one object is refused rather than silently overridden."""
+    seen: Dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError("", "key %r appears twice in one object" % key)
+        seen[key] = value
+    return seen
 
 
 def parse_config(data: object) -> Config:
@@ -3125,9 +3173,13 @@ def _json_type(value: object) -> str:
     return next(name for kind, name in _JSON_TYPES if isinstance(value, kind))
 
 
+def _key_path(path: str, key: str) -> str:
+    return "%s.%s" % (path, key) if path else key
+
+
 def _object(value: object, path: str, keys: Optional[Sequence[str]] = None) -> Dict[str, object]:
     if not isinstance(value, dict):
-        raise ConfigError(path or "(top level)", "want an object, got %s" % _json_type(value))
+        raise ConfigError(path or "top level", "want an object, got %s" % _json_type(value))
     unknown = sorted(set(value) - set(keys)) if keys is not None else []
     if unknown:
         raise ConfigError(_key_path(path, unknown[0]), "unknown key")
@@ -3172,11 +3224,13 @@ def _strings(value: object, path: str) -> Tuple[str, ...]:
 
 
 def _one_of(*options: str) -> Callable[[object, str], str]:
+    choose = _choice(options)
+
     def convert(value: object, path: str) -> str:
-        text = _string(value, path)
-        if text not in options:
-            raise ConfigError(path, "want one of: %s" % ", ".join(options))
-        return text
+        try:
+            return choose(_string(value, path))
+        except ValueError as err:
+            raise ConfigError(path, str(err))
 
     return convert
 
@@ -3219,7 +3273,7 @@ _TLS_KEYS: Dict[str, Callable[[object, str], object]] = {
     "key_file": _string,
     "server_name": _string,
     "insecure_skip_verify": _boolean,
-    "min_version": _one_of("TLS12", "TLS13"),
+    "min_version": _one_of(*TLS_MIN_VERSIONS),
 }
 
 
@@ -3243,7 +3297,7 @@ def tls_context(options: TLSOptions, path: str) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if options.min_version:
-        context.minimum_version = ssl.TLSVersion.TLSv1_3 if options.min_version == "TLS13" else ssl.TLSVersion.TLSv1_2
+        context.minimum_version = TLS_MIN_VERSIONS[options.min_version]
     return context
 
 
@@ -3363,90 +3417,51 @@ def usage() -> str:
 
 # --- --web.config.file and --web.hash-password -------------------------------------------------
 
-WEB_CONFIG_KEYS = frozenset(("tls_server_config", "basic_auth_users", "healthy_unauthenticated"))
-TLS_CONFIG_KEYS = frozenset(("cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version"))
+WEB_CONFIG_KEYS = ("tls_server_config", "basic_auth_users", "healthy_unauthenticated")
+TLS_CONFIG_KEYS = ("cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version")
 
 
 def load_web_config(path: str) -> WebConfig:
     """--web.config.file: exporter-toolkit's web configuration written as JSON.  Relative file
     names are taken from the file's directory, as exporter-toolkit does; the TLS files are
     loaded once here so that a bad one stops the start rather than the first scrape."""
-    try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (OSError, ValueError) as err:
-        raise WebConfigError(str(err))
-    config = parse_web_config(raw, os.path.dirname(os.path.abspath(path)))
+    config = parse_web_config(read_json_file(path), os.path.dirname(os.path.abspath(path)))
     if config.tls is not None:
         try:
             build_server_context(config.tls)
         except OSError as err:
-            raise WebConfigError("tls_server_config: the files do not load: %s" % err)
+            raise ConfigError("tls_server_config", "the files do not load: %s" % err)
     return config
 
 
-def _unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
-    seen: Dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError("key %r appears twice in one object" % key)
-        seen[key] = value
-    return seen
-
-
 def parse_web_config(raw: object, base_dir: str) -> WebConfig:
-    """The web configuration from parsed JSON; WebConfigError names the offending key."""
-    top = _config_object(raw, "", WEB_CONFIG_KEYS)
+    """The web configuration from parsed JSON; ConfigError names the offending key."""
+    top = _object(raw, "", WEB_CONFIG_KEYS)
     tls = None
     if "tls_server_config" in top:
-        tls = _tls_server_config(_config_object(top["tls_server_config"], "tls_server_config", TLS_CONFIG_KEYS), base_dir)
-    users = _basic_auth_users(_config_object(top.get("basic_auth_users", {}), "basic_auth_users", None))
-    healthy = top.get("healthy_unauthenticated", False)
-    if not isinstance(healthy, bool):
-        raise WebConfigError("healthy_unauthenticated: want true or false")
+        tls = _tls_server_config(_object(top["tls_server_config"], "tls_server_config", TLS_CONFIG_KEYS), base_dir)
+    users = _basic_auth_users(_object(top.get("basic_auth_users", {}), "basic_auth_users"))
+    healthy = _boolean(top.get("healthy_unauthenticated", False), "healthy_unauthenticated")
     return WebConfig(tls, users, healthy)
-
-
-def _key_path(path: str, key: str) -> str:
-    return "%s.%s" % (path, key) if path else key
-
-
-def _config_object(value: object, path: str, allowed: Optional[FrozenSet[str]]) -> Dict[str, object]:
-    if not isinstance(value, dict):
-        raise WebConfigError("%s: want an object" % (path or "top level"))
-    for key in value:
-        if allowed is not None and key not in allowed:
-            raise WebConfigError("%s: unknown key" % _key_path(path, key))
-    return value
-
-
-def _config_text(obj: Dict[str, object], path: str, key: str, options: Iterable[str] = (), default: str = "") -> str:
-    """A string value, ``default`` when absent; one of ``options`` when they are given."""
-    value = obj.get(key, default)
-    if not isinstance(value, str):
-        raise WebConfigError("%s: want a string" % _key_path(path, key))
-    try:
-        return _choice(options)(value) if options else value
-    except ValueError as err:
-        raise WebConfigError("%s: %s" % (_key_path(path, key), err))
 
 
 def _tls_server_config(obj: Dict[str, object], base_dir: str) -> TLSServerConfig:
     path = "tls_server_config"
     files = {}
     for key in ("cert_file", "key_file", "client_ca_file"):
-        name = _config_text(obj, path, key)
+        name = _string(obj.get(key, ""), _key_path(path, key))
         files[key] = os.path.join(base_dir, name) if name else ""
     for key in ("cert_file", "key_file"):
         if not files[key]:
-            raise WebConfigError("%s: required" % _key_path(path, key))
-    client_auth = _config_text(obj, path, "client_auth_type", CLIENT_AUTH_TYPES, "NoClientCert")
-    min_version = _config_text(obj, path, "min_version", TLS_MIN_VERSIONS, "TLS12")
+            raise ConfigError(_key_path(path, key), "required")
+    client_auth = _one_of(*CLIENT_AUTH_TYPES)(obj.get("client_auth_type", "NoClientCert"), _key_path(path, "client_auth_type"))
+    min_version = _one_of(*TLS_MIN_VERSIONS)(obj.get("min_version", "TLS12"), _key_path(path, "min_version"))
     verifies = CLIENT_AUTH_TYPES[client_auth] != ssl.CERT_NONE
     if verifies and not files["client_ca_file"]:
-        raise WebConfigError("%s.client_ca_file: required when client_auth_type is %s" % (path, client_auth))
+        raise ConfigError(_key_path(path, "client_ca_file"), "required when client_auth_type is %s" % client_auth)
     if files["client_ca_file"] and not verifies:
-        raise WebConfigError("%s.client_auth_type: client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert" % path)
+        raise ConfigError(_key_path(path, "client_auth_type"),
+                          "client_ca_file is set, so choose VerifyClientCertIfGiven or RequireAndVerifyClientCert")
     return TLSServerConfig(files["cert_file"], files["key_file"], files["client_ca_file"], client_auth, min_version)
 
 
@@ -3454,11 +3469,12 @@ def _basic_auth_users(obj: Dict[str, object]) -> Tuple[Tuple[str, PasswordHash],
     users = []
     for name in sorted(obj):
         if not name or ":" in name:  # RFC 7617 §2: a user-id cannot contain a colon
-            raise WebConfigError("basic_auth_users: %r is not a user name" % name)
+            raise ConfigError("basic_auth_users", "%r is not a user name" % name)
+        where = _key_path("basic_auth_users", name)
         try:
-            users.append((name, parse_password_hash(_config_text(obj, "basic_auth_users", name))))
+            users.append((name, parse_password_hash(_string(obj[name], where))))
         except ValueError as err:
-            raise WebConfigError("basic_auth_users.%s: %s" % (name, err))
+            raise ConfigError(where, str(err))
     return tuple(users)
 
 
@@ -3480,6 +3496,9 @@ def password_from(stream: IO[bytes]) -> str:
 # ==============================================================================================
 
 
+RELOAD_SIGNALS: Tuple[int, ...] = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+
+
 def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
     """SIGTERM, SIGINT (stop) and SIGHUP (reload) write their number to the first socket of the
     returned pair (keep both open).  The handlers do nothing: one that took a lock could deadlock
@@ -3490,9 +3509,6 @@ def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
     for signum in (signal.SIGTERM, signal.SIGINT) + RELOAD_SIGNALS:
         signal.signal(signum, lambda *_: None)
     return receiver, sender
-
-
-RELOAD_SIGNALS: Tuple[int, ...] = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
 def wait_for_stop(wakeup: socket.socket, exporter: Exporter) -> int:
@@ -3506,17 +3522,22 @@ def wait_for_stop(wakeup: socket.socket, exporter: Exporter) -> int:
         exporter.reload()
 
 
+def usage_error(message: str) -> int:
+    """One line on stderr and the exit status of a bad command line or configuration."""
+    sys.stderr.write("ws_exporter: %s\n" % message)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = parse_flags(sys.argv[1:] if argv is None else argv)
     except FlagError as err:
-        sys.stderr.write("ws_exporter: %s\n" % err)
-        return 2
+        return usage_error(str(err))
     if settings.show_help:
         sys.stdout.write(usage())
         return 0
     if settings.show_version:
-        sys.stdout.write("%s %s (python %s)\n" % (EXPORTER_NAME, __version__, "%d.%d.%d" % sys.version_info[:3]))
+        sys.stdout.write("%s %s (python %s)\n" % (EXPORTER_NAME, __version__, PYTHON_VERSION))
         return 0
     try:
         if settings.hash_password:
@@ -3524,19 +3545,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         web = load_web_config(settings.web_config_file) if settings.web_config_file else None
     except FlagError as err:
-        sys.stderr.write("ws_exporter: %s\n" % err)
-        return 2
-    except WebConfigError as err:
-        sys.stderr.write("ws_exporter: --web.config.file=%s: %s\n" % (settings.web_config_file, err))
-        return 2
+        return usage_error(str(err))
+    except ConfigError as err:
+        return usage_error("--web.config.file=%s: %s" % (settings.web_config_file, err))
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(settings, logger)
     if settings.config_file:
         try:
             exporter.config = load_config(settings.config_file)
         except ConfigError as err:
-            sys.stderr.write("ws_exporter: config file %s: %s\n" % (settings.config_file, err))
-            return 2
+            return usage_error("config file %s: %s" % (settings.config_file, err))
     try:
         server = make_server(exporter, web)
     except OSError as err:
