@@ -45,6 +45,7 @@ import codecs
 import collections
 import enum
 import fnmatch
+import functools
 import hashlib
 import hmac
 import html
@@ -1870,10 +1871,12 @@ def _render_families(samples: Iterable[Sample], header: Callable[[str, str, str]
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=256)  # every answer repeats the same HELP and TYPE lines
 def _text_family_header(name: str, kind: str, help_text: str) -> str:
     return "# HELP %s %s\n# TYPE %s %s\n" % (name, escape_help(help_text), name, kind)
 
 
+@functools.lru_cache(maxsize=256)
 def _openmetrics_family_header(name: str, kind: str, help_text: str) -> str:
     # OpenMetrics 1.0: a counter family is named without the "_total" its samples carry, and
     # HELP escapes the double quote as well (the same three escapes as label values).
@@ -1909,10 +1912,14 @@ def _is_zero_q(param: str) -> bool:
 
 
 def _sample_line(sample: Sample) -> str:
-    if not sample.labels:
-        return "%s %s\n" % (sample.name, format_value(sample.value))
-    labels = ",".join('%s="%s"' % (k, escape_label_value(v)) for k, v in sorted(sample.labels))
-    return "%s{%s} %s\n" % (sample.name, labels, format_value(sample.value))
+    return "%s %s\n" % (_series(sample.name, sample.labels), format_value(sample.value))
+
+
+@functools.lru_cache(maxsize=4096)  # every probe's answer renders the same few series again
+def _series(name: str, labels: Labels) -> str:
+    if not labels:
+        return name
+    return "%s{%s}" % (name, ",".join('%s="%s"' % (k, escape_label_value(v)) for k, v in sorted(labels)))
 
 
 def probe_samples(result: ProbeResult) -> List[Sample]:
