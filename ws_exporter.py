@@ -680,6 +680,7 @@ _SCHEME_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(?!\d*(?:/|$))")
 _CONTROL_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
 
+@functools.lru_cache(maxsize=1024)  # a scraper asks for the same targets again and again
 def parse_target(raw: str) -> Target:
     """Parse a probe target: ws://, wss://, http:// (as ws), https:// (as wss), or no scheme
     (as ws).  Raises ProbeError(phase "target", reason "bad_target") for anything else."""
