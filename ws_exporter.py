@@ -55,6 +55,7 @@ import ipaddress
 import json
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -957,16 +958,35 @@ class Connection:
         self.arrived = 0.0  # perf_counter() when the bytes last received reached this host
         # TLS sockets decrypt through OpenSSL's own reads: their data carries no stamps.
         self._stamped = bool(SO_TIMESTAMPNS) and not isinstance(sock, ssl.SSLSocket)
+        # A plain socket stays non-blocking and waits in poll(): each settimeout() is a system call
+        # of its own, and the poll it implies another; every one hands the GIL to another thread.
+        self._polled = CAN_POLL and not isinstance(sock, ssl.SSLSocket)
+        if self._polled:
+            sock.settimeout(0.0)
 
     def send(self, data: bytes) -> None:
-        self.sock.settimeout(self.deadline.remaining())
+        if not self._polled:
+            self.sock.settimeout(self.deadline.remaining())
+            self.send_started = time.perf_counter()
+            self.sock.sendall(data)
+            return
+        self.deadline.remaining()
         self.send_started = time.perf_counter()
-        self.sock.sendall(data)
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:  # the send buffer is full: wait for room
+                wait_ready(self.sock, select.POLLOUT, self.deadline.remaining())
 
     def recv(self, limit: Optional[float] = None) -> bytes:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
         timeout = self.deadline.remaining()
-        self.sock.settimeout(timeout if limit is None else min(timeout, limit))
+        timeout = timeout if limit is None else min(timeout, limit)
+        if self._polled:
+            wait_ready(self.sock, select.POLLIN, timeout)
+        else:
+            self.sock.settimeout(timeout)
         if self._stamped:
             data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
             self.arrived = arrival_time(ancillary)
@@ -979,6 +999,17 @@ class Connection:
 
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if SO_TIMESTAMPNS else 0
+CAN_POLL = hasattr(select, "poll")  # not on Windows: sockets there keep their timeouts
+
+
+def wait_ready(sock: socket.socket, event: int, seconds: float) -> None:
+    """Wait until a non-blocking socket can be read (POLLIN) or written (POLLOUT); socket.timeout
+    after ``seconds``, as a socket with that timeout would raise.  An error or hang-up also ends
+    the wait: the read or write that follows reports it."""
+    poller = select.poll()
+    poller.register(sock, event)
+    if not poller.poll(seconds * 1000):
+        raise socket.timeout("timed out")
 
 
 def arrival_time(ancillary: List[Tuple[int, int, bytes]]) -> float:
