@@ -1008,7 +1008,7 @@ def wait_ready(sock: socket.socket, event: int, seconds: float) -> None:
     the wait: the read or write that follows reports it."""
     poller = select.poll()
     poller.register(sock, event)
-    if not poller.poll(seconds * 1000):
+    if not poller.poll(max(seconds, 0.0) * 1000):  # a negative timeout would wait for ever
         raise socket.timeout("timed out")
 
 
@@ -2373,9 +2373,10 @@ class _RequestReader(io.RawIOBase):
     KEEPALIVE_IDLE_SECONDS for its next request; once the first byte of a request arrives, the
     rest must arrive within REQUEST_READ_SECONDS, however slowly it drips."""
 
-    def __init__(self, sock: socket.socket, accepted: float) -> None:
+    def __init__(self, sock: socket.socket, accepted: float, polled: bool = False) -> None:
         super().__init__()
         self.sock = sock
+        self.polled = polled  # non-blocking, waits in poll() (see Connection)
         self.deadline: Optional[float] = None
         self.accepted = accepted  # when the connection was accepted, until its first request
         self.started = 0.0  # when the current request arrived
@@ -2390,7 +2391,10 @@ class _RequestReader(io.RawIOBase):
             timeout = self.deadline - time.monotonic()
             if timeout <= 0:
                 raise socket.timeout("request not received within %gs" % REQUEST_READ_SECONDS)
-        self.sock.settimeout(timeout)
+        if self.polled:
+            wait_ready(self.sock, select.POLLIN, timeout)
+        else:
+            self.sock.settimeout(timeout)
         count = self.sock.recv_into(buffer)
         if count and self.deadline is None:
             # A new connection's first request was sent when it connected, however long the
@@ -2406,9 +2410,10 @@ class _SocketWriter(io.BufferedIOBase):
     handler flushes: head and body in separate segments would meet Nagle's algorithm and the
     client's delayed ACK, and every keep-alive response would wait ~40 ms."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, polled: bool = False) -> None:
         super().__init__()
         self.sock = sock
+        self.polled = polled  # non-blocking, waits in poll() (see Connection)
         self.pending: List[bytes] = []
 
     def writable(self) -> bool:
@@ -2421,8 +2426,16 @@ class _SocketWriter(io.BufferedIOBase):
     def flush(self) -> None:
         if self.pending:
             data, self.pending = b"".join(self.pending), []
-            self.sock.settimeout(RESPONSE_WRITE_SECONDS)
-            self.sock.sendall(data)
+            if not self.polled:
+                self.sock.settimeout(RESPONSE_WRITE_SECONDS)
+                self.sock.sendall(data)
+                return
+            view, end = memoryview(data), time.monotonic() + RESPONSE_WRITE_SECONDS
+            while view:
+                try:
+                    view = view[self.sock.send(view) :]
+                except BlockingIOError:  # the send buffer is full: wait for room
+                    wait_ready(self.sock, select.POLLOUT, end - time.monotonic())
 
 
 class RequestHeaders:
@@ -2477,9 +2490,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.connection = self.request
-        self._reader = _RequestReader(self.connection, self.server.accepted.pop(self.connection.fileno(), 0.0))
+        polled = CAN_POLL and not isinstance(self.connection, ssl.SSLSocket)
+        if polled:
+            self.connection.settimeout(0.0)
+        self._reader = _RequestReader(self.connection, self.server.accepted.pop(self.connection.fileno(), 0.0), polled)
         self.rfile = io.BufferedReader(self._reader)
-        self.wfile = _SocketWriter(self.connection)
+        self.wfile = _SocketWriter(self.connection, polled)
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
