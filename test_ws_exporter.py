@@ -3471,21 +3471,25 @@ class TestInterop(unittest.TestCase):
         with trusting(self.pki["ca.pem"]):
             return self.exporter.probe("%s://localhost:%d/some/path?key=k" % ("wss" if tls else "ws", port))
 
+    def probe_cleanly(self, peer: str, tls: bool) -> None:
+        starter, variables = {
+            "websockets": (start_websockets_server, ("WS_PEER_PYTHON", "WS_PEER_PYTHONPATH")),
+            "ws": (start_node_ws_server, ("WS_PEER_NODE", "WS_PEER_NODE_PATH")),
+        }[peer]
+        require_peer(self, *variables)
+        self.assert_clean_success(self.probe_peer(starter, tls), tls)
+
     def test_python_websockets(self) -> None:
-        require_peer(self, "WS_PEER_PYTHON", "WS_PEER_PYTHONPATH")
-        self.assert_clean_success(self.probe_peer(start_websockets_server, False), False)
+        self.probe_cleanly("websockets", tls=False)
 
     def test_python_websockets_tls(self) -> None:
-        require_peer(self, "WS_PEER_PYTHON", "WS_PEER_PYTHONPATH")
-        self.assert_clean_success(self.probe_peer(start_websockets_server, True), True)
+        self.probe_cleanly("websockets", tls=True)
 
     def test_node_ws(self) -> None:
-        require_peer(self, "WS_PEER_NODE", "WS_PEER_NODE_PATH")
-        self.assert_clean_success(self.probe_peer(start_node_ws_server, False), False)
+        self.probe_cleanly("ws", tls=False)
 
     def test_node_ws_tls(self) -> None:
-        require_peer(self, "WS_PEER_NODE", "WS_PEER_NODE_PATH")
-        self.assert_clean_success(self.probe_peer(start_node_ws_server, True), True)
+        self.probe_cleanly("ws", tls=True)
 
     def test_untrusted_certificate_of_a_real_server(self) -> None:
         require_peer(self, "WS_PEER_NODE", "WS_PEER_NODE_PATH")
