@@ -1010,6 +1010,7 @@ class TestHTTP(unittest.TestCase):
     def test_head_has_headers_and_no_body(self) -> None:
         status, headers, body = self.exporter.get("/metrics", method="HEAD")
         self.assertEqual((status, body), (200, ""))
+        self.assertEqual(headers["server"], "ws-exporter/%s" % wx.__version__)
         self.assertGreater(int(headers["content-length"]), 100)
 
     def test_keep_alive_serves_several_requests_on_one_connection(self) -> None:

@@ -2502,6 +2502,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "%s/%s" % (EXPORTER_NAME, __version__)
     sys_version = ""
 
+    def version_string(self) -> str:
+        return self.server_version  # without the Python version BaseHTTPRequestHandler appends
+
     def setup(self) -> None:
         self.connection = self.request
         polled = CAN_POLL and not isinstance(self.connection, ssl.SSLSocket)
