@@ -283,6 +283,7 @@ class ProbeError(Exception):
 
     def __init__(self, reason: str, detail: str, phase: str = "") -> None:
         assert reason in FAILURE_REASONS, reason
+        assert not phase or phase in FAILURE_PHASES, phase
         self.reason = reason
         self.detail = detail
         self.phase = phase
