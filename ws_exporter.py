@@ -530,6 +530,7 @@ class Close(NamedTuple):
 
 
 Event = Union[Message, Ping, Pong, Close]
+_OPCODES = frozenset(Opcode)
 
 
 def parse_frame(buffer: Union[bytes, bytearray], max_payload: int) -> Optional[Tuple[Frame, int]]:
@@ -543,7 +544,7 @@ def parse_frame(buffer: Union[bytes, bytearray], max_payload: int) -> Optional[T
     if second & MASK_BIT:
         raise FrameError("server frame is masked")  # §5.1
     opcode = first & OPCODE_BITS
-    if opcode not in Opcode.__members__.values():
+    if opcode not in _OPCODES:
         raise FrameError("unknown opcode 0x%x" % opcode)
     fin = bool(first & FIN_BIT)
     size, offset = _payload_length(buffer, second & PAYLOAD_LEN_BITS)
@@ -1207,10 +1208,8 @@ _RESOLVER_SLOTS = threading.BoundedSemaphore(MAX_RESOLVER_THREADS)
 def proxy_for(target: Target, module: Module) -> Optional[urllib.parse.SplitResult]:
     """The module's proxy_url, else https_proxy (wss) or http_proxy (ws) from the environment
     unless no_proxy names the host; None for a direct connection."""
-    url = module.proxy_url
-    if not url and not bypasses_proxy(target.host):
-        url = environment("https_proxy" if target.secure else "http_proxy")
-    if not url:
+    url = module.proxy_url or environment("https_proxy" if target.secure else "http_proxy")
+    if not url or (not module.proxy_url and bypasses_proxy(target.host)):
         return None
     if "://" not in url:
         url = "http://" + url
