@@ -1291,6 +1291,23 @@ class TestHostileServers(ProbeTestCase):
         self.assertTrue(wait_until(lambda: open_fds() <= fds), (open_fds(), fds))
 
 
+    def test_a_server_quoting_the_key_does_not_put_it_in_logs_or_pages(self) -> None:
+        key = "k3yThatMustNotLeak"
+        server = self.serve(answer(b"HTTP/1.1 403 invalid project id " + key.encode() + b"\r\n\r\n"))
+        target = "ws://127.0.0.1:%d/v3/%s?apikey=%s" % (server.port, key, "Q" + key)
+        status, _, page = self.exporter.probe_raw(target, "2", debug="true")
+        self.assertEqual(status, 200)
+        self.assertIn('probe_failure_info{phase="upgrade",reason="http_status"} 1', page)
+        self.assertIn("invalid project id <redacted>", page)
+        for text in (page, self.exporter.log.getvalue()):
+            self.assertNotIn(key, text)
+
+    def test_secret_parts_of_a_target(self) -> None:
+        self.assertEqual(wx.secret_parts("wss://user:pa%24%24word@h.example/v3/abcdefgh12?key=ZZZZZZZZ&x=1"),
+                         ("pa%24%24word", "abcdefgh12", "ZZZZZZZZ", "pa$$word"))
+        self.assertEqual(wx.secret_parts("ws://h.example/ws"), ())
+
+
 class TestHostileRequests(unittest.TestCase):
     def setUp(self) -> None:
         self.exporter = ExporterFixture()

@@ -102,6 +102,7 @@ SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 HTTP_PORT = 80
 HTTPS_PORT = 443
 REDACTED_DIGEST_CHARS = 8  # hex digits of the hash that stands for a target's secret parts
+SECRET_MIN_CHARS = 8  # shorter pieces of a target's path or query ("v3", "ws") are words, not keys
 
 # RFC 6455 §1.3: the GUID appended to Sec-WebSocket-Key before hashing.
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -902,10 +903,12 @@ class Deadline:
 
 class ProbeLog:
     """The log lines of one probe: kept for its debug page, written to the exporter's log.
-    Lines are formatted only when read, since few probes ever have their debug page asked for."""
+    Lines are formatted only when read, since few probes ever have their debug page asked for.
+    ``secrets_of`` is the raw URL probed, kept only to scrub its secrets out of text (``scrub``)."""
 
-    def __init__(self, logger: "Logger", **fields: object) -> None:
+    def __init__(self, logger: "Logger", secrets_of: str = "", **fields: object) -> None:
         self.logger = logger
+        self._target = secrets_of
         self.fields = fields
         self._records: List[Tuple[float, str, str, Dict[str, object]]] = []  # (time, level, msg, fields)
 
@@ -917,6 +920,26 @@ class ProbeLog:
     @property
     def lines(self) -> List[str]:
         return [format_logfmt(level, msg, fields, when) for when, level, msg, fields in self._records]
+
+    def scrub(self, text: str) -> str:
+        """``text`` (say, a server's error message) without the target's secret parts: a node
+        may quote the key it refuses."""
+        for secret in secret_parts(self._target):
+            text = text.replace(secret, "<redacted>")
+        return text
+
+
+@functools.lru_cache(maxsize=1024)
+def secret_parts(raw: str) -> Tuple[str, ...]:
+    """The pieces of a target URL that may be keys (user info, path segments, query names and
+    values, as written and decoded), longest first."""
+    try:
+        parts = urllib.parse.urlsplit(raw)
+    except ValueError:
+        return (raw,)
+    text = "%s/%s?%s" % (parts.netloc.rpartition("@")[0], parts.path, parts.query)
+    pieces = {p for piece in re.split(r"[/?&=@:;,]", text) for p in (piece, urllib.parse.unquote(piece))}
+    return tuple(sorted((p for p in pieces if len(p) >= SECRET_MIN_CHARS), key=lambda p: (-len(p), p)))
 
 
 class ProbeResult:
@@ -1100,7 +1123,7 @@ def run_probe(
 def _record_failure(result: ProbeResult, err: ProbeError, log: ProbeLog) -> None:
     phase = err.phase or result.phase
     result.failure = (phase, err.reason)
-    log.log("info", "Probe failed", phase=phase, reason=err.reason, detail=err.detail)
+    log.log("info", "Probe failed", phase=phase, reason=err.reason, detail=log.scrub(err.detail))
 
 
 def _classify_os_error(err: Exception) -> ProbeError:
@@ -2277,7 +2300,7 @@ class Exporter:
         by ``alias`` when given (its URL may hold a token)."""
         result = ProbeResult(module.name, timeout)
         redacted = alias or _redact_raw_target(target)
-        log = ProbeLog(self.logger, module=module.name, target=redacted)
+        log = ProbeLog(self.logger, target, module=module.name, target=redacted)
         started = time.time()
         # Nothing that can raise stands between taking the slot and the try that frees it.
         if not self.probe_slots.acquire(blocking=False):
