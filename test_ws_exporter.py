@@ -3404,28 +3404,14 @@ def _tls_args(tls_cert: Optional[str], tls_key: Optional[str]) -> List[str]:
     return [tls_cert, tls_key] if tls_cert and tls_key else []
 
 
-# --- node `ws` echo server ---------------------------------------------------
-_NODE_WS_SERVER = r"""
-const fs = require('fs');
-const { WebSocketServer } = require('ws');
-const [cert, key] = process.argv.slice(1);
-const server = cert
-  ? require('https').createServer({ cert: fs.readFileSync(cert), key: fs.readFileSync(key) })
-  : require('http').createServer();
-const wss = new WebSocketServer({ server });
-wss.on('connection', (ws) => {
-  ws.on('message', (data, isBinary) => ws.send(data, { binary: isBinary }));
-});
-server.listen(0, '127.0.0.1', () => console.log(String(server.address().port)));
-process.stdin.on('end', () => process.exit(0));
-process.stdin.resume();
-"""
+# --- node `ws` echo server (bench/node_echo_server.js, shared with the benchmark) -------------
+NODE_ECHO_SERVER = os.path.join(HERE, "bench", "node_echo_server.js")
 
 
 def start_node_ws_server(tls_cert: Optional[str] = None,
                          tls_key: Optional[str] = None) -> Tuple["subprocess.Popen[bytes]", int]:
     """Echo server (node ws); wss:// (https server) when tls_cert/tls_key are given."""
-    argv = [_env_path("WS_PEER_NODE"), "-e", _NODE_WS_SERVER]
+    argv = [_env_path("WS_PEER_NODE"), NODE_ECHO_SERVER]
     return _spawn(argv + _tls_args(tls_cert, tls_key), {"NODE_PATH": _env_path("WS_PEER_NODE_PATH")}, "node ws server")
 
 

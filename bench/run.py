@@ -43,19 +43,7 @@ TIMING_DELAY = 0.050
 HOLD_DELAY = 2.0
 IN_FLIGHT = 256
 
-NODE_WS_SERVER = r"""
-const fs = require('fs');
-const { WebSocketServer } = require('ws');
-const [cert, key] = process.argv.slice(1);
-const server = cert
-  ? require('https').createServer({ cert: fs.readFileSync(cert), key: fs.readFileSync(key) })
-  : require('http').createServer();
-const wss = new WebSocketServer({ server });
-wss.on('connection', (ws) => { ws.on('message', (data, isBinary) => ws.send(data, { binary: isBinary })); });
-server.listen(0, '127.0.0.1', () => console.log(String(server.address().port)));
-process.stdin.on('end', () => process.exit(0));
-process.stdin.resume();
-"""
+NODE_ECHO_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_echo_server.js")
 
 # blackbox's tcp prober writes each `send` followed by "\n": the request ends in "\r" so that
 # every line ends in CRLF.
@@ -121,7 +109,7 @@ def spawn_port_printer(argv: List[str], extra_env: Dict[str, str]) -> Peer:
 
 
 def start_node(tls: Optional[Tuple[str, str]]) -> Peer:
-    argv = [env("WS_PEER_NODE"), "-e", NODE_WS_SERVER] + (list(tls) if tls else [])
+    argv = [env("WS_PEER_NODE"), NODE_ECHO_SERVER] + (list(tls) if tls else [])
     peer = spawn_port_printer(argv, {"NODE_PATH": env("WS_PEER_NODE_PATH")})
     threading.Thread(target=_drain, args=(peer.proc.stdout,), daemon=True).start()
     return peer
