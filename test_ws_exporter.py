@@ -733,6 +733,17 @@ class ProbeTestCase(unittest.TestCase):
         server = self.serve(behaviour, tls)
         return self.exporter.probe("%s://127.0.0.1:%d/path" % (scheme, server.port), scrape_timeout)
 
+    def recording_server(self) -> Tuple[LocalServer, List[bytes]]:
+        """A good server that keeps the head of every upgrade request it gets."""
+        seen: List[bytes] = []
+
+        def record(sock: socket.socket) -> None:
+            head, _ = read_request_head(sock)
+            seen.append(head)
+            good_server_after_head(sock, head)
+
+        return self.serve(record), seen
+
     def assert_failed(self, metrics: Dict[str, float], phase: str, reason: str, up: int = 0) -> None:
         self.assertEqual(failure_of(metrics), (phase, reason))
         self.assertEqual(metrics["probe_success"], 0)
@@ -758,14 +769,7 @@ class TestProbe(ProbeTestCase):
         self.assertNotIn("probe_tls_version_info", " ".join(metrics))
 
     def test_request_carries_host_key_version_and_user_agent(self) -> None:
-        seen: List[bytes] = []
-
-        def record(sock: socket.socket) -> None:
-            head, _ = read_request_head(sock)
-            seen.append(head)
-            good_server_after_head(sock, head)
-
-        server = self.serve(record)
+        server, seen = self.recording_server()
         self.exporter.probe("ws://localhost:%d/a/b?c=d" % server.port)
         head = seen[0].decode()
         self.assertTrue(head.startswith("GET /a/b?c=d HTTP/1.1\r\n"))
@@ -775,14 +779,7 @@ class TestProbe(ProbeTestCase):
         self.assertEqual(len(base64.b64decode(request_key(seen[0]))), 16)
 
     def test_userinfo_becomes_basic_auth(self) -> None:
-        seen: List[bytes] = []
-
-        def record(sock: socket.socket) -> None:
-            head, _ = read_request_head(sock)
-            seen.append(head)
-            good_server_after_head(sock, head)
-
-        server = self.serve(record)
+        server, seen = self.recording_server()
         metrics = self.exporter.probe("ws://alice:s3cret@127.0.0.1:%d/" % server.port)
         self.assertEqual(metrics["probe_success"], 1)
         self.assertIn(b"Authorization: Basic " + base64.b64encode(b"alice:s3cret"), seen[0])
