@@ -50,6 +50,7 @@ import enum
 import errno
 import fnmatch
 import functools
+import gc
 import hashlib
 import hmac
 import html
@@ -57,6 +58,7 @@ import http.server
 import io
 import ipaddress
 import json
+import marshal
 import os
 import re
 import select
@@ -154,6 +156,12 @@ REQUEST_READ_SECONDS = 10.0  # a client must send a whole request within this
 RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 256  # connections accepted per wake-up of the accept loop
+MAX_AUTO_WORKERS = 8  # worker processes --web.workers=0 starts at most (one per usable CPU)
+MAX_WORKERS = 64
+GATHER_SECONDS = 1.0  # how long the supervisor waits for every worker's answer to a question
+WORKER_RESTART_SECONDS = 1.0  # a worker that died is replaced no sooner than this after it started
+WORKER_STOP_SECONDS = 5.0  # how long a stop waits for the workers before it kills them
+SUPERVISOR_TICK_SECONDS = 1.0  # the supervisor looks for exited workers at least this often
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
@@ -2164,12 +2172,48 @@ class Stats:
                 key = (result.module, result.failure[1])
                 self.failed[key] = self.failed.get(key, 0) + 1
 
-    def samples(self) -> List[Sample]:
+    def snapshot(self) -> "StatsSnapshot":
         with self._lock:
-            probes = sorted(self.probes.items())
-            failed = sorted(self.failed.items())
-            rejected = sorted(self.rejected.items())
-            in_flight = self.in_flight
+            return StatsSnapshot(dict(self.probes), dict(self.failed), dict(self.rejected), self.in_flight)
+
+    def samples(self) -> List[Sample]:
+        return self.snapshot().samples()
+
+
+_Key = TypeVar("_Key")
+
+
+def add_counts(total: Dict[_Key, int], counts: Dict[_Key, int]) -> None:
+    for key, count in counts.items():
+        total[key] = total.get(key, 0) + count
+
+
+class StatsSnapshot(NamedTuple):
+    """Stats at one moment; worker processes add theirs up (``merged``)."""
+
+    probes: Dict[str, int]
+    failed: Dict[Tuple[str, str], int]
+    rejected: Dict[str, int]
+    in_flight: int
+
+    @staticmethod
+    def merged(snapshots: Iterable["StatsSnapshot"]) -> "StatsSnapshot":
+        probes: Dict[str, int] = {}
+        failed: Dict[Tuple[str, str], int] = {}
+        rejected: Dict[str, int] = {}
+        in_flight = 0
+        for snap in snapshots:
+            add_counts(probes, snap.probes)
+            add_counts(failed, snap.failed)
+            add_counts(rejected, snap.rejected)
+            in_flight += snap.in_flight
+        return StatsSnapshot(probes, failed, rejected, in_flight)
+
+    def samples(self) -> List[Sample]:
+        probes = sorted(self.probes.items())
+        failed = sorted(self.failed.items())
+        rejected = sorted(self.rejected.items())
+        in_flight = self.in_flight
         out = [Sample("ws_exporter_probes_total", (("module", m),), n) for m, n in probes]
         out += [Sample("ws_exporter_probes_failed_total", (("module", m), ("reason", r)), n) for (m, r), n in failed]
         out.append(Sample("ws_exporter_probes_in_flight", (), in_flight))
@@ -2190,8 +2234,47 @@ def build_samples() -> List[Sample]:
     return [Sample("ws_exporter_build_info", info, 1), Sample("python_info", py_labels, 1)]
 
 
-def process_samples() -> List[Sample]:
-    """process_* read from /proc where it exists (Linux); nothing elsewhere."""
+class ProcessFigures(NamedTuple):
+    """What process_* report, for one process or (``merged``) the exporter's processes together:
+    CPU, memory and descriptors add up, the start time is the first process's."""
+
+    cpu_seconds: float
+    virtual_bytes: int
+    resident_bytes: int
+    start_time: float
+    open_fds: int
+    max_fds: int
+
+    @staticmethod
+    def merged(figures: Sequence["ProcessFigures"]) -> Optional["ProcessFigures"]:
+        if not figures:
+            return None
+        return ProcessFigures(
+            sum(f.cpu_seconds for f in figures),
+            sum(f.virtual_bytes for f in figures),
+            sum(f.resident_bytes for f in figures),
+            min(f.start_time for f in figures),
+            sum(f.open_fds for f in figures),
+            max(f.max_fds for f in figures),
+        )
+
+    def samples(self) -> List[Sample]:
+        out = [
+            Sample("process_cpu_seconds_total", (), self.cpu_seconds),
+            Sample("process_virtual_memory_bytes", (), self.virtual_bytes),
+            Sample("process_resident_memory_bytes", (), self.resident_bytes),
+            Sample("process_start_time_seconds", (), self.start_time),
+            Sample("process_open_fds", (), self.open_fds),
+        ]
+        if self.max_fds:
+            out.append(Sample("process_max_fds", (), self.max_fds))
+        return out
+
+
+def process_figures(proportional: bool = False) -> Optional[ProcessFigures]:
+    """This process's figures from /proc where it exists (Linux); None elsewhere.  ``proportional``
+    counts its share of the pages it shares (PSS) as resident: forked workers share most of theirs,
+    and a sum of their RSS would count those once per process."""
     try:
         with open("/proc/self/stat", "rb") as f:
             fields = f.read().rpartition(b")")[2].split()
@@ -2199,19 +2282,33 @@ def process_samples() -> List[Sample]:
             boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
         open_fds = len(os.listdir("/proc/self/fd"))
     except (OSError, StopIteration, IndexError, ValueError):
-        return []
+        return None
     ticks = float(os.sysconf("SC_CLK_TCK"))
-    out = [
-        Sample("process_cpu_seconds_total", (), (float(fields[11]) + float(fields[12])) / ticks),
-        Sample("process_virtual_memory_bytes", (), int(fields[20])),
-        Sample("process_resident_memory_bytes", (), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")),
-        Sample("process_start_time_seconds", (), boot + float(fields[19]) / ticks),
-        Sample("process_open_fds", (), open_fds),
-    ]
-    max_fds = _max_fds()
-    if max_fds:
-        out.append(Sample("process_max_fds", (), max_fds))
-    return out
+    return ProcessFigures(
+        (float(fields[11]) + float(fields[12])) / ticks,
+        int(fields[20]),
+        (proportional and _proportional_bytes()) or int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
+        boot + float(fields[19]) / ticks,
+        open_fds,
+        _max_fds(),
+    )
+
+
+def _proportional_bytes() -> int:
+    """Pss from /proc/self/smaps_rollup (Linux 4.14+); 0 when unreadable."""
+    try:
+        with open("/proc/self/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def process_samples() -> List[Sample]:
+    figures = process_figures()
+    return figures.samples() if figures else []
 
 
 def _max_fds() -> int:
@@ -2303,15 +2400,16 @@ class RecentProbe(NamedTuple):
 class RecentProbes:
     """The last RECENT_PROBES probes, newest first; thread-safe, bounded."""
 
-    def __init__(self, size: int = RECENT_PROBES) -> None:
+    def __init__(self, size: int = RECENT_PROBES, first_id: int = 0, id_step: int = 1) -> None:
         self._lock = threading.Lock()
         self._probes: "collections.deque[RecentProbe]" = collections.deque(maxlen=size)
-        self._next_id = 0
+        self._next_id = first_id  # workers number their probes apart: worker i of n gives i, i + n, ...
+        self._id_step = id_step
 
     def add(self, started: float, module: Module, target: str, result: ProbeResult, log: ProbeLog) -> int:
         with self._lock:
             probe = RecentProbe(self._next_id, started, module, target, result, log)
-            self._next_id += 1
+            self._next_id += self._id_step
             self._probes.appendleft(probe)
         return probe.id
 
@@ -2338,6 +2436,8 @@ class Exporter:
         self.probe_slots = threading.BoundedSemaphore(settings.max_concurrent)
         self.recent = RecentProbes()
         self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
+        self.link: Optional[WorkerLink] = None  # in a worker process: the way to the others
+        self.workers = 1  # processes serving (see Supervisor)
 
     @property
     def modules(self) -> Dict[str, Module]:
@@ -2346,15 +2446,18 @@ class Exporter:
     def reload(self) -> Optional[str]:
         """Load --config.file again; on error keep the old config and return why."""
         path = self.settings.config_file
+        worker = self.workers > 1  # the supervisor logs the outcome once every process reloaded
         try:
             config = load_config(path) if path else DEFAULT_CONFIG
         except ConfigError as err:
             self.last_reload = (False, self.last_reload[1])
-            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
+            level = "debug" if worker else "error"
+            self.logger.log(level, "Config reload failed, keeping the old config", file=path, err=str(err))
             return str(err)
         self.config = config
         self.last_reload = (True, time.time())
-        self.logger.log("info", "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
+        level = "debug" if worker else "info"
+        self.logger.log(level, "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
         return None
 
     def reload_samples(self) -> List[Sample]:
@@ -2406,7 +2509,52 @@ class Exporter:
         return render_samples(self.telemetry_samples())
 
     def telemetry_samples(self) -> List[Sample]:
-        return build_samples() + self.stats.samples() + self.reload_samples() + process_samples()
+        stats, figures = [], []
+        for snapshot, process in self.gather("stats"):
+            stats.append(StatsSnapshot(*snapshot))
+            if process is not None:
+                figures.append(ProcessFigures(*process))
+        merged = ProcessFigures.merged(figures)
+        return (
+            build_samples()
+            + StatsSnapshot.merged(stats).samples()
+            + self.reload_samples()
+            + (merged.samples() if merged else [])
+        )
+
+    def recent_rows(self) -> List[str]:
+        """The landing page's rows of the newest probes, of every process."""
+        rows: List[Tuple[float, int, str]] = []
+        for answer in self.gather("recent"):
+            rows.extend(answer)
+        return [row for _, _, row in sorted(rows, reverse=True)[:RECENT_PROBES]]
+
+    def debug_text(self, probe_id: int) -> Optional[str]:
+        """A recent probe's debug page, from whichever process ran it."""
+        return next((str(a) for a in self.gather("logs", probe_id) if a is not None), None)
+
+    def reload_everywhere(self) -> Optional[str]:
+        """Reload in every process; the first error, if any."""
+        return next((str(a) for a in self.gather("reload") if a is not None), None)
+
+    def gather(self, kind: str, arg: object = None) -> List[Any]:
+        """Every process's answer to a question (this one's alone when it is the only one)."""
+        answers = self.link.ask(kind, arg) if self.link is not None else None
+        return answers if answers is not None else [self.answer(kind, arg)]
+
+    def answer(self, kind: str, arg: object) -> object:
+        """This process's part of a gathered answer, as plain data (it may cross processes)."""
+        if kind == "stats":
+            figures = process_figures(proportional=self.workers > 1)
+            return (tuple(self.stats.snapshot()), tuple(figures) if figures else None)
+        if kind == "recent":
+            return [(p.started, p.id, _recent_probe_row(p)) for p in self.recent.newest_first()]
+        if kind == "logs":
+            probe = self.recent.get(arg) if isinstance(arg, int) else None
+            return probe.debug_text() if probe else None
+        if kind == "reload":
+            return self.reload()
+        return None
 
 
 def _redact_raw_target(raw: str) -> str:
@@ -2457,11 +2605,11 @@ RECENT_PROBES_HEADER = (
 )
 
 
-def recent_probes_table(probes: Sequence[RecentProbe]) -> str:
-    """The landing page's table of recent probes, every field HTML-escaped."""
-    if not probes:
+def recent_probes_table(rows: Sequence[str]) -> str:
+    """The landing page's table of recent probes (rows from _recent_probe_row)."""
+    if not rows:
         return "<p>No probes yet.</p>"
-    return RECENT_PROBES_HEADER + "".join(_recent_probe_row(p) for p in probes) + "</table>"
+    return RECENT_PROBES_HEADER + "".join(rows) + "</table>"
 
 
 def _recent_probe_row(probe: RecentProbe) -> str:
@@ -2742,11 +2890,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (BadRequest, ValueError):
             self.respond(400, "Parameter id must be a probe number\n")
             return
-        probe = self.server.exporter.recent.get(probe_id)
-        if probe is None:
+        text = self.server.exporter.debug_text(probe_id)
+        if text is None:
             self.respond(404, "Probe %d is not among the recent probes\n" % probe_id)
             return
-        self.respond(200, probe.debug_text())
+        self.respond(200, text)
 
     def serve_landing(self, query: str) -> None:
         settings = self.server.exporter.settings
@@ -2754,7 +2902,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "version": __version__,
             "metrics": settings.telemetry_path,
             "probe": settings.probe_path,
-            "recent": recent_probes_table(self.server.exporter.recent.newest_first()),
+            "recent": recent_probes_table(self.server.exporter.recent_rows()),
         }
         self.respond(200, page, "text/html; charset=utf-8")
 
@@ -2771,7 +2919,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if not self.discard_body() or not self.authorized(path):
             return
-        error = self.server.exporter.reload()
+        error = self.server.exporter.reload_everywhere()
         if error is None:
             self.respond(200, "Config reloaded\n")
         else:
@@ -2827,8 +2975,19 @@ class ExporterServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address: Tuple[str, int], family: int, exporter: Exporter, web: Optional[WebConfig] = None) -> None:
+    def __init__(
+        self,
+        address: Tuple[str, int],
+        family: int,
+        exporter: Exporter,
+        web: Optional[WebConfig] = None,
+        reuse_port: bool = False,
+        activate: bool = True,
+    ) -> None:
+        """``reuse_port`` lets worker processes listen on the same port; ``activate`` False binds
+        without listening (the supervisor's hold on the port)."""
         self.address_family = family
+        self.reuse_port = reuse_port
         self.exporter = exporter
         self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
         self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
@@ -2836,7 +2995,9 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.web = web
         self.auth = BasicAuth(web.users) if web.users else None
         self.tls = ServerTLS(web.tls, exporter.logger) if web.tls is not None else None
-        super().__init__(address, Handler)
+        super().__init__(address, Handler, activate)
+        if not activate:
+            self.server_bind()
 
     def get_request(self) -> Tuple[socket.socket, object]:
         sock, address = self.socket.accept()
@@ -2884,6 +3045,8 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
             # ":port" means every interface, IPv4 too: clear V6ONLY where the host allows it.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # HTTPServer.server_bind would look the host name up in DNS; nothing here needs it.
         http.server.socketserver.TCPServer.server_bind(self)  # type: ignore[attr-defined]
         self.socket.setblocking(False)  # accept() in batches until nobody is waiting
@@ -2934,16 +3097,19 @@ def split_listen_address(value: str) -> Tuple[str, int]:
     return host, int(port_text)
 
 
-def make_server(exporter: Exporter, web: Optional[WebConfig] = None) -> ExporterServer:
+def make_server(exporter: Exporter, web: Optional[WebConfig] = None, workers: int = 1) -> ExporterServer:
     """Bind the listen address: ":port" is every IPv4 and IPv6 interface where the host has both.
-    ``web`` adds TLS and basic auth; by default there is neither."""
+    ``web`` adds TLS and basic auth; by default there is neither.  With more than one worker the
+    socket is only bound, for the workers' own sockets to share its port."""
     host, port = split_listen_address(exporter.settings.listen_address)
-    if not host:
-        if socket.has_dualstack_ipv6():
-            return ExporterServer(("::", port), socket.AF_INET6, exporter, web)
-        return ExporterServer(("0.0.0.0", port), socket.AF_INET, exporter, web)
-    info = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
-    return ExporterServer((str(info[4][0]), port), info[0], exporter, web)
+    if not host and socket.has_dualstack_ipv6():
+        address, family = ("::", port), socket.AF_INET6
+    elif not host:
+        address, family = ("0.0.0.0", port), socket.AF_INET
+    else:
+        info = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+        address, family = (str(info[4][0]), port), info[0]
+    return ExporterServer(address, family, exporter, web, reuse_port=workers > 1, activate=workers == 1)
 
 
 def format_address(address: Tuple[object, ...]) -> str:
@@ -3177,6 +3343,360 @@ class BasicAuth:
             return digest in self._verified
 
 
+# ----------------------------------------------------------------------------------------------
+# Worker processes: one interpreter runs Python on one core at a time, so on a machine with more
+# the supervisor (the process started) forks workers, each with its own listening socket on the
+# same port (SO_REUSEPORT: the kernel spreads new connections over them).  What a client may ask
+# about the whole exporter (its counters, the recent probes, a probe's logs, a reload) is asked
+# of every process through the supervisor and answered from all of them.
+# ----------------------------------------------------------------------------------------------
+
+_MESSAGE_LENGTH = struct.Struct("!I")
+
+
+def encode_message(message: Any) -> bytes:
+    """A control message (plain tuples, dicts, strings, numbers) with its length in front."""
+    data = marshal.dumps(message)
+    return _MESSAGE_LENGTH.pack(len(data)) + data
+
+
+def decode_messages(buffer: bytearray) -> List[Any]:
+    """The complete messages at the front of ``buffer``, taken off it."""
+    out = []
+    while len(buffer) >= _MESSAGE_LENGTH.size:
+        (size,) = _MESSAGE_LENGTH.unpack_from(buffer)
+        end = _MESSAGE_LENGTH.size + size
+        if len(buffer) < end:
+            break
+        out.append(marshal.loads(bytes(buffer[_MESSAGE_LENGTH.size : end])))
+        del buffer[:end]
+    return out
+
+
+class WorkerLink:
+    """A worker's end of its channel to the supervisor.  Messages are tuples:
+    worker -> supervisor ("ask", n, kind, arg) and ("answer", n, answer);
+    supervisor -> worker ("query", n, kind, arg) and ("reply", n, [answer, ...])."""
+
+    def __init__(self, sock: socket.socket, exporter: "Exporter") -> None:
+        self.sock = sock
+        self.exporter = exporter
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._waiting: Dict[int, Tuple[threading.Event, List[List[object]]]] = {}
+        self._next = 0
+
+    def start(self) -> None:
+        threading.Thread(target=self._serve, name="worker-link", daemon=True).start()
+
+    def ask(self, kind: str, arg: object = None) -> Optional[List[object]]:
+        """Every process's answer, or None when the supervisor did not reply in time."""
+        done, box = threading.Event(), []  # type: Tuple[threading.Event, List[List[object]]]
+        with self._lock:
+            number, self._next = self._next, self._next + 1
+            self._waiting[number] = (done, box)
+        try:
+            self._send(("ask", number, kind, arg))
+            with TURNS.waiting():
+                done.wait(GATHER_SECONDS * 2)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._waiting.pop(number, None)
+        return box[0] if box else None
+
+    def _send(self, message: object) -> None:
+        data = encode_message(message)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def _serve(self) -> None:
+        buffer = bytearray()
+        while True:
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            for message in decode_messages(buffer):
+                self._dispatch(message)
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor is gone: stop as if it said so
+
+    def _dispatch(self, message: Tuple[Any, ...]) -> None:
+        if message[0] == "reply":
+            with self._lock:
+                waiter = self._waiting.get(message[1])
+            if waiter is not None:
+                waiter[1].append(message[2])
+                waiter[0].set()
+        elif message[0] == "query":
+            self._send(("answer", message[1], self.exporter.answer(message[2], message[3])))
+
+
+class _Worker:
+    """The supervisor's record of one worker process."""
+
+    def __init__(self, index: int, pid: int, sock: socket.socket) -> None:
+        self.index = index
+        self.pid = pid
+        self.sock = sock
+        self.buffer = bytearray()
+        self.started = time.monotonic()
+        self.ready = False  # listening
+
+
+class _Gather:
+    """A question put to every process: who still owes an answer, and who asked."""
+
+    def __init__(self, kind: str, asker: Optional[Tuple[int, int]], owing: Set[int], first: object) -> None:
+        self.kind = kind
+        self.asker = asker  # (worker index, its ask number); None for the supervisor's own
+        self.owing = owing  # worker indexes
+        self.answers = [first]  # the supervisor's own answer comes first
+        self.expires = time.monotonic() + GATHER_SECONDS
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, lowered to a cgroup CPU quota (what a
+    container's CPU limit sets), rounded up."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    for path, period_path in (("/sys/fs/cgroup/cpu.max", ""), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+                                                                "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            with open(path) as f:
+                words = f.read().split()
+            if period_path:
+                with open(period_path) as f:
+                    words.append(f.read().strip())
+            quota, period = int(words[0]), int(words[1])
+        except (OSError, ValueError, IndexError):
+            continue  # "max" (no quota) lands here too
+        if quota > 0 and period > 0:
+            count = min(count, -(-quota // period))
+    return max(1, count)
+
+
+def worker_count(settings: "Settings") -> int:
+    """--web.workers, or (0) one per usable CPU up to MAX_AUTO_WORKERS where processes can share a
+    port (Linux); elsewhere one process."""
+    if not hasattr(os, "fork") or not hasattr(socket, "SO_REUSEPORT") or not sys.platform.startswith("linux"):
+        return 1
+    return settings.workers or min(usable_cpus(), MAX_AUTO_WORKERS)
+
+
+def share(total: int, workers: int) -> int:
+    """One worker's part of a limit set for the whole exporter."""
+    return max(1, -(-total // workers))
+
+
+class Supervisor:
+    """Forks the workers, restarts one that dies, relays the questions every process answers,
+    and passes SIGHUP (reload) and SIGTERM/SIGINT (stop) on."""
+
+    def __init__(self, exporter: "Exporter", listener: "ExporterServer", web: Optional["WebConfig"], count: int) -> None:
+        self.exporter = exporter
+        self.listener = listener  # bound, not listening: it holds the port between workers
+        self.web = web
+        self.count = count
+        self.workers: Dict[int, _Worker] = {}
+        self.gathers: Dict[int, _Gather] = {}
+        self._next_gather = 0
+        self.respawn_at: Dict[int, float] = {}
+        self.announced = False  # "Listening" is logged once every first worker listens
+        self._closing: List[socket.socket] = []  # sockets the child must not keep
+
+    def run(self, wakeup: socket.socket, sender: socket.socket) -> int:
+        self._closing = [wakeup, sender]
+        for index in range(self.count):
+            self.spawn(index)
+        while True:
+            socks = [w.sock for w in self.workers.values()]
+            ready, _, _ = select.select([wakeup] + socks, [], [], self._next_timeout())
+            if wakeup in ready:
+                signum = wakeup.recv(1)
+                if not signum or signum[0] not in RELOAD_SIGNALS:
+                    return self.stop(signum[0] if signum else 0)
+                self.gather(None, "reload", None)
+            for worker in list(self.workers.values()):
+                if worker.sock in ready:
+                    self.read(worker)
+            self.expire()
+            self.reap()
+
+    def _next_timeout(self) -> float:
+        soonest = [g.expires for g in self.gathers.values()] + list(self.respawn_at.values())
+        return max(0.0, min(soonest) - time.monotonic()) if soonest else SUPERVISOR_TICK_SECONDS
+
+    def spawn(self, index: int) -> None:
+        mine, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                mine.close()
+                for sock in self._closing + [w.sock for w in self.workers.values()]:
+                    sock.close()
+                code = run_worker(self.exporter, self.listener, self.web, theirs, index, self.count)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+        self.workers[index] = _Worker(index, pid, mine)
+        self.respawn_at.pop(index, None)
+
+    def read(self, worker: _Worker) -> None:
+        try:
+            data = worker.sock.recv(RECV_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            self.lost(worker)
+            return
+        worker.buffer += data
+        for message in decode_messages(worker.buffer):
+            if message[0] == "ask":
+                self.gather((worker.index, message[1]), message[2], message[3])
+            elif message[0] == "ready":
+                worker.ready = True
+                if not self.announced and all(w.ready for w in self.workers.values()):
+                    self.announced = True
+                    log_listening(self.listener, self.exporter)
+            elif message[0] == "answer":
+                self.answered(worker.index, message[1], message[2])
+
+    def gather(self, asker: Optional[Tuple[int, int]], kind: str, arg: object) -> None:
+        number, self._next_gather = self._next_gather, self._next_gather + 1
+        # The supervisor answers too: its own CPU and memory, and a reload so that a worker
+        # started later runs the config the others run.
+        gathering = _Gather(kind, asker, set(), self.exporter.answer(kind, arg))
+        self.gathers[number] = gathering
+        for worker in list(self.workers.values()):
+            if self.send(worker, ("query", number, kind, arg)):
+                gathering.owing.add(worker.index)
+        self.settle(number)
+
+    def answered(self, index: int, number: int, answer: object) -> None:
+        gathering = self.gathers.get(number)
+        if gathering is not None and index in gathering.owing:
+            gathering.owing.discard(index)
+            gathering.answers.append(answer)
+            self.settle(number)
+
+    def settle(self, number: int, force: bool = False) -> None:
+        gathering = self.gathers[number]
+        if gathering.owing and not force:
+            return
+        del self.gathers[number]
+        if gathering.kind == "reload":
+            self.log_reload(gathering.answers)
+        worker = self.workers.get(gathering.asker[0]) if gathering.asker else None
+        if worker is not None and gathering.asker is not None:
+            self.send(worker, ("reply", gathering.asker[1], gathering.answers))
+
+    def log_reload(self, errors: List[object]) -> None:
+        error = next((e for e in errors if e is not None), None)
+        path = self.exporter.settings.config_file
+        if error is not None:
+            self.exporter.logger.log("error", "Config reload failed, keeping the old config", file=path, err=error)
+            return
+        config = self.exporter.config
+        self.exporter.logger.log("info", "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for number, gathering in list(self.gathers.items()):
+            if gathering.expires <= now:
+                self.settle(number, force=True)
+        for index, when in list(self.respawn_at.items()):
+            if when <= now:
+                self.spawn(index)
+
+    def send(self, worker: _Worker, message: object) -> bool:
+        try:
+            worker.sock.sendall(encode_message(message))
+            return True
+        except OSError:
+            return False
+
+    def lost(self, worker: _Worker) -> None:
+        """A worker closed its channel: it died (or is stopping).  Another takes its place, no
+        sooner than WORKER_RESTART_SECONDS after it started, so a crash loop does not spin."""
+        worker.sock.close()
+        del self.workers[worker.index]
+        self.exporter.logger.log("warn", "Worker process exited; starting another", worker=worker.index, pid=worker.pid)
+        for number, gathering in list(self.gathers.items()):
+            gathering.owing.discard(worker.index)
+            self.settle(number)
+        self.respawn_at[worker.index] = max(time.monotonic(), worker.started + WORKER_RESTART_SECONDS)
+
+    def reap(self) -> None:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+
+    def stop(self, signum: int) -> int:
+        self.exporter.logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
+        for worker in self.workers.values():
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        pending = {w.sock: w for w in self.workers.values()}
+        while pending and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(pending), [], [], deadline - time.monotonic())
+            for sock in ready:
+                try:
+                    data = sock.recv(RECV_BYTES)
+                except OSError:
+                    data = b""
+                if not data:
+                    del pending[sock]
+        for worker in pending.values():
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for worker in self.workers.values():
+            try:
+                os.waitpid(worker.pid, 0)
+            except ChildProcessError:
+                pass
+        self.listener.server_close()
+        return 0
+
+
+def run_worker(
+    exporter: "Exporter", listener: "ExporterServer", web: Optional["WebConfig"], channel: socket.socket, index: int, count: int
+) -> int:
+    """A worker: its own listening socket on the supervisor's port, its share of the limits."""
+    wakeup, _sender = install_stop_signals()
+    settings = exporter.settings._replace(
+        max_concurrent=share(exporter.settings.max_concurrent, count),
+        max_connections=share(exporter.settings.max_connections, count),
+    )
+    exporter.settings = settings
+    exporter.probe_slots = threading.BoundedSemaphore(settings.max_concurrent)
+    exporter.recent = RecentProbes(first_id=index, id_step=count)
+    exporter.link = WorkerLink(channel, exporter)
+    exporter.link.start()
+    address = (str(listener.server_address[0]), int(listener.server_address[1]))
+    server = ExporterServer(address, listener.address_family, exporter, web, reuse_port=True)
+    listener.socket.close()
+    channel.sendall(encode_message(("ready",)))
+    return serve(server, exporter, wakeup)
+
+
+
 # ==============================================================================================
 # Configuration and flags
 # ==============================================================================================
@@ -3251,6 +3771,13 @@ def _choice(options: Iterable[str]) -> Callable[[str], str]:
     return convert
 
 
+def _worker_count(text: str) -> int:
+    count = int(text)
+    if not 0 <= count <= MAX_WORKERS:
+        raise ValueError("want 0 (one per CPU) to %d" % MAX_WORKERS)
+    return count
+
+
 def _host_pattern(text: str) -> str:
     if not text or _CONTROL_CHARS.search(text) or "/" in text:
         raise ValueError("want a host name or pattern such as *.example.net")
@@ -3273,6 +3800,7 @@ class Settings(NamedTuple):
     deny_private: bool = False
     max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    workers: int = 0  # 0: one per usable CPU
     show_help: bool = False
     show_version: bool = False
     config_file: str = ""
@@ -3301,6 +3829,7 @@ FLAG_SPECS = (
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
     FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
+    FlagSpec("web.workers", "workers", "0", "Processes serving requests, sharing the port (Linux); 0 starts one per usable CPU, up to %d." % MAX_AUTO_WORKERS, _worker_count),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
@@ -3798,18 +4327,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             exporter.config = load_config(settings.config_file)
         except ConfigError as err:
             return usage_error("config file %s: %s" % (settings.config_file, err))
+    workers = worker_count(settings)
     try:
-        server = make_server(exporter, web)
+        server = make_server(exporter, web, workers)
     except OSError as err:
         logger.log("error", "Cannot listen", address=settings.listen_address, err=str(err))
         return 1
-    wakeup, _sender = install_stop_signals()
+    wakeup, sender = install_stop_signals()
     release_freed_memory()
+    exporter.workers = workers
+    if workers > 1:
+        gc.freeze()  # what exists now stays shared with the workers instead of being copied
+        return Supervisor(exporter, server, web, workers).run(wakeup, sender)
+    log_listening(server, exporter)
+    return serve(server, exporter, wakeup)
+
+
+def log_listening(server: ExporterServer, exporter: Exporter) -> None:
+    exporter.logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
+                        tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower(),
+                        workers=exporter.workers)
+
+
+def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:
+    """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP."""
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
-    logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
-               tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower())
     signum = wait_for_stop(wakeup, exporter)
-    logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
+    level = "debug" if exporter.link is not None else "info"  # the supervisor says it for its workers
+    exporter.logger.log(level, "Shutting down", signal=signal.Signals(signum).name if signum else "")
     server.shutdown()
     server.server_close()
     return 0
