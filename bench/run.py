@@ -7,9 +7,14 @@ Starts a node ``ws`` server (plain and TLS, certificates from the openssl CLI in
 ws_exporter.py and blackbox_exporter (a ``tcp`` module that sends the upgrade request and expects
 ``^HTTP/1.1 101``; its http prober cannot, it waits for a body after the 101), then loads each
 exporter with wrk over keep-alive connections, alternating A B A B, and reports medians:
-probes/s, latency p50/p99, CPU seconds per 1,000 probes, peak RSS.  Then timing truth (the
-``upgrade`` phase against a server that holds its 101 for exactly 50 ms), RSS idle and with 256
-probes in flight, and the time from spawn to the first answered request.
+probes/s, latency p50/p99, CPU seconds per 1,000 probes, peak memory.  Then timing truth (the
+``upgrade`` phase against a server that holds its 101 for exactly 50 ms), memory idle and with
+256 probes in flight, and the time from spawn to the first answered request.
+
+Ours runs as the container image runs it (``python3 -S -m ws_exporter``), and may fork workers:
+CPU and memory cover each exporter's process group, the spawned process and its descendants,
+found again at every sample.  Memory counts the pages forked workers share once, as their
+cgroup would be charged (see GroupMemory).
 
 Installs nothing: every peer comes from the WS_* environment variables of .cache/peers/env.sh.
 """
@@ -22,7 +27,9 @@ import http.client
 import os
 import re
 import select
+import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -35,6 +42,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EXPORTER = os.path.join(ROOT, "ws_exporter.py")
+EXPORTER_ARGS: List[str] = []  # --exporter-arg, appended to our exporter's command line
 HOLD_SERVER = os.path.join(HERE, "hold_server.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0
@@ -154,6 +162,7 @@ class HoldServer:
 
 def stop(proc: "subprocess.Popen[bytes]") -> None:
     if proc.poll() is None:
+        descendants = identities(group_pids(proc.pid)[1:])
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
@@ -163,17 +172,57 @@ def stop(proc: "subprocess.Popen[bytes]") -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        kill_strays(descendants)
+
+
+def identities(pids: Sequence[int]) -> List[Tuple[int, bytes]]:
+    """(pid, start time) of each running pid: the start time tells a reused pid from the
+    original; zombies are left out, they hold nothing and only their parent can clear them."""
+    found = []
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            fields = stat_fields(pid)
+            if fields[0] != b"Z":
+                found.append((pid, fields[19]))
+    return found
+
+
+def kill_strays(members: Sequence[Tuple[int, bytes]], grace: float = 2.0) -> None:
+    """SIGKILLs the workers still running ``grace`` seconds after their parent exited (a parent
+    killed after its stop timeout leaves them behind), so none outlives the bench."""
+    deadline = time.monotonic() + grace
+    while members and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = set(identities([pid for pid, _ in members]))
+        members = [m for m in members if m in running]  # exited, or its pid reused: dropped
+    for pid, _ in members:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class GroupPeak:
+    """The field-wise peak of every memory sample taken of one exporter's group."""
+
+    def __init__(self) -> None:
+        self.value = GroupMemory(0.0, 0, 0.0, 0.0)
 
 
 class Exporter(NamedTuple):
     name: str
-    proc: "subprocess.Popen[bytes]"
+    proc: "subprocess.Popen[bytes]"  # the spawned process: the root of the measured group
     port: int
     spawned: float  # time.monotonic() just before Popen
     probe_url: Callable[[str, int, bool], str]  # (resource, server port, tls) -> request path
+    seen: GroupPeak
 
     def url(self, path: str) -> str:
         return "http://127.0.0.1:%d%s" % (self.port, path)
+
+    def sample(self) -> GroupMemory:
+        """The group's memory now, also folded into ``seen``."""
+        now = group_memory(self.proc.pid)
+        self.seen.value = self.seen.value.peak(now)
+        return now
 
 
 def ours_probe_path(resource: str, port: int, tls: bool) -> str:
@@ -185,13 +234,28 @@ def blackbox_probe_path(resource: str, port: int, tls: bool) -> str:
     return "/probe?target=127.0.0.1:%d&module=%s" % (port, "wss" if tls else "ws")
 
 
-def start_ours(ca: str) -> Exporter:
+def ours_command(script: bool = False) -> Tuple[List[str], Dict[str, str]]:
+    """The interpreter part of our argv, and its environment.  By default as the container image
+    runs it: a module, with the Dockerfile's environment, and -S: the image has no site-packages,
+    while this host's carry a .pth that imports certifi (~5 MB) into every interpreter.
+    ``script``: ``python3 ws_exporter.py``, site on, for comparison."""
+    if script:
+        return [sys.executable, EXPORTER], {}
+    module = os.path.splitext(os.path.basename(EXPORTER))[0]
+    return [sys.executable, "-S", "-m", module], {
+        "PYTHONPATH": os.path.dirname(EXPORTER), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start_ours(ca: str, script: bool = False) -> Exporter:
     port = free_port()
-    argv = [sys.executable, EXPORTER, "--web.listen-address=127.0.0.1:%d" % port, "--log.level=warn"]
+    command, extra_env = ours_command(script)
+    argv = command + ["--web.listen-address=127.0.0.1:%d" % port, "--log.level=warn"] + EXPORTER_ARGS
     spawned = time.monotonic()
+    # cwd: -m puts the current directory first on sys.path, ahead of PYTHONPATH; started from
+    # elsewhere, another ws_exporter.py there would be the one measured.
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, SSL_CERT_FILE=ca))
-    return Exporter("ours", proc, port, spawned, ours_probe_path)
+                            env=dict(os.environ, SSL_CERT_FILE=ca, **extra_env), cwd=os.path.dirname(EXPORTER))
+    return Exporter("ours", proc, port, spawned, ours_probe_path, GroupPeak())
 
 
 def start_blackbox(config: str) -> Exporter:
@@ -200,7 +264,7 @@ def start_blackbox(config: str) -> Exporter:
             "--log.level=warn"]
     spawned = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return Exporter("blackbox", proc, port, spawned, blackbox_probe_path)
+    return Exporter("blackbox", proc, port, spawned, blackbox_probe_path, GroupPeak())
 
 
 def wait_healthy(exporter: Exporter) -> float:
@@ -223,34 +287,123 @@ def wait_healthy(exporter: Exporter) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# /proc readings
+# /proc readings, over a process group: the spawned pid and its live descendants
 # ----------------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
+def stat_fields(pid: int) -> List[bytes]:
+    """/proc/PID/stat after the command name: index 0 is the state (field 3), 1 the ppid."""
     with open("/proc/%d/stat" % pid, "rb") as f:
-        fields = f.read().rpartition(b")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return f.read().rpartition(b")")[2].split()
 
 
-def rss_mb(pid: int) -> float:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+def group_pids(root: int) -> List[int]:
+    """root and its live descendants, found afresh on every call: workers fork after start and
+    may be respawned.  Walks the ppid of every /proc/*/stat (/proc/PID/task/TID/children needs
+    CONFIG_PROC_CHILDREN, which this kind of host lacks); empty once root has exited."""
+    children: Dict[int, List[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):  # it exited meanwhile
+                children.setdefault(int(stat_fields(int(name))[1]), []).append(int(name))
+    if not os.path.exists("/proc/%d" % root):
+        return []
+    group, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        group.append(pid)
+        todo.extend(children.get(pid, ()))
+    return group
+
+
+def cpu_seconds(root: int) -> float:
+    """CPU seconds of the group: utime+stime of each live member, plus its cutime+cstime, the
+    time of the children it has reaped (a worker that exited and was waited for keeps counting
+    that way; one not reaped by a member loses its ticks)."""
+    ticks = 0
+    for pid in group_pids(root):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ticks += sum(int(n) for n in stat_fields(pid)[11:15])
+    return ticks / CLK_TCK
+
+
+def kb_fields(path: str, keys: Sequence[str]) -> Dict[str, int]:
+    """The ``Key:  123 kB`` lines of a /proc file whose key is one of ``keys``."""
+    with open(path) as f:
+        return {key: int(value.split()[0]) for key, _, value in (line.partition(":") for line in f) if key in keys}
+
+
+class MemberMemory(NamedTuple):  # one process, in MB
+    anon_pss: float  # anonymous pages, each split between the processes that share it
+    file_rss: float  # file-backed and shmem pages, in full
+    rss: float
+    pss: float
+
+
+def member_memory(pid: int) -> MemberMemory:
+    """Anonymous pages come from smaps_rollup's Pss_Anon; where that is unreadable, RssAnon
+    counts them in full (an overestimate for forked workers, never an underestimate)."""
+    status = kb_fields("/proc/%d/status" % pid, ("VmRSS", "RssAnon", "RssFile", "RssShmem"))
+    try:
+        rollup = kb_fields("/proc/%d/smaps_rollup" % pid, ("Pss", "Pss_Anon"))
+    except OSError:
+        rollup = {}
+    rss = status.get("VmRSS", 0)  # a zombie has none
+    anon = rollup.get("Pss_Anon", status.get("RssAnon", rss))
+    return MemberMemory(anon / 1024, (status.get("RssFile", 0) + status.get("RssShmem", 0)) / 1024, rss / 1024,
+                        rollup.get("Pss", rss) / 1024)
+
+
+class GroupMemory(NamedTuple):
+    # What a cgroup holding only the group would be charged.  Anonymous pages are shared only
+    # through fork, so within the group: the sum of their PSS counts each once.  File-backed pages
+    # (the interpreter, libc, extension modules) are also split by PSS with every unrelated
+    # process mapping them, here the bench's own Python helpers: 17 MB became 14 MB for an
+    # unchanged exporter when three more interpreters started.  So they count in full, once: the
+    # largest member's, as forked workers map the same files.  One process: exactly its RSS.
+    mb: float
+    processes: int
+    largest_rss_mb: float  # the largest single member's RSS
+    pss_mb: float  # plain sum of PSS, for reference
+
+    def peak(self, other: "GroupMemory") -> "GroupMemory":
+        """Field-wise maximum."""
+        return GroupMemory(max(self.mb, other.mb), max(self.processes, other.processes),
+                           max(self.largest_rss_mb, other.largest_rss_mb), max(self.pss_mb, other.pss_mb))
+
+
+def group_memory(root: int) -> GroupMemory:
+    members = []
+    for pid in group_pids(root):
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            members.append(member_memory(pid))
+    return GroupMemory(sum(m.anon_pss for m in members) + max((m.file_rss for m in members), default=0.0),
+                       len(members), max((m.rss for m in members), default=0.0), sum(m.pss for m in members))
+
+
+def settle(root: int, quiet: float = 0.5, timeout: float = 5.0) -> None:
+    """Waits until the group's membership has not changed for ``quiet`` seconds: workers may fork
+    a few hundred ms after the first answer, and idle memory must include them."""
+    deadline = time.monotonic() + timeout
+    members, since = sorted(group_pids(root)), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = sorted(group_pids(root))
+        if now != members:
+            members, since = now, time.monotonic()
 
 
 @contextlib.contextmanager
-def peak_rss(pid: int, out: List[float], interval: float = 0.02) -> Iterator[None]:
-    """Samples VmRSS while the block runs; appends the peak to ``out``."""
+def peak_memory(exporter: "Exporter", out: List[GroupMemory], interval: float = 0.05) -> Iterator[None]:
+    """Samples the group's memory while the block runs; appends the field-wise peak to ``out``.
+
+    One sample scans all of /proc (~2 ms): every 50 ms keeps that off the two cores under load."""
     stop_event = threading.Event()
-    peak = [rss_mb(pid)]
+    peak = [exporter.sample()]
 
     def sample() -> None:
         while not stop_event.wait(interval):
-            with contextlib.suppress(OSError):
-                peak[0] = max(peak[0], rss_mb(pid))
+            peak[0] = peak[0].peak(exporter.sample())
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -259,7 +412,7 @@ def peak_rss(pid: int, out: List[float], interval: float = 0.02) -> Iterator[Non
     finally:
         stop_event.set()
         thread.join()
-        out.append(max(peak[0], rss_mb(pid)))
+        out.append(peak[0].peak(exporter.sample()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,8 +424,8 @@ class LoadResult(NamedTuple):
     rate: float  # probes/s
     p50_ms: float
     p99_ms: float
-    cpu_per_1k: float  # CPU seconds of the exporter per 1,000 probes
-    peak_rss_mb: float
+    cpu_per_1k: float  # CPU seconds of the exporter's process group per 1,000 probes
+    peak_mb: float  # the group's memory, see GroupMemory
     errors: int  # non-2xx answers and socket errors
 
 
@@ -306,12 +459,12 @@ def run_wrk(url: str, connections: int, duration: float, threads: int = 2) -> Tu
 
 def load(exporter: Exporter, path: str, connections: int, duration: float) -> LoadResult:
     pid = exporter.proc.pid
-    peaks: List[float] = []
+    peaks: List[GroupMemory] = []
     before = cpu_seconds(pid)
-    with peak_rss(pid, peaks):
+    with peak_memory(exporter, peaks):
         requests, rate, p50, p99, errors = run_wrk(exporter.url(path), connections, duration)
     used = cpu_seconds(pid) - before
-    return LoadResult(rate, p50, p99, used / max(requests, 1) * 1000, peaks[0], errors)
+    return LoadResult(rate, p50, p99, used / max(requests, 1) * 1000, peaks[0].mb, errors)
 
 
 def check_probe(exporter: Exporter, path: str) -> bool:
@@ -380,13 +533,13 @@ def timing_errors(exporter: Exporter, server: HoldServer, concurrency: int, per_
     return errors
 
 
-def in_flight_rss(exporter: Exporter, server: HoldServer) -> float:
-    """Peak RSS (MB) while IN_FLIGHT probes wait for a 101 that takes HOLD_DELAY seconds."""
-    peaks: List[float] = []
+def in_flight_memory(exporter: Exporter, server: HoldServer) -> float:
+    """The group's peak memory (MB) while IN_FLIGHT probes wait for a 101 that takes HOLD_DELAY s."""
+    peaks: List[GroupMemory] = []
     url = exporter.url(exporter.probe_url("/hold", server.port, False))
-    with peak_rss(exporter.proc.pid, peaks, 0.01):
+    with peak_memory(exporter, peaks, 0.02):
         run_wrk(url, IN_FLIGHT, HOLD_DELAY + 1.0, threads=2)
-    return peaks[0]
+    return peaks[0].mb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,15 +603,18 @@ def med(values: Sequence[float]) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    global EXPORTER
+    global EXPORTER, EXPORTER_ARGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a handful of probes each, one table, < 20 s")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run")
     parser.add_argument("--only", default="", help="comma-separated sections: load,timing,memory,start")
     parser.add_argument("--exporter", default=EXPORTER, help="the ws_exporter.py to measure (for A/B runs)")
+    parser.add_argument("--exporter-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for our exporter, repeatable; written with '=' when it starts "
+                             "with '-': --exporter-arg=--web.workers=1.  It runs in the directory of --exporter")
     args = parser.parse_args(argv)
-    EXPORTER = os.path.abspath(args.exporter)
+    EXPORTER, EXPORTER_ARGS = os.path.abspath(args.exporter), list(args.exporter_arg)
     if args.smoke:
         args.rounds, args.duration = 1, 1.0
     sections = set(args.only.split(",")) if args.only else {"load", "timing", "memory", "start"}
@@ -485,7 +641,7 @@ def run(args: argparse.Namespace, sections: set, tmp: str, children: list) -> in
     exporters = [start_ours(pki["ca.pem"]), start_blackbox(write_blackbox_config(tmp, pki["ca.pem"]))]
     children.extend(e.proc for e in exporters)
     first_answer = {e.name: [wait_healthy(e)] for e in exporters}
-    idle = {e.name: rss_mb(e.proc.pid) for e in exporters}
+    idle = {e.name: idle_memory(e) for e in exporters}
     ok = True
     for e in exporters:
         for tls, peer in ((False, plain), (True, secure)):
@@ -496,16 +652,21 @@ def run(args: argparse.Namespace, sections: set, tmp: str, children: list) -> in
         return 1
     lines = ["ws-exporter vs blackbox_exporter 0.23 (tcp + query_response), %s, %d CPUs, Python %s"
              % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, sys.version.split()[0]),
-             "medians of %d alternating rounds, %gs per wrk run" % (args.rounds, args.duration), "",
+             "medians of %d alternating rounds, %gs per wrk run" % (args.rounds, args.duration),
+             "ours: %s" % describe_ours(),
+             "CPU and memory cover each exporter's process group (the spawned process and its descendants);",
+             "memory = anonymous PSS of all members + file-backed RSS of the largest: pages shared within the",
+             "group count once, pages shared with other processes on this host in full", "",
              "%-44s %12s %12s %8s  %s" % ("", "ours", "blackbox", "ratio", "floor")]
     if "load" in sections:
         ok &= report_load(args, exporters, plain, secure, lines)
     if "timing" in sections:
         report_timing(args, exporters, timing, lines)
     if "memory" in sections:
-        report_memory(exporters, idle, lines, children)
+        report_memory(exporters, idle, pki["ca.pem"], lines, children)
     if "start" in sections:
         report_start(args, pki, tmp, first_answer, lines, children)
+    report_groups(exporters, idle, lines)
     print("\n".join(lines), flush=True)
     return 0 if ok else 1
 
@@ -529,7 +690,7 @@ def report_load(args: argparse.Namespace, exporters: List[Exporter], plain: Peer
         lines.append(row("%s c=%d latency p50 (ms)" % (scheme, c), med([r.p50_ms for r in ours]), med([r.p50_ms for r in theirs]), "%.2f"))
         lines.append(row("%s c=%d latency p99 (ms)" % (scheme, c), med([r.p99_ms for r in ours]), med([r.p99_ms for r in theirs]), "%.2f"))
         lines.append(row("%s c=%d CPU s / 1000 probes" % (scheme, c), med([r.cpu_per_1k for r in ours]), med([r.cpu_per_1k for r in theirs]), "%.3f"))
-        lines.append(row("%s c=%d peak RSS (MB)" % (scheme, c), med([r.peak_rss_mb for r in ours]), med([r.peak_rss_mb for r in theirs])))
+        lines.append(row("%s c=%d peak memory (group, MB)" % (scheme, c), med([r.peak_mb for r in ours]), med([r.peak_mb for r in theirs])))
         lines.append("%-44s %12s %12s" % ("%s c=%d rounds probes/s" % (scheme, c), "/".join("%.0f" % r.rate for r in ours),
                                           "/".join("%.0f" % r.rate for r in theirs)))
         errors += sum(r.errors for r in ours + theirs)
@@ -558,23 +719,61 @@ def report_timing(args: argparse.Namespace, exporters: List[Exporter], server: H
                          percentile(theirs, 99), "%.2f", floor))
 
 
-def report_memory(exporters: List[Exporter], idle: Dict[str, float], lines: List[str], children: list) -> None:  # type: ignore[type-arg]
+def describe_ours() -> str:
+    """Our exporter's command line as the bench runs it, for the header."""
+    command, extra_env = ours_command()
+    words = " ".join(shlex.quote(word) for word in ["python3"] + command[1:] + EXPORTER_ARGS)
+    return "%s   (cwd and PYTHONPATH: %s%s)" % (words, extra_env["PYTHONPATH"], "" if EXPORTER_ARGS else "; no --exporter-arg")
+
+
+def idle_memory(exporter: Exporter) -> GroupMemory:
+    """The group's memory once its membership is stable after the first answer."""
+    settle(exporter.proc.pid)
+    return exporter.sample()
+
+
+def script_idle_memory(ca: str, children: list) -> float:  # type: ignore[type-arg]
+    """Idle memory (MB) of the group of ``python3 ws_exporter.py``: script mode, site on, for comparison."""
+    exporter = start_ours(ca, script=True)
+    children.append(exporter.proc)
+    wait_healthy(exporter)
+    idle = idle_memory(exporter).mb
+    stop(exporter.proc)
+    return idle
+
+
+def report_memory(exporters: List[Exporter], idle: Dict[str, GroupMemory], ca: str, lines: List[str],
+                  children: list) -> None:  # type: ignore[type-arg]
     hold = HoldServer(HOLD_DELAY)
     children.append(hold.peer.proc)
     lines.append("")
-    lines.append(row("idle RSS after start (MB)", idle["ours"], idle["blackbox"], "%.1f", "<= 20 MB"))
-    in_flight = {e.name: in_flight_rss(e, hold) for e in exporters}
-    lines.append(row("RSS with %d probes in flight (MB)" % IN_FLIGHT, in_flight["ours"], in_flight["blackbox"], "%.1f", "<= 60 MB"))
-    after = {e.name: rss_mb(e.proc.pid) for e in exporters}
-    lines.append(row("RSS at the end, idle (MB)", after["ours"], after["blackbox"]))
+    lines.append(row("idle memory (group, MB)", idle["ours"].mb, idle["blackbox"].mb, "%.1f", "<= 20 MB"))
+    lines.append("%-44s %12.1f   (info: `python3 %s`, site on)" % ("idle memory, script mode (group, MB)",
+                                                                   script_idle_memory(ca, children),
+                                                                   os.path.basename(EXPORTER)))
+    in_flight = {e.name: in_flight_memory(e, hold) for e in exporters}
+    lines.append(row("memory, %d in flight (group, MB)" % IN_FLIGHT, in_flight["ours"], in_flight["blackbox"], "%.1f", "<= 60 MB"))
+    after = {e.name: e.sample().mb for e in exporters}
+    lines.append(row("memory at the end, idle (group, MB)", after["ours"], after["blackbox"]))
     hold.stop()
+
+
+def report_groups(exporters: List[Exporter], idle: Dict[str, GroupMemory], lines: List[str]) -> None:
+    """Info lines: how many processes make up each group, and its largest single member."""
+    lines.append("")
+    for label, fmt, field in (("processes in group, idle / most seen", "%d / %d", "processes"),
+                              ("largest member RSS (MB), idle / peak", "%.1f / %.1f", "largest_rss_mb"),
+                              ("plain sum of PSS (MB), idle / peak", "%.1f / %.1f", "pss_mb")):
+        cells = [fmt % (getattr(idle[e.name], field), getattr(e.seen.value, field)) for e in exporters]
+        lines.append("%-44s %12s %12s" % (label, cells[0], cells[1]))
 
 
 def report_start(args: argparse.Namespace, pki: Dict[str, str], tmp: str, first_answer: Dict[str, List[float]],
                  lines: List[str], children: list) -> None:  # type: ignore[type-arg]
     config = os.path.join(tmp, "blackbox.yml")
+    starts: Tuple[Callable[[], Exporter], ...] = (lambda: start_ours(pki["ca.pem"]), lambda: start_blackbox(config))
     for _ in range(1 if args.smoke else 5):
-        for start in (lambda: start_ours(pki["ca.pem"]), lambda: start_blackbox(config)):
+        for start in starts:
             exporter = start()
             children.append(exporter.proc)
             first_answer[exporter.name].append(wait_healthy(exporter))
@@ -583,17 +782,18 @@ def report_start(args: argparse.Namespace, pki: Dict[str, str], tmp: str, first_
     lines.append(row("spawn to first 200 on /-/healthy (ms), n=%d" % len(first_answer["ours"]),
                      med(first_answer["ours"]), med(first_answer["blackbox"]), "%.0f", "<= 150 ms"))
     bare = [bare_interpreter() for _ in range(1 if args.smoke else 5)]
-    lines.append("%-44s %12.0f   (for reference: the floor under ours)" % ("bare interpreter, spawn to exit (ms)", med([b[0] for b in bare])))
-    lines.append("%-44s %12.1f" % ("bare interpreter, RSS (MB)", med([b[1] for b in bare])))
+    lines.append("%-44s %12.0f   (for reference: the floor under ours)" % ("bare interpreter -S, spawn to exit (ms)", med([b[0] for b in bare])))
+    lines.append("%-44s %12.1f" % ("bare interpreter -S, RSS (MB)", med([b[1] for b in bare])))
 
 
 _OWN_RSS = "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')][0])"
 
 
 def bare_interpreter() -> Tuple[float, float]:
-    """(ms from spawn to exit, RSS in MB) of an interpreter that only reads its own RSS."""
+    """(ms from spawn to exit, RSS in MB) of an interpreter that only reads its own RSS, started
+    without site like ours."""
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", _OWN_RSS], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-S", "-c", _OWN_RSS], capture_output=True, text=True, check=True).stdout
     return (time.monotonic() - start) * 1000, int(out) / 1024
 
 
