@@ -3257,6 +3257,153 @@ class TestBenchSmoke(unittest.TestCase):
         self.assertIn("spawn to first 200", result.stdout)
 
 
+class TestTurns(unittest.TestCase):
+    def test_only_the_holder_gives_and_waiting_takes_the_turn_back(self) -> None:
+        turns = wx.Turns()
+        self.assertFalse(turns.give())  # nobody holds it: a thread outside the scheme waits as before
+        taken = threading.Event()
+
+        def take_and_give() -> None:
+            with turns.held():
+                taken.set()
+
+        with turns.held():
+            other = threading.Thread(target=take_and_give)
+            other.start()
+            self.assertFalse(taken.wait(0.2))  # the turn is ours
+            with turns.waiting():
+                self.assertTrue(taken.wait(5), "the turn was not handed over while waiting")
+                other.join(5)
+            gave: List[bool] = []
+            thief = threading.Thread(target=lambda: gave.append(turns.give()))
+            thief.start()
+            thief.join(5)
+            self.assertEqual(gave, [False])  # another thread cannot give ours away
+            self.assertTrue(turns.give())
+        self.assertFalse(turns.give())
+
+
+class TestWorkerPieces(unittest.TestCase):
+    def test_control_messages_survive_any_split(self) -> None:
+        messages = [("ask", 1, "stats", None), ("reply", 1, [({"connect": 2}, {("connect", "timeout"): 1}, {}, 0)]),
+                    ("answer", 7, "x" * 70000)]
+        data = b"".join(wx.encode_message(m) for m in messages)
+        for cut in (1, 3, 5, 4096, len(data)):
+            buffer, got = bytearray(), []
+            for start in range(0, len(data), cut):
+                buffer += data[start : start + cut]
+                got += wx.decode_messages(buffer)
+            self.assertEqual(got, messages, cut)
+            self.assertEqual(buffer, b"")
+
+    def test_stats_and_process_figures_add_up(self) -> None:
+        a = wx.StatsSnapshot({"connect": 2}, {("connect", "timeout"): 1}, {"overloaded": 1, "connections": 0}, 1)
+        b = wx.StatsSnapshot({"connect": 3, "evm": 1}, {("connect", "timeout"): 2}, {"overloaded": 0, "connections": 4}, 2)
+        self.assertEqual(wx.StatsSnapshot.merged([a, b]), wx.StatsSnapshot(
+            {"connect": 5, "evm": 1}, {("connect", "timeout"): 3}, {"overloaded": 1, "connections": 4}, 3))
+        p = wx.ProcessFigures(1.5, 100, 10, 50.0, 7, 1024)
+        q = wx.ProcessFigures(0.5, 200, 20, 40.0, 3, 1024)
+        self.assertEqual(wx.ProcessFigures.merged([p, q]), wx.ProcessFigures(2.0, 300, 30, 40.0, 10, 1024))
+        self.assertIsNone(wx.ProcessFigures.merged([]))
+
+    def test_worker_count_and_shares(self) -> None:
+        self.assertGreaterEqual(wx.usable_cpus(), 1)
+        if sys.platform.startswith("linux"):
+            self.assertEqual(wx.worker_count(wx.Settings(workers=3)), 3)
+            self.assertEqual(wx.worker_count(wx.Settings()), min(wx.usable_cpus(), wx.MAX_AUTO_WORKERS))
+        self.assertEqual([wx.share(512, n) for n in (1, 2, 3, 1000)], [512, 256, 171, 1])
+        self.assertEqual(wx.parse_flags(["--web.workers=4"]).workers, 4)
+        for bad in ("-1", "65", "two"):
+            with self.assertRaises(wx.FlagError):
+                wx.parse_flags(["--web.workers=" + bad])
+
+
+def children_of(pid: int) -> List[int]:
+    """Live child processes of ``pid``, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != b"Z":
+                out.append(int(entry))
+    return out
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "worker processes share a port on Linux only")
+class TestWorkers(unittest.TestCase):
+    """Two worker processes: whatever process a request lands in, it answers for the exporter."""
+
+    WORKERS = 2
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="wsx-workers-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.config = write_config(self.dir, {"modules": {"first": {}}})
+        self.proc = ExporterProcess("--web.workers=%d" % self.WORKERS, "--config.file=" + self.config)
+        self.addCleanup(self.proc.stop)
+        self.server = LocalServer(good_server)
+        self.addCleanup(self.server.close)
+
+    def get(self, path: str, method: str = "GET") -> Tuple[int, str]:
+        """Each request on a new connection, so that requests spread over the workers."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.proc.port, timeout=10)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
+
+    def probe(self, module: str = "first") -> int:
+        return self.get("/probe?target=ws://127.0.0.1:%d/&module=%s" % (self.server.port, module))[0]
+
+    def test_starts_the_workers_and_stops_them_with_itself(self) -> None:
+        workers = children_of(self.proc.proc.pid)
+        self.assertEqual(len(workers), self.WORKERS)
+        self.assertIn("workers=%d" % self.WORKERS, self.proc.first_line)
+        self.assertEqual(self.proc.stop(), 0)
+        self.assertEqual([pid for pid in workers if os.path.exists("/proc/%d" % pid)], [])
+
+    def test_counters_landing_page_and_logs_cover_every_worker(self) -> None:
+        probes = 12
+        self.assertEqual([self.probe() for _ in range(probes)], [200] * probes)
+        metrics = parse_metrics(self.get("/metrics")[1])
+        self.assertEqual(metrics['ws_exporter_probes_total{module="first"}'], probes)
+        self.assertEqual(metrics["ws_exporter_probes_in_flight"], 0)
+        self.assertGreater(metrics["process_resident_memory_bytes"], 0)
+        ids = [int(i) for i in re.findall(r"/logs\?id=(\d+)", self.get("/")[1])]
+        self.assertEqual(len(ids), probes)
+        self.assertEqual({i % self.WORKERS for i in ids}, set(range(self.WORKERS)), "all probes ran in one worker")
+        for probe_id in ids:
+            status, body = self.get("/logs?id=%d" % probe_id)
+            self.assertEqual(status, 200, probe_id)
+            self.assertIn("probe_success 1\n", body)
+
+    def test_a_reload_through_any_worker_reloads_all(self) -> None:
+        write_config(self.dir, {"modules": {"second": {}}})
+        self.assertEqual(self.get("/-/reload", "POST"), (200, "Config reloaded\n"))
+        self.assertEqual({self.probe("second") for _ in range(12)}, {200})
+        self.assertEqual({self.probe("first") for _ in range(4)}, {400})
+
+    def test_a_dead_worker_is_replaced(self) -> None:
+        victim = children_of(self.proc.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        workers = children_of(self.proc.proc.pid)
+        while (victim in workers or len(workers) < self.WORKERS) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling /proc: no event tells a test that a process was forked
+            workers = children_of(self.proc.proc.pid)
+        self.assertEqual(len(workers), self.WORKERS)
+        self.assertNotIn(victim, workers)
+        self.assertEqual({self.probe() for _ in range(8)}, {200})
+        self.assertEqual(self.proc.stop(), 0)
+
+
+
 # ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits
