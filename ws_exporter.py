@@ -3616,7 +3616,14 @@ class Supervisor:
                 self.settle(number, force=True)
         for index, when in list(self.respawn_at.items()):
             if when <= now:
-                self.spawn(index)
+                self.respawn(index)
+
+    def respawn(self, index: int) -> None:
+        try:
+            self.spawn(index)
+        except OSError as err:  # no process or socket to be had now (EAGAIN, EMFILE): try again later
+            self.exporter.logger.log("error", "Cannot start a worker process", worker=index, err=str(err))
+            self.respawn_at[index] = time.monotonic() + WORKER_RESTART_SECONDS
 
     def send(self, worker: _Worker, message: object) -> bool:
         try:

@@ -57,7 +57,10 @@ def silent_server() -> Tuple[int, threading.Event]:
 def start_exporter(max_concurrent: int) -> Tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
     proc = subprocess.Popen(
         [sys.executable, EXPORTER, "--web.listen-address=127.0.0.1:0", "--log.level=warn",
-         "--probe.max-concurrent=%d" % max_concurrent, "--web.max-connections=%d" % (max_concurrent + 64)],
+         "--probe.max-concurrent=%d" % max_concurrent, "--web.max-connections=%d" % (max_concurrent + 64),
+         # One process: this measures how one interpreter copes with a thousand probes at once
+         # (its threads and memory), and finds the port among that process's listening sockets.
+         "--web.workers=1"],
         stderr=subprocess.PIPE, text=True,
     )
     assert proc.stderr is not None
