@@ -53,8 +53,7 @@ import functools
 import gc
 import hashlib
 import hmac
-import html
-import http.server
+import http
 import io
 import ipaddress
 import json
@@ -63,6 +62,7 @@ import os
 import re
 import select
 import signal
+import socketserver
 import socket
 import ssl
 import struct
@@ -2612,6 +2612,14 @@ def recent_probes_table(rows: Sequence[str]) -> str:
     return RECENT_PROBES_HEADER + "".join(rows) + "</table>"
 
 
+_HTML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
+
+
+def escape_html(text: str) -> str:
+    """Text safe inside an HTML element or a quoted attribute."""
+    return text.translate(_HTML_ESCAPES)
+
+
 def _recent_probe_row(probe: RecentProbe) -> str:
     result = probe.result
     failure = "%s: %s" % result.failure if result.failure else ""
@@ -2623,7 +2631,7 @@ def _recent_probe_row(probe: RecentProbe) -> str:
         failure,
         "%.3fs" % result.total,
     )
-    row = "".join("<td>%s</td>" % html.escape(cell) for cell in cells)
+    row = "".join("<td>%s</td>" % escape_html(cell) for cell in cells)
     return '<tr>%s<td><a href="/logs?id=%d">logs</a></td></tr>\n' % (row, probe.id)
 
 
@@ -2747,22 +2755,37 @@ def read_request_headers(rfile: io.BufferedIOBase) -> RequestHeaders:
     raise HeadTooLarge("Too many headers")
 
 
-# From the first "?" to the end: a request line quoted in http.server's messages may hold a
-# query with spaces (a malformed request), and every word of it may be part of a target.
+# From the first "?" to the end: a malformed request line quoted in a log message may hold a
+# query with spaces, and every word of it may be part of a target.
 _QUERY_IN_TEXT = re.compile(r"\?.*", re.DOTALL)
+_HTTP_VERSION = re.compile(r"HTTP/(\d+)\.(\d+)")
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """/probe, the telemetry path, /, /logs and /-/healthy by GET or HEAD; /-/reload by POST."""
+@functools.lru_cache(maxsize=2)  # responses within one second share it
+def http_date(second: int) -> str:
+    """RFC 7231 §7.1.1.1 IMF-fixdate, without the locale strftime would consult."""
+    t = time.gmtime(second)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+        _WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec
+    )
+
+
+def reason_phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class Handler(socketserver.BaseRequestHandler):
+    """HTTP/1.1 on one client connection (RFC 7230): requests read one after another while the
+    connection is kept alive (§6.3), each answered whole.  /probe, the telemetry path, /, /logs
+    and /-/healthy by GET or HEAD; /-/reload by POST; any other method is 405."""
 
     server: "ExporterServer"
-    raw_requestline: bytes
-    protocol_version = "HTTP/1.1"
     server_version = "%s/%s" % (EXPORTER_NAME, __version__)
-    sys_version = ""
-
-    def version_string(self) -> str:
-        return self.server_version  # without the Python version BaseHTTPRequestHandler appends
 
     def setup(self) -> None:
         self.connection = self.request
@@ -2774,42 +2797,68 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile = _SocketWriter(self.connection, polled)
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.command = ""
+        self.path = ""
+        self.request_version = "HTTP/1.1"
+        self.headers = RequestHeaders({})
+        self.close_connection = True
+
+    def handle(self) -> None:
+        self.close_connection = False
+        while not self.close_connection:
+            self.handle_one_request()
 
     def handle_one_request(self) -> None:
         self._reader.deadline = None
-        # http.server answers a malformed request line (400) or an overlong one (414) before it
-        # sets path; log_request reads path, and failing there would drop the error response.
-        self.path = ""
-        super().handle_one_request()
-
-    def parse_request(self) -> bool:
-        """An HTTP/1.x request line of three words and its head are parsed here, in a fraction of
-        the time http.client's email-based parser takes; any other line is left to the base class
-        and answered as it always was (400, 505, HTTP/0.9)."""
-        words = self.raw_requestline.split()
-        if len(words) != 3 or words[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
-            return bool(super().parse_request())
-        self.requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
-        self.command, path, self.request_version = (word.decode("iso-8859-1") for word in words)
-        self.path = "/" + path.lstrip("/") if path.startswith("//") else path  # as the base class does
+        self.close_connection = True  # until the request says otherwise
+        self.command, self.path = "", ""
         try:
-            self.headers = read_request_headers(self.rfile)  # type: ignore[assignment]
-        except HeadTooLarge as err:
+            line = self.rfile.readline(MAX_REQUEST_HEADER_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_REQUEST_HEADER_LINE:
+                self.send_error(414, "Request line too long")
+            elif self.parse_request(line):
+                method = {"GET": self.do_GET, "HEAD": self.do_HEAD, "POST": self.do_POST}.get(self.command)
+                (method or self._method_not_allowed)()
+            self.wfile.flush()
+        except socket.timeout as err:
+            self.log_message("Request timed out: %r", err)
             self.close_connection = True
+
+    def parse_request(self, line: bytes) -> bool:
+        """The request line (RFC 7230 §3.1.1) and header fields; False after answering an error."""
+        requestline = line.decode("iso-8859-1").rstrip("\r\n")
+        words = requestline.split()
+        if not words:
+            return False
+        version = _HTTP_VERSION.fullmatch(words[-1]) if len(words) == 3 else None
+        if version is None:
+            self.send_error(400, "Bad request syntax (%r)" % requestline)
+            return False
+        if version.group(1) != "1":
+            self.send_error(505, "Invalid HTTP version (%s)" % words[2])
+            return False
+        self.command, path, self.request_version = words
+        self.path = "/" + path.lstrip("/") if path.startswith("//") else path  # never a scheme-relative URL
+        try:
+            self.headers = read_request_headers(self.rfile)
+        except HeadTooLarge as err:
             self.send_error(431, str(err))
             return False
         connection = (self.headers.get("Connection") or "").lower()
-        self.close_connection = connection == "close" or (self.request_version == "HTTP/1.0" and connection != "keep-alive")
-        expect = (self.headers.get("Expect") or "").lower()
-        if expect == "100-continue" and self.request_version == "HTTP/1.1":
-            return bool(self.handle_expect_100())
+        old = self.request_version == "HTTP/1.0"
+        self.close_connection = connection == "close" or (old and connection != "keep-alive")
+        if (self.headers.get("Expect") or "").lower() == "100-continue" and not old:
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # §5.1.1 of RFC 7231
+            self.wfile.flush()
         return True
 
-    def __getattr__(self, name: str) -> Callable[[], None]:
-        # Every method but GET and HEAD is answered 405 (BaseHTTPRequestHandler would say 501).
-        if name.startswith("do_"):
-            return self._method_not_allowed
-        raise AttributeError(name)
+    def send_error(self, status: int, message: str) -> None:
+        """An error the request itself caused; the connection closes after it."""
+        self.log_message("code %d, message %s", status, message)
+        self.close_connection = True
+        self.respond(status, "%s\n" % _QUERY_IN_TEXT.sub("?<redacted>", message))
 
     def _method_not_allowed(self) -> None:
         self.respond(405, "Method Not Allowed\n", headers=(("Allow", "GET, HEAD"),))
@@ -2951,16 +3000,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers: Sequence[Tuple[str, str]] = (),
     ) -> None:
         data = body.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
+        lines = [
+            "HTTP/1.1 %d %s" % (status, reason_phrase(status)),
+            "Server: " + self.server_version,
+            "Date: " + http_date(int(time.time())),
+            "Content-Type: " + content_type,
+            "Content-Length: %d" % len(data),
+        ]
+        lines.extend("%s: %s" % header for header in headers)
+        if self.close_connection:
+            lines.append("Connection: close")  # RFC 7230 §6.6
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1"))
         if self.command != "HEAD":
             self.wfile.write(data)
+        self.log_request(status)
 
-    def log_request(self, code: Union[int, str] = "-", size: Union[int, str] = "-") -> None:
+    def log_request(self, code: int) -> None:
         path = self.path.partition("?")[0]  # the query carries targets: never logged
         self.server.exporter.logger.log("debug", "HTTP request", method=self.command, path=path, code=str(code))
 
@@ -2969,10 +3024,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.exporter.logger.log("debug", "HTTP server", detail=detail)
 
 
-class ExporterServer(http.server.ThreadingHTTPServer):
+class ExporterServer(socketserver.ThreadingTCPServer):
     """A thread per connection; handler threads never keep the process alive."""
 
     daemon_threads = True
+    allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(
@@ -3047,11 +3103,8 @@ class ExporterServer(http.server.ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if self.reuse_port:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        # HTTPServer.server_bind would look the host name up in DNS; nothing here needs it.
-        http.server.socketserver.TCPServer.server_bind(self)  # type: ignore[attr-defined]
+        super().server_bind()
         self.socket.setblocking(False)  # accept() in batches until nobody is waiting
-        self.server_name = str(self.server_address[0])
-        self.server_port = int(self.server_address[1])
 
     def handle_error(self, request: object, client_address: object) -> None:
         self.exporter.logger.log("debug", "HTTP connection error", traceback=traceback.format_exc())
