@@ -3404,6 +3404,42 @@ class TestWorkers(unittest.TestCase):
 
 
 
+class TestOutOfDescriptors(unittest.TestCase):
+    def test_the_accept_loop_pauses_instead_of_spinning_and_recovers(self) -> None:
+        import resource
+
+        limit = 48
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "ws_exporter.py"), "--web.listen-address=127.0.0.1:0", "--web.workers=1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+        )
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.kill)
+        assert proc.stderr is not None
+        self.addCleanup(proc.stderr.close)
+        port = int(re.search(r"address=127\.0\.0\.1:(\d+)", proc.stderr.readline()).group(1))  # type: ignore[union-attr]
+        idle = []  # keep-alive connections, a descriptor each in the exporter, until it has none left
+        self.addCleanup(lambda: [c.close() for c in idle])
+        for _ in range(limit + 8):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))  # the kernel queues it
+        self.assertTrue(select.select([proc.stderr], [], [], 10)[0], "no warning")
+        self.assertIn("Cannot accept connections", proc.stderr.readline())
+        with open("/proc/%d/stat" % proc.pid) as f:
+            before = sum(int(n) for n in f.read().rpartition(")")[2].split()[11:13])
+        time.sleep(1.0)  # an interval to measure CPU over, not a synchronisation
+        with open("/proc/%d/stat" % proc.pid) as f:
+            spent = (sum(int(n) for n in f.read().rpartition(")")[2].split()[11:13]) - before) / os.sysconf("SC_CLK_TCK")
+        self.assertLess(spent, 0.5, "the accept loop spins")
+        for conn in idle:
+            conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/-/healthy")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
+
+
 # ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits

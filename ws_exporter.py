@@ -156,6 +156,7 @@ REQUEST_READ_SECONDS = 10.0  # a client must send a whole request within this
 RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 256  # connections accepted per wake-up of the accept loop
+ACCEPT_RETRY_SECONDS = 0.1  # the accept loop's pause when the process is out of descriptors
 MAX_AUTO_WORKERS = 8  # worker processes --web.workers=0 starts at most (one per usable CPU)
 MAX_WORKERS = 64
 GATHER_SECONDS = 1.0  # how long the supervisor waits for every worker's answer to a question
@@ -3047,6 +3048,7 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         self.exporter = exporter
         self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
         self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
+        self.out_of_descriptors = False  # logged once until an accept succeeds again
         web = web if web is not None else WebConfig()
         self.web = web
         self.auth = BasicAuth(web.users) if web.users else None
@@ -3068,14 +3070,29 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         for _ in range(ACCEPT_BATCH):
             try:
                 batch.append(self.get_request())
-            except OSError:  # BlockingIOError: nobody else is waiting
+            except BlockingIOError:  # nobody else is waiting
                 break
+            except OSError as err:
+                self.accept_failed(err)
+                break
+        if batch:
+            self.out_of_descriptors = False
         for request, address in batch:
             try:
                 self.process_request(request, address)
             except Exception:
                 self.handle_error(request, address)
                 self.shutdown_request(request)
+
+    def accept_failed(self, err: OSError) -> None:
+        """Out of descriptors (or memory), the waiting connection stays queued and the listening
+        socket stays readable: without a pause the accept loop would spin on it."""
+        if err.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            return  # the client left before accept (ECONNABORTED and the like): nothing to wait for
+        if not self.out_of_descriptors:
+            self.out_of_descriptors = True
+            self.exporter.logger.log("warn", "Cannot accept connections, pausing the accept loop", err=str(err))
+        time.sleep(ACCEPT_RETRY_SECONDS)
 
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         """A thread per connection, up to --web.max-connections; past that a quick 503."""
@@ -3740,6 +3757,8 @@ def run_worker(
 ) -> int:
     """A worker: its own listening socket on the supervisor's port, its share of the limits."""
     wakeup, _sender = install_stop_signals()
+    # A terminal's Ctrl-C reaches every process of the group: the supervisor stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = exporter.settings._replace(
         max_concurrent=share(exporter.settings.max_concurrent, count),
         max_connections=share(exporter.settings.max_connections, count),
