@@ -3440,6 +3440,51 @@ class TestOutOfDescriptors(unittest.TestCase):
 
 
 
+class TestResponseWriter(unittest.TestCase):
+    def test_a_client_reading_slowly_cannot_stretch_a_response_past_the_write_timeout(self) -> None:
+        """Over TLS too, where sendall would give every chunk the whole timeout again."""
+        pki = shared_pki()
+        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_side.load_cert_chain(pki["good.pem"], pki["good.key"])
+        client_side = ssl.create_default_context(cafile=pki["ca.pem"])
+        for tls in (False, True):
+            with self.subTest(tls=tls):
+                ours, theirs = socket.socketpair()
+                self.addCleanup(ours.close)
+                self.addCleanup(theirs.close)
+                if tls:
+                    client: List[socket.socket] = []
+                    handshake = threading.Thread(
+                        target=lambda: client.append(client_side.wrap_socket(theirs, server_hostname="localhost"))
+                    )
+                    handshake.start()
+                    ours = server_side.wrap_socket(ours, server_side=True)
+                    handshake.join(5)
+                    theirs = client[0]
+                    self.addCleanup(theirs.close)
+                else:
+                    ours.settimeout(0.0)  # plain sockets are non-blocking and wait in poll()
+                stop = threading.Event()
+
+                def drip() -> None:  # 16 KB every 50 ms: progress all along, far too slow
+                    while not stop.wait(0.05):
+                        try:
+                            theirs.recv(16384)
+                        except OSError:
+                            return
+
+                reader = threading.Thread(target=drip)
+                reader.start()
+                writer = wx._SocketWriter(ours, polled=not tls)
+                writer.write(b"x" * (8 * 1024 * 1024))
+                start = time.monotonic()
+                with mock.patch.object(wx, "RESPONSE_WRITE_SECONDS", 0.5), self.assertRaises(socket.timeout):
+                    writer.flush()
+                stop.set()
+                reader.join(5)
+                self.assertLess(time.monotonic() - start, 3.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits

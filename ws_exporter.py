@@ -2685,9 +2685,9 @@ class _RequestReader(io.RawIOBase):
 
 
 class _SocketWriter(io.BufferedIOBase):
-    """Collects a response and sends it whole (one sendall, under the write timeout) when the
-    handler flushes: head and body in separate segments would meet Nagle's algorithm and the
-    client's delayed ACK, and every keep-alive response would wait ~40 ms."""
+    """Collects a response and sends it whole when the handler flushes: head and body in separate
+    segments would meet Nagle's algorithm and the client's delayed ACK, and every keep-alive
+    response would wait ~40 ms."""
 
     def __init__(self, sock: socket.socket, polled: bool = False) -> None:
         super().__init__()
@@ -2703,19 +2703,25 @@ class _SocketWriter(io.BufferedIOBase):
         return len(data)
 
     def flush(self) -> None:
-        if self.pending:
-            data, self.pending = b"".join(self.pending), []
-            if not self.polled:
-                self.sock.settimeout(RESPONSE_WRITE_SECONDS)
+        """All of the response within RESPONSE_WRITE_SECONDS (socket.timeout after), however
+        slowly the client reads: not sendall, whose timeout starts again with every chunk."""
+        if not self.pending:
+            return
+        data, self.pending = b"".join(self.pending), []
+        view, end = memoryview(data), time.monotonic() + RESPONSE_WRITE_SECONDS
+        while view:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("response not taken within %gs" % RESPONSE_WRITE_SECONDS)
+            if not self.polled:  # TLS: a blocking send under the time left
+                self.sock.settimeout(left)
                 with TURNS.waiting():
-                    self.sock.sendall(data)
-                return
-            view, end = memoryview(data), time.monotonic() + RESPONSE_WRITE_SECONDS
-            while view:
-                try:
                     view = view[self.sock.send(view) :]
-                except BlockingIOError:  # the send buffer is full: wait for room
-                    wait_ready(self.sock, select.POLLOUT, end - time.monotonic())
+                continue
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:  # the send buffer is full: wait for room
+                wait_ready(self.sock, select.POLLOUT, left)
 
 
 class RequestHeaders:
