@@ -921,16 +921,17 @@ class ProbeLog:
         self.logger = logger
         self._target = secrets_of
         self.fields = fields
-        self._records: List[Tuple[float, str, str, Dict[str, object]]] = []  # (time, level, msg, fields)
+        # (time, level, msg, the line's own fields): the probe's fields are added when formatted
+        self._records: List[Tuple[float, str, str, Dict[str, object]]] = []
 
     def log(self, level: str, msg: str, **fields: object) -> None:
-        merged = dict(self.fields, **fields)
-        self._records.append((time.time(), level, msg, merged))
-        self.logger.log(level, msg, **merged)
+        self._records.append((time.time(), level, msg, fields))
+        if self.logger.enabled(level):
+            self.logger.log(level, msg, **dict(self.fields, **fields))
 
     @property
     def lines(self) -> List[str]:
-        return [format_logfmt(level, msg, fields, when) for when, level, msg, fields in self._records]
+        return [format_logfmt(level, msg, dict(self.fields, **fields), when) for when, level, msg, fields in self._records]
 
     def scrub(self, text: str) -> str:
         """``text`` (say, a server's error message) without the target's secret parts: a node
@@ -1265,8 +1266,7 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     """getaddrinfo under the deadline: it has no timeout of its own, so a name (not an IP
     literal) is looked up in a helper thread that the probe stops waiting for."""
     try:
-        ipaddress.ip_address(host)
-        return _getaddrinfo(host, port, socket.AI_NUMERICHOST)
+        return list(_literal_addresses(host, port))
     except ValueError:
         pass
     box: List[Union[List[AddrInfo], BaseException]] = []
@@ -1368,6 +1368,13 @@ def by_family(addresses: List[AddrInfo], module: Module) -> List[AddrInfo]:
     if not preferred and not others:
         raise ProbeError("dns_error", "no %s address" % module.ip_protocol, "resolve")
     return preferred + others
+
+
+@functools.lru_cache(maxsize=1024)  # a fleet's targets are probed again and again
+def _literal_addresses(host: str, port: int) -> Tuple[AddrInfo, ...]:
+    """The address of an IP literal, without a lookup; ValueError for a name."""
+    ipaddress.ip_address(host)
+    return tuple(_getaddrinfo(host, port, socket.AI_NUMERICHOST))
 
 
 def _getaddrinfo(host: str, port: int, flags: int) -> List[AddrInfo]:
@@ -2014,14 +2021,19 @@ def escape_label_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+_INF = float("inf")
+
+
 def format_value(value: float) -> str:
     """A sample value Prometheus reads back exactly."""
-    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e15):
-        return "%d" % value
+    if value.__class__ is int:
+        return str(value)
     if value != value:
         return "NaN"
-    if value in (float("inf"), float("-inf")):
+    if value == _INF or value == -_INF:
         return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return "%d" % value
     return repr(value)
 
 
@@ -2038,12 +2050,17 @@ def render_openmetrics(samples: Iterable[Sample]) -> str:
 def _render_families(samples: Iterable[Sample], header: Callable[[str, str, str], str]) -> str:
     families: Dict[str, List[Sample]] = {}
     for sample in samples:
-        families.setdefault(sample.name, []).append(sample)
+        members = families.get(sample.name)
+        if members is None:
+            families[sample.name] = [sample]
+        else:
+            members.append(sample)
     out: List[str] = []
     for name, members in families.items():
         kind, help_text = METRICS[name]
         out.append(header(name, kind, help_text))
-        out.extend(_sample_line(sample) for sample in members)
+        for sample in members:
+            out.append("%s %s\n" % (_series(sample.name, sample.labels), format_value(sample.value)))
     return "".join(out)
 
 
@@ -2085,10 +2102,6 @@ def _is_zero_q(param: str) -> bool:
         return name.strip() == "q" and float(value) == 0
     except ValueError:
         return False
-
-
-def _sample_line(sample: Sample) -> str:
-    return "%s %s\n" % (_series(sample.name, sample.labels), format_value(sample.value))
 
 
 @functools.lru_cache(maxsize=4096)  # every probe's answer renders the same few series again
