@@ -2174,9 +2174,14 @@ class Stats:
         with self._lock:
             self.rejected[reason] += 1
 
-    def begin(self) -> None:
+    def begin(self, limit: int) -> bool:
+        """Count a probe in, unless ``limit`` are running already (then count it rejected)."""
         with self._lock:
+            if self.in_flight >= limit:
+                self.rejected["overloaded"] += 1
+                return False
             self.in_flight += 1
+            return True
 
     def end(self, result: ProbeResult) -> None:
         with self._lock:
@@ -2447,7 +2452,6 @@ class Exporter:
         self.config = Config(dict(DEFAULT_MODULES if modules is None else modules), {})
         self.stats = Stats()
         self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
-        self.probe_slots = threading.BoundedSemaphore(settings.max_concurrent)
         self.recent = RecentProbes()
         self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
         self.link: Optional[WorkerLink] = None  # in a worker process: the way to the others
@@ -2505,15 +2509,12 @@ class Exporter:
         log = ProbeLog(self.logger, target, module=module.name, target=redacted)
         started = time.time()
         # Nothing that can raise stands between taking the slot and the try that frees it.
-        if not self.probe_slots.acquire(blocking=False):
-            self.stats.reject("overloaded")
+        if not self.stats.begin(self.settings.max_concurrent):
             raise Overloaded("Too many probes in flight")
-        self.stats.begin()
         try:
             run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
         finally:
             self.stats.end(result)
-            self.probe_slots.release()
         if result.success:
             log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
         self.recent.add(started, module, redacted, result, log)
@@ -2890,20 +2891,11 @@ class Handler(socketserver.BaseRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         if not self.authorized(url.path):
             return
-        settings = self.server.exporter.settings
-        routes: Dict[str, Callable[[str], None]] = {
-            settings.probe_path: self.serve_probe,
-            settings.telemetry_path: self.serve_telemetry,
-            "/": self.serve_landing,
-            "/-/healthy": self.serve_healthy,
-            "/logs": self.serve_logs,
-            "/-/reload": self.serve_reload_get,
-        }
-        route = routes.get(url.path)
+        route = self.server.routes.get(url.path)
         if route is None:
             self.respond(404, "Not Found\n")
             return
-        route(url.query)
+        route(self, url.query)
 
     def authorized(self, path: str) -> bool:
         """Basic auth, when configured, before any route; answers 401 or 429 itself."""
@@ -3068,6 +3060,15 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
         self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
         self.out_of_descriptors = False  # logged once until an accept succeeds again
+        settings = exporter.settings
+        self.routes: Dict[str, Callable[[Handler, str], None]] = {  # GET and HEAD
+            settings.probe_path: Handler.serve_probe,
+            settings.telemetry_path: Handler.serve_telemetry,
+            "/": Handler.serve_landing,
+            "/-/healthy": Handler.serve_healthy,
+            "/logs": Handler.serve_logs,
+            "/-/reload": Handler.serve_reload_get,
+        }
         web = web if web is not None else WebConfig()
         self.web = web
         self.auth = BasicAuth(web.users) if web.users else None
@@ -3783,7 +3784,6 @@ def run_worker(
         max_connections=share(exporter.settings.max_connections, count),
     )
     exporter.settings = settings
-    exporter.probe_slots = threading.BoundedSemaphore(settings.max_concurrent)
     exporter.recent = RecentProbes(first_id=index, id_step=count)
     exporter.link = WorkerLink(channel, exporter)
     exporter.link.start()
