@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 import base64
-import calendar
 import codecs
 import collections
 import contextlib
@@ -69,7 +68,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
 import urllib.parse
 from typing import (
     IO,
@@ -1186,7 +1184,7 @@ def run_probe(
     except (OSError, ValueError) as err:
         _record_failure(result, _classify_os_error(err), log)
     except Exception as err:  # a bug: report it as a failed probe, never as a 500
-        log.log("debug", "Probe raised an unexpected exception", traceback=traceback.format_exc())
+        log.log("debug", "Probe raised an unexpected exception", traceback=format_exception())
         _record_failure(result, ProbeError("internal_error", type(err).__name__), log)
     finally:
         if sock is not None:
@@ -1703,6 +1701,8 @@ def rfc3339_seconds(text: object) -> float:
     if match is None:
         raise CheckError("bad_json", "block time is not an RFC 3339 date-time")
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    import calendar  # only here: few modules read a timestamp, and it brings datetime and locale along
+
     seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)) + float(match.group(7) or 0)
     if match.group(8):
         offset = int(match.group(9)) * 3600 + int(match.group(10)) * 60
@@ -2370,6 +2370,14 @@ def format_json(level: str, msg: str, fields: Dict[str, object]) -> str:
     record: Dict[str, object] = {"ts": _timestamp(), "level": level, "msg": msg}
     record.update((k, v if isinstance(v, (int, float, bool)) or v is None else str(v)) for k, v in fields.items())
     return json.dumps(record)
+
+
+def format_exception() -> str:
+    """The exception being handled, with its traceback; imported only then (a bug, or a client
+    that broke a connection in an unusual way): the module and its helpers take ~0.6 MB."""
+    import traceback
+
+    return traceback.format_exc()
 
 
 class Logger:
@@ -3144,7 +3152,7 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         self.socket.setblocking(False)  # accept() in batches until nobody is waiting
 
     def handle_error(self, request: object, client_address: object) -> None:
-        self.exporter.logger.log("debug", "HTTP connection error", traceback=traceback.format_exc())
+        self.exporter.logger.log("debug", "HTTP connection error", traceback=format_exception())
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # Runs in the connection's own thread, so a slow TLS handshake never holds up accept().
