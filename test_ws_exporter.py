@@ -3306,6 +3306,34 @@ class TestWorkerPieces(unittest.TestCase):
         self.assertEqual(wx.ProcessFigures.merged([p, q]), wx.ProcessFigures(2.0, 300, 30, 40.0, 10, 1024))
         self.assertIsNone(wx.ProcessFigures.merged([]))
 
+    def test_a_cgroup_cpu_quota_here_or_above_lowers_the_cpu_count(self) -> None:
+        root = tempfile.mkdtemp(prefix="wsx-cgroup-")
+        self.addCleanup(shutil.rmtree, root, True)
+
+        def write(path: str, text: str) -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+
+        cases = [  # (/proc/self/cgroup, files, CPUs)
+            ("0::/system.slice/ws.service\n", {"system.slice/ws.service/cpu.max": "150000 100000\n",
+                                               "system.slice/cpu.max": "max 100000\n"}, 2),
+            ("0::/a/b\n", {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000\n"}, 1),
+            # v1 in a container: its own cgroup is mounted at the controller's root
+            ("4:cpu,cpuacct:/docker/abc\n1:name=systemd:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n",
+                                                                "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 3),
+            ("0::/\n", {"cpu.max": "max 100000\n"}, 8),
+        ]
+        for index, (cgroup, files, cpus) in enumerate(cases):
+            base = os.path.join(root, str(index))
+            write(os.path.join(base, "self-cgroup"), cgroup)
+            for name, text in files.items():
+                write(os.path.join(base, "fs", name), text)
+            with self.subTest(cgroup=cgroup), mock.patch.object(wx, "CGROUP_ROOT", os.path.join(base, "fs")), \
+                    mock.patch.object(wx, "PROC_SELF_CGROUP", os.path.join(base, "self-cgroup")), \
+                    mock.patch.object(wx.os, "sched_getaffinity", lambda pid: set(range(8)), create=True):
+                self.assertEqual(wx.usable_cpus(), cpus)
+
     def test_worker_count_and_shares(self) -> None:
         self.assertGreaterEqual(wx.usable_cpus(), 1)
         if sys.platform.startswith("linux"):

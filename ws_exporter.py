@@ -3558,26 +3558,65 @@ class _Gather:
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, lowered to a cgroup CPU quota (what a
-    container's CPU limit sets), rounded up."""
+    """CPUs this process may run on: its affinity mask, lowered to the CPU quota of its cgroup or
+    any cgroup above it (what a container's CPU limit or systemd's CPUQuota= sets), rounded up."""
     try:
         count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         count = os.cpu_count() or 1
-    for path, period_path in (("/sys/fs/cgroup/cpu.max", ""), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
-                                                                "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
-        try:
-            with open(path) as f:
-                words = f.read().split()
-            if period_path:
-                with open(period_path) as f:
-                    words.append(f.read().strip())
-            quota, period = int(words[0]), int(words[1])
-        except (OSError, ValueError, IndexError):
-            continue  # "max" (no quota) lands here too
+    for quota, period in cgroup_cpu_quotas():
         if quota > 0 and period > 0:
             count = min(count, -(-quota // period))
     return max(1, count)
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_SELF_CGROUP = "/proc/self/cgroup"
+
+
+def cgroup_cpu_quotas() -> List[Tuple[int, int]]:
+    """(quota, period) of every CPU-limited cgroup from this process's up to the root, as
+    /proc/self/cgroup names them: cgroup v2 "cpu.max", v1 "cpu.cfs_quota_us" (-1: none)."""
+    try:
+        with open(PROC_SELF_CGROUP) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        _, controllers, path = entry
+        if controllers == "":  # v2: the unified hierarchy
+            found += _quotas_upward(CGROUP_ROOT, path, _v2_quota)
+        elif "cpu" in controllers.split(","):
+            found += _quotas_upward(os.path.join(CGROUP_ROOT, controllers), path, _v1_quota)
+    return found
+
+
+def _quotas_upward(base: str, path: str, read: Callable[[str], Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """The quotas of ``base``/``path`` and each directory above it up to ``base``; a container's
+    own cgroup may be mounted at ``base`` itself, so a path that is not there is skipped."""
+    found = []
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts), -1, -1):
+        directory = os.path.join(base, *parts[:depth])
+        try:
+            found.append(read(directory))
+        except (OSError, ValueError, IndexError):
+            continue  # absent, or "max": no quota there
+    return found
+
+
+def _v2_quota(directory: str) -> Tuple[int, int]:
+    with open(os.path.join(directory, "cpu.max")) as f:
+        quota, period = f.read().split()[:2]
+    return int(quota), int(period)
+
+
+def _v1_quota(directory: str) -> Tuple[int, int]:
+    with open(os.path.join(directory, "cpu.cfs_quota_us")) as f, open(os.path.join(directory, "cpu.cfs_period_us")) as g:
+        return int(f.read()), int(g.read())
 
 
 def worker_count(settings: "Settings") -> int:
