@@ -3296,6 +3296,26 @@ class TestWorkerPieces(unittest.TestCase):
             self.assertEqual(got, messages, cut)
             self.assertEqual(buffer, b"")
 
+    def test_a_connection_handed_over_arrives_whole_with_its_address_and_time(self) -> None:
+        handing, taking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(handing.close)
+        self.addCleanup(taking.close)
+        taking.setblocking(False)
+        with self.assertRaises(BlockingIOError):
+            wx.receive_connection(taking)
+        client, accepted = socket.socketpair()
+        self.addCleanup(client.close)
+        wx.hand_over(handing, accepted, ("127.0.0.1", 4242), 12.5)
+        accepted.close()  # the receiver holds its own descriptor
+        sock, address, stamp = wx.receive_connection(taking)
+        self.addCleanup(sock.close)
+        self.assertEqual((address, stamp), (("127.0.0.1", 4242), 12.5))
+        client.sendall(b"ping")
+        self.assertEqual(sock.recv(4), b"ping")
+        handing.close()
+        with self.assertRaises(ConnectionAbortedError):  # the supervisor is gone
+            wx.receive_connection(taking)
+
     def test_stats_and_process_figures_add_up(self) -> None:
         a = wx.StatsSnapshot({"connect": 2}, {("connect", "timeout"): 1}, {"overloaded": 1, "connections": 0}, 1)
         b = wx.StatsSnapshot({"connect": 3, "evm": 1}, {("connect", "timeout"): 2}, {"overloaded": 0, "connections": 4}, 2)
@@ -3405,7 +3425,8 @@ class TestWorkers(unittest.TestCase):
         self.assertGreater(metrics["process_resident_memory_bytes"], 0)
         ids = [int(i) for i in re.findall(r"/logs\?id=(\d+)", self.get("/")[1])]
         self.assertEqual(len(ids), probes)
-        self.assertEqual({i % self.WORKERS for i in ids}, set(range(self.WORKERS)), "all probes ran in one worker")
+        # Connections go to the workers in turn, and each request here is a new connection.
+        self.assertEqual(sorted(i % self.WORKERS for i in ids), sorted(list(range(self.WORKERS)) * (probes // self.WORKERS)))
         for probe_id in ids:
             status, body = self.get("/logs?id=%d" % probe_id)
             self.assertEqual(status, 200, probe_id)

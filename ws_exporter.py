@@ -41,6 +41,7 @@ __all__ = [
     "main",
 ]
 
+import array
 import base64
 import codecs
 import collections
@@ -3063,13 +3064,12 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         family: int,
         exporter: Exporter,
         web: Optional[WebConfig] = None,
-        reuse_port: bool = False,
-        activate: bool = True,
+        handoff: Optional[socket.socket] = None,
     ) -> None:
-        """``reuse_port`` lets worker processes listen on the same port; ``activate`` False binds
-        without listening (the supervisor's hold on the port)."""
+        """A server listening on ``address``; or, in a worker process, one that takes the
+        connections its supervisor accepted on ``address`` from ``handoff`` (see Supervisor)."""
         self.address_family = family
-        self.reuse_port = reuse_port
+        self.handoff = handoff
         self.exporter = exporter
         self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
         self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
@@ -3087,13 +3087,19 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         self.web = web
         self.auth = BasicAuth(web.users) if web.users else None
         self.tls = ServerTLS(web.tls, exporter.logger) if web.tls is not None else None
-        super().__init__(address, Handler, activate)
-        if not activate:
-            self.server_bind()
+        super().__init__(address, Handler, handoff is None)
+        if handoff is not None:
+            self.socket.close()
+            self.socket = handoff
+            self.server_address = address
+            handoff.setblocking(False)
 
     def get_request(self) -> Tuple[socket.socket, object]:
-        sock, address = self.socket.accept()
-        self.accepted[sock.fileno()] = time.monotonic()
+        if self.handoff is not None:
+            sock, address, accepted = receive_connection(self.handoff)
+        else:
+            (sock, address), accepted = self.socket.accept(), time.monotonic()
+        self.accepted[sock.fileno()] = accepted
         return sock, address
 
     def _handle_request_noblock(self) -> None:
@@ -3152,8 +3158,6 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
             # ":port" means every interface, IPv4 too: clear V6ONLY where the host allows it.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
         self.socket.setblocking(False)  # accept() in batches until nobody is waiting
 
@@ -3201,10 +3205,9 @@ def split_listen_address(value: str) -> Tuple[str, int]:
     return host, int(port_text)
 
 
-def make_server(exporter: Exporter, web: Optional[WebConfig] = None, workers: int = 1) -> ExporterServer:
+def make_server(exporter: Exporter, web: Optional[WebConfig] = None) -> ExporterServer:
     """Bind the listen address: ":port" is every IPv4 and IPv6 interface where the host has both.
-    ``web`` adds TLS and basic auth; by default there is neither.  With more than one worker the
-    socket is only bound, for the workers' own sockets to share its port."""
+    ``web`` adds TLS and basic auth; by default there is neither."""
     host, port = split_listen_address(exporter.settings.listen_address)
     if not host and socket.has_dualstack_ipv6():
         address, family = ("::", port), socket.AF_INET6
@@ -3213,7 +3216,7 @@ def make_server(exporter: Exporter, web: Optional[WebConfig] = None, workers: in
     else:
         info = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
         address, family = (str(info[4][0]), port), info[0]
-    return ExporterServer(address, family, exporter, web, reuse_port=workers > 1, activate=workers == 1)
+    return ExporterServer(address, family, exporter, web)
 
 
 def format_address(address: Tuple[object, ...]) -> str:
@@ -3449,13 +3452,38 @@ class BasicAuth:
 
 # ----------------------------------------------------------------------------------------------
 # Worker processes: one interpreter runs Python on one core at a time, so on a machine with more
-# the supervisor (the process started) forks workers, each with its own listening socket on the
-# same port (SO_REUSEPORT: the kernel spreads new connections over them).  What a client may ask
-# about the whole exporter (its counters, the recent probes, a probe's logs, a reload) is asked
-# of every process through the supervisor and answered from all of them.
+# the supervisor (the process started) forks workers.  It listens and accepts, and hands each
+# connection to the workers in turn (the descriptor passed over a Unix socket): an even spread,
+# where SO_REUSEPORT's hashing left one of two workers with 60% of a client's keep-alive
+# connections.  What a client may ask about the whole exporter (its counters, the recent probes,
+# a probe's logs, a reload) is asked of every process through the supervisor and answered from
+# all of them.
 # ----------------------------------------------------------------------------------------------
 
 _MESSAGE_LENGTH = struct.Struct("!I")
+_DESCRIPTOR = array.array("i", [0]).itemsize
+
+
+def hand_over(channel: socket.socket, sock: socket.socket, address: Any, accepted: float) -> None:
+    """Pass an accepted connection (its descriptor, its peer's address, when it was accepted) to
+    a worker over a SOCK_SEQPACKET pair: one message each, never merged with the next."""
+    payload = marshal.dumps((address, accepted))
+    channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
+
+
+def receive_connection(channel: socket.socket) -> Tuple[socket.socket, object, float]:
+    """The next connection handed over (BlockingIOError when none waits)."""
+    data, ancillary, flags, _ = channel.recvmsg(4096, socket.CMSG_SPACE(_DESCRIPTOR))
+    descriptors = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            descriptors.frombytes(payload[: len(payload) - len(payload) % _DESCRIPTOR])
+    if not data or len(descriptors) != 1:  # the supervisor is gone, or the worker had no descriptor free
+        for descriptor in descriptors:
+            os.close(descriptor)
+        raise ConnectionAbortedError("no connection in the hand-over")
+    address, accepted = marshal.loads(data)
+    return socket.socket(fileno=descriptors[0]), address, accepted
 
 
 def encode_message(message: Any) -> bytes:
@@ -3543,10 +3571,11 @@ class WorkerLink:
 class _Worker:
     """The supervisor's record of one worker process."""
 
-    def __init__(self, index: int, pid: int, sock: socket.socket) -> None:
+    def __init__(self, index: int, pid: int, sock: socket.socket, connections: socket.socket) -> None:
         self.index = index
         self.pid = pid
-        self.sock = sock
+        self.sock = sock  # questions and answers
+        self.connections = connections  # accepted connections handed over
         self.buffer = bytearray()
         self.started = time.monotonic()
         self.ready = False  # listening
@@ -3626,9 +3655,9 @@ def _v1_quota(directory: str) -> Tuple[int, int]:
 
 
 def worker_count(settings: "Settings") -> int:
-    """--web.workers, or (0) one per usable CPU up to MAX_AUTO_WORKERS where processes can share a
-    port (Linux); elsewhere one process."""
-    if not hasattr(os, "fork") or not hasattr(socket, "SO_REUSEPORT") or not sys.platform.startswith("linux"):
+    """--web.workers, or (0) one per usable CPU up to MAX_AUTO_WORKERS, on Linux (fork, and
+    descriptors passed over SOCK_SEQPACKET); elsewhere one process."""
+    if not hasattr(os, "fork") or not hasattr(socket, "SOCK_SEQPACKET") or not sys.platform.startswith("linux"):
         return 1
     return settings.workers or min(usable_cpus(), MAX_AUTO_WORKERS)
 
@@ -3644,7 +3673,8 @@ class Supervisor:
 
     def __init__(self, exporter: "Exporter", listener: "ExporterServer", web: Optional["WebConfig"], count: int) -> None:
         self.exporter = exporter
-        self.listener = listener  # bound, not listening: it holds the port between workers
+        self.listener = listener  # accepts; the workers serve
+        self._turn = 0  # the worker the next connection goes to, in index order
         self.web = web
         self.count = count
         self.workers: Dict[int, _Worker] = {}
@@ -3660,7 +3690,10 @@ class Supervisor:
             self.spawn(index)
         while True:
             socks = [w.sock for w in self.workers.values()]
-            ready, _, _ = select.select([wakeup] + socks, [], [], self._next_timeout())
+            serving = [self.listener.socket] if any(w.ready for w in self.workers.values()) else []
+            ready, _, _ = select.select([wakeup] + serving + socks, [], [], self._next_timeout())
+            if serving and serving[0] in ready:
+                self.accept()
             if wakeup in ready:
                 signum = wakeup.recv(1)
                 if not signum or signum[0] not in RELOAD_SIGNALS:
@@ -3678,21 +3711,54 @@ class Supervisor:
 
     def spawn(self, index: int) -> None:
         mine, theirs = socket.socketpair()
+        handing, taking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
-                mine.close()
-                for sock in self._closing + [w.sock for w in self.workers.values()]:
+                for sock in [mine, handing, self.listener.socket] + self._closing + self._worker_sockets():
                     sock.close()
-                code = run_worker(self.exporter, self.listener, self.web, theirs, index, self.count)
+                code = run_worker(self.exporter, self.listener, self.web, theirs, taking, index, self.count)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
         theirs.close()
-        self.workers[index] = _Worker(index, pid, mine)
+        taking.close()
+        handing.setblocking(False)
+        self.workers[index] = _Worker(index, pid, mine, handing)
         self.respawn_at.pop(index, None)
+
+    def _worker_sockets(self) -> List[socket.socket]:
+        return [sock for w in self.workers.values() for sock in (w.sock, w.connections)]
+
+    def accept(self) -> None:
+        """Accept every waiting connection and hand each to the next worker that listens."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = self.listener.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                self.listener.accept_failed(err)
+                return
+            try:
+                self.hand(sock, address, time.monotonic())
+            finally:
+                sock.close()  # the worker holds its own descriptor now
+
+    def hand(self, sock: socket.socket, address: Any, accepted: float) -> None:
+        order = sorted(i for i, w in self.workers.items() if w.ready)
+        for step in range(len(order)):
+            worker = self.workers[order[(self._turn + step) % len(order)]]
+            try:
+                hand_over(worker.connections, sock, address, accepted)
+            except OSError:  # its queue is full, or it is gone: the next one
+                continue
+            self._turn = (self._turn + step + 1) % len(order)
+            return
+        _refuse_connection(sock)
+        self.exporter.stats.reject("connections")
 
     def read(self, worker: _Worker) -> None:
         try:
@@ -3779,6 +3845,7 @@ class Supervisor:
         """A worker closed its channel: it died (or is stopping).  Another takes its place, no
         sooner than WORKER_RESTART_SECONDS after it started, so a crash loop does not spin."""
         worker.sock.close()
+        worker.connections.close()
         del self.workers[worker.index]
         self.exporter.logger.log("warn", "Worker process exited; starting another", worker=worker.index, pid=worker.pid)
         for number, gathering in list(self.gathers.items()):
@@ -3826,9 +3893,16 @@ class Supervisor:
 
 
 def run_worker(
-    exporter: "Exporter", listener: "ExporterServer", web: Optional["WebConfig"], channel: socket.socket, index: int, count: int
+    exporter: "Exporter",
+    listener: "ExporterServer",
+    web: Optional["WebConfig"],
+    channel: socket.socket,
+    connections: socket.socket,
+    index: int,
+    count: int,
 ) -> int:
-    """A worker: its own listening socket on the supervisor's port, its share of the limits."""
+    """A worker: the connections the supervisor hands over on ``connections``, its share of the
+    limits, questions and answers on ``channel``."""
     wakeup, _sender = install_stop_signals()
     # A terminal's Ctrl-C reaches every process of the group: the supervisor stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -3841,8 +3915,7 @@ def run_worker(
     exporter.link = WorkerLink(channel, exporter)
     exporter.link.start()
     address = (str(listener.server_address[0]), int(listener.server_address[1]))
-    server = ExporterServer(address, listener.address_family, exporter, web, reuse_port=True)
-    listener.socket.close()
+    server = ExporterServer(address, listener.address_family, exporter, web, handoff=connections)
     channel.sendall(encode_message(("ready",)))
     return serve(server, exporter, wakeup)
 
@@ -3980,7 +4053,7 @@ FLAG_SPECS = (
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
     FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
-    FlagSpec("web.workers", "workers", "0", "Processes serving requests, sharing the port (Linux); 0 starts one per usable CPU, up to %d." % MAX_AUTO_WORKERS, _worker_count),
+    FlagSpec("web.workers", "workers", "0", "Processes serving requests (Linux): 0 starts one per usable CPU, up to %d." % MAX_AUTO_WORKERS, _worker_count),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
@@ -4480,7 +4553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return usage_error("config file %s: %s" % (settings.config_file, err))
     workers = worker_count(settings)
     try:
-        server = make_server(exporter, web, workers)
+        server = make_server(exporter, web)
     except OSError as err:
         logger.log("error", "Cannot listen", address=settings.listen_address, err=str(err))
         return 1
