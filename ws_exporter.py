@@ -1463,11 +1463,35 @@ def start_tls(
     result.tls_version = (tls.version() or "").replace("TLSv", "TLS ")
     cipher = tls.cipher()
     result.tls_cipher = cipher[0] if cipher else ""
+    result.cert_expiry = certificate_expiry(tls)
+    return tls
+
+
+_EXPIRIES: "collections.OrderedDict[bytes, Optional[float]]" = collections.OrderedDict()
+_EXPIRIES_LOCK = threading.Lock()
+MAX_CACHED_CERTIFICATES = 1024
+
+
+def certificate_expiry(tls: ssl.SSLSocket) -> Optional[float]:
+    """The peer certificate's notAfter in unix seconds.  Decoding a certificate into a dict and
+    parsing its date with strptime cost more than the rest of a TLS probe's Python work, and a
+    fleet's servers show the same certificates again and again: they are remembered by their
+    DER bytes."""
+    der = tls.getpeercert(binary_form=True)
+    if not der:
+        return None
+    with _EXPIRIES_LOCK:
+        if der in _EXPIRIES:
+            _EXPIRIES.move_to_end(der)
+            return _EXPIRIES[der]
     cert = tls.getpeercert()
     not_after = cert.get("notAfter") if cert else None
-    if isinstance(not_after, str):
-        result.cert_expiry = float(ssl.cert_time_to_seconds(not_after))
-    return tls
+    expiry = float(ssl.cert_time_to_seconds(not_after)) if isinstance(not_after, str) else None
+    with _EXPIRIES_LOCK:
+        _EXPIRIES[der] = expiry
+        if len(_EXPIRIES) > MAX_CACHED_CERTIFICATES:
+            _EXPIRIES.popitem(last=False)
+    return expiry
 
 
 def upgrade(conn: Connection, target: Target, module: Module, result: ProbeResult) -> None:
