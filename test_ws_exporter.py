@@ -3534,6 +3534,27 @@ class TestResponseWriter(unittest.TestCase):
                 self.assertLess(time.monotonic() - start, 3.0)
 
 
+class TestCertificateExpiry(unittest.TestCase):
+    def test_each_certificate_is_decoded_once_and_the_cache_is_bounded(self) -> None:
+        decoded: List[bytes] = []
+
+        class Peer:
+            def __init__(self, der: bytes) -> None:
+                self.der = der
+
+            def getpeercert(self, binary_form: bool = False) -> object:
+                if binary_form:
+                    return self.der
+                decoded.append(self.der)
+                return {"notAfter": "Jan  2 03:04:05 2030 GMT"}
+
+        with mock.patch.object(wx, "_EXPIRIES", collections.OrderedDict()), mock.patch.object(wx, "MAX_CACHED_CERTIFICATES", 2):
+            for der in (b"a", b"a", b"b", b"a", b"c", b"b"):
+                self.assertEqual(wx.certificate_expiry(Peer(der)), 1893553445.0)  # type: ignore[arg-type]
+            self.assertEqual(decoded, [b"a", b"b", b"c", b"b"])  # "b" was the oldest when "c" came
+            self.assertEqual(list(wx._EXPIRIES), [b"c", b"b"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits
