@@ -3316,6 +3316,22 @@ class TestWorkerPieces(unittest.TestCase):
         with self.assertRaises(ConnectionAbortedError):  # the supervisor is gone
             wx.receive_connection(taking)
 
+    def test_a_worker_that_stops_reading_is_stopped_rather_than_holding_up_the_supervisor(self) -> None:
+        stuck = subprocess.Popen(["sleep", "60"])  # stands in for a hung worker's process
+        self.addCleanup(stuck.wait, 10)
+        self.addCleanup(stuck.kill)
+        mine, theirs = socket.socketpair()  # nobody reads theirs
+        self.addCleanup(mine.close)
+        self.addCleanup(theirs.close)
+        mine.settimeout(0.2)
+        exporter = wx.Exporter(wx.Settings(), wx.Logger("error", "logfmt", io.StringIO()))
+        supervisor = wx.Supervisor(exporter, None, None, 1)  # type: ignore[arg-type]
+        worker = wx._Worker(0, stuck.pid, mine, theirs)
+        start = time.monotonic()
+        self.assertFalse(supervisor.send(worker, ("reply", 1, ["x" * 4 * 1024 * 1024])))
+        self.assertLess(time.monotonic() - start, 5)
+        self.assertEqual(stuck.wait(5), -signal.SIGKILL)
+
     def test_stats_and_process_figures_add_up(self) -> None:
         a = wx.StatsSnapshot({"connect": 2}, {("connect", "timeout"): 1}, {"overloaded": 1, "connections": 0}, 1)
         b = wx.StatsSnapshot({"connect": 3, "evm": 1}, {("connect", "timeout"): 2}, {"overloaded": 0, "connections": 4}, 2)

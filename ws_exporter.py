@@ -3705,7 +3705,7 @@ class Supervisor:
         self.gathers: Dict[int, _Gather] = {}
         self._next_gather = 0
         self.respawn_at: Dict[int, float] = {}
-        self.announced = False  # "Listening" is logged once every first worker listens
+        self.announced = False  # "Listening" is logged once the first workers all take connections
         self._closing: List[socket.socket] = []  # sockets the child must not keep
 
     def run(self, wakeup: socket.socket, sender: socket.socket) -> int:
@@ -3749,6 +3749,7 @@ class Supervisor:
                 os._exit(code)
         theirs.close()
         taking.close()
+        mine.settimeout(GATHER_SECONDS)  # a worker that stopped reading cannot hold the supervisor up
         handing.setblocking(False)
         self.workers[index] = _Worker(index, pid, mine, handing)
         self.respawn_at.pop(index, None)
@@ -3862,7 +3863,13 @@ class Supervisor:
         try:
             worker.sock.sendall(encode_message(message))
             return True
-        except OSError:
+        except socket.timeout:
+            # It stopped reading, and its channel now ends mid-message: it is replaced once its
+            # channel closes (see lost).
+            self.exporter.logger.log("error", "Worker process not responding; stopping it", worker=worker.index, pid=worker.pid)
+            os.kill(worker.pid, signal.SIGKILL)
+            return False
+        except OSError:  # it is gone; its channel's end is read next
             return False
 
     def lost(self, worker: _Worker) -> None:
