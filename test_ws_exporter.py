@@ -3332,6 +3332,18 @@ class TestWorkerPieces(unittest.TestCase):
         self.assertLess(time.monotonic() - start, 5)
         self.assertEqual(stuck.wait(5), -signal.SIGKILL)
 
+    def test_a_part_that_fails_is_left_out_and_logged_not_a_failed_page(self) -> None:
+        fixture = ExporterFixture()
+        self.addCleanup(fixture.close)
+        with mock.patch.object(fixture.exporter, "_answer", side_effect=RuntimeError("bug")):
+            status, _, body = fixture.get("/")
+            self.assertEqual((status, "No probes yet." in body), (200, True))
+            status, _, body = fixture.get("/metrics")
+            self.assertEqual(status, 200)
+            self.assertIn("ws_exporter_build_info", body)
+            self.assertNotIn("process_cpu_seconds_total", body)  # only an answer carries it
+        self.assertIn("Could not answer for this process", fixture.log.getvalue())
+
     def test_stats_and_process_figures_add_up(self) -> None:
         a = wx.StatsSnapshot({"connect": 2}, {("connect", "timeout"): 1}, {"overloaded": 1, "connections": 0}, 1)
         b = wx.StatsSnapshot({"connect": 3, "evm": 1}, {("connect", "timeout"): 2}, {"overloaded": 0, "connections": 4}, 2)

@@ -2563,7 +2563,10 @@ class Exporter:
 
     def telemetry_samples(self) -> List[Sample]:
         stats, figures = [], []
-        for snapshot, process in self.gather("stats"):
+        for answer in self.gather("stats"):
+            if answer is None:
+                continue
+            snapshot, process = answer
             stats.append(StatsSnapshot(*snapshot))
             if process is not None:
                 figures.append(ProcessFigures(*process))
@@ -2579,7 +2582,7 @@ class Exporter:
         """The landing page's rows of the newest probes, of every process."""
         rows: List[Tuple[float, int, str]] = []
         for answer in self.gather("recent"):
-            rows.extend(answer)
+            rows.extend(answer or ())
         return [row for _, _, row in sorted(rows, reverse=True)[:RECENT_PROBES]]
 
     def debug_text(self, probe_id: int) -> Optional[str]:
@@ -2596,7 +2599,16 @@ class Exporter:
         return answers if answers is not None else [self.answer(kind, arg)]
 
     def answer(self, kind: str, arg: object) -> object:
-        """This process's part of a gathered answer, as plain data (it may cross processes)."""
+        """This process's part of a gathered answer, as plain data (it may cross processes); None
+        when it has none, or when working it out failed (a bug, logged: the question still gets
+        the other processes' answers)."""
+        try:
+            return self._answer(kind, arg)
+        except Exception:
+            self.logger.log("error", "Could not answer for this process", kind=kind, traceback=format_exception())
+            return None
+
+    def _answer(self, kind: str, arg: object) -> object:
         if kind == "stats":
             figures = process_figures(proportional=self.workers > 1)
             return (tuple(self.stats.snapshot()), tuple(figures) if figures else None)
@@ -3577,7 +3589,11 @@ class WorkerLink:
             if not data:
                 break
             buffer += data
-            for message in decode_messages(buffer):
+            try:
+                messages = decode_messages(buffer)
+            except (ValueError, EOFError, TypeError):  # not what the supervisor writes: the channel is broken
+                break
+            for message in messages:
                 self._dispatch(message)
         os.kill(os.getpid(), signal.SIGTERM)  # the supervisor is gone: stop as if it said so
 
