@@ -1107,15 +1107,26 @@ class Turns:
         finally:
             self.give()
 
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self) -> "_Handover":
         """Around a blocking call: others run meanwhile."""
-        gave = self.give()
-        try:
-            yield
-        finally:
-            if gave:
-                self.take()
+        return _Handover(self)
+
+
+class _Handover:
+    """Turns.waiting(): a class rather than a generator, since every wait of every probe uses it."""
+
+    __slots__ = ("turns", "gave")
+
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
+        self.gave = False
+
+    def __enter__(self) -> None:
+        self.gave = self.turns.give()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.gave:
+            self.turns.take()
 
 
 TURNS = Turns()
@@ -1127,12 +1138,8 @@ def wait_ready(sock: socket.socket, event: int, seconds: float) -> None:
     the wait: the read or write that follows reports it."""
     poller = select.poll()
     poller.register(sock, event)
-    gave = TURNS.give()
-    try:
+    with TURNS.waiting():
         ready = poller.poll(max(seconds, 0.0) * 1000)  # a negative timeout would wait for ever
-    finally:
-        if gave:
-            TURNS.take()
     if not ready:
         raise socket.timeout("timed out")
 
@@ -2056,8 +2063,8 @@ _INF = float("inf")
 
 def format_value(value: float) -> str:
     """A sample value Prometheus reads back exactly."""
-    if value.__class__ is int:
-        return str(value)
+    if isinstance(value, int):  # bools and IntEnums too
+        return "%d" % value
     if value != value:
         return "NaN"
     if value == _INF or value == -_INF:
@@ -2355,9 +2362,6 @@ def _proportional_bytes() -> int:
     return 0
 
 
-def process_samples() -> List[Sample]:
-    figures = process_figures()
-    return figures.samples() if figures else []
 
 
 def _max_fds() -> int:
@@ -2502,19 +2506,26 @@ class Exporter:
     def reload(self) -> Optional[str]:
         """Load --config.file again; on error keep the old config and return why."""
         path = self.settings.config_file
-        worker = self.workers > 1  # the supervisor logs the outcome once every process reloaded
         try:
             config = load_config(path) if path else DEFAULT_CONFIG
         except ConfigError as err:
             self.last_reload = (False, self.last_reload[1])
-            level = "debug" if worker else "error"
-            self.logger.log(level, "Config reload failed, keeping the old config", file=path, err=str(err))
-            return str(err)
-        self.config = config
-        self.last_reload = (True, time.time())
-        level = "debug" if worker else "info"
-        self.logger.log(level, "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
-        return None
+            error: Optional[str] = str(err)
+        else:
+            self.config = config
+            self.last_reload = (True, time.time())
+            error = None
+        if self.workers == 1:  # with workers, the supervisor logs once every process reloaded
+            self.log_reload(error)
+        return error
+
+    def log_reload(self, error: Optional[str]) -> None:
+        path = self.settings.config_file
+        if error is not None:
+            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=error)
+        else:
+            modules, targets = len(self.config.modules), len(self.config.targets)
+            self.logger.log("info", "Config loaded", file=path, modules=modules, targets=targets)
 
     def reload_samples(self) -> List[Sample]:
         successful, when = self.last_reload
@@ -3845,19 +3856,10 @@ class Supervisor:
             return
         del self.gathers[number]
         if gathering.kind == "reload":
-            self.log_reload(gathering.answers)
+            self.exporter.log_reload(next((str(e) for e in gathering.answers if e is not None), None))
         worker = self.workers.get(gathering.asker[0]) if gathering.asker else None
         if worker is not None and gathering.asker is not None:
             self.send(worker, ("reply", gathering.asker[1], gathering.answers))
-
-    def log_reload(self, errors: List[object]) -> None:
-        error = next((e for e in errors if e is not None), None)
-        path = self.exporter.settings.config_file
-        if error is not None:
-            self.exporter.logger.log("error", "Config reload failed, keeping the old config", file=path, err=error)
-            return
-        config = self.exporter.config
-        self.exporter.logger.log("info", "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
 
     def expire(self) -> None:
         now = time.monotonic()
