@@ -76,6 +76,7 @@ from typing import (
     Callable,
     Deque,
     Dict,
+    Generator,
     Iterable,
     Iterator,
     List,
@@ -141,6 +142,7 @@ MAX_CLOSE_FRAMES = 1000  # frames we read while waiting for the server's close
 CLOSE_WAIT_SECONDS = 2.0  # how long a probe waits for the server to answer our close
 RECV_BYTES = 65536
 MAX_RESOLVER_THREADS = 64  # lookups running at once; a hung resolver cannot pile up threads
+RESOLVER_SLOT_PAUSE_SECONDS = 0.01  # how often a lookup waiting for a free thread looks again
 # Linux socket(7) SO_TIMESTAMPNS (the socket module does not name it): the kernel stamps each
 # received segment, so a phase can end when the answer arrived rather than when a thread got the
 # GIL to read it.  The value is 35 on every architecture but alpha, mips, parisc and sparc.
@@ -1012,7 +1014,9 @@ class _Phase:
 
 
 class Connection:
-    """An open socket with the frame reader that decodes what arrives on it."""
+    """An open socket with the frame reader that decodes what arrives on it.  The socket is
+    non-blocking: ``sending`` and ``receiving`` are steps that wait (see Wait); ``send`` and
+    ``recv`` run them in the calling thread."""
 
     def __init__(self, sock: socket.socket, deadline: Deadline) -> None:
         self.sock = sock
@@ -1020,57 +1024,64 @@ class Connection:
         self.reader = FrameReader()
         self.send_started = 0.0  # perf_counter() just before the last send went to the kernel
         self.arrived = 0.0  # perf_counter() when the bytes last received reached this host
+        self._tls = isinstance(sock, ssl.SSLSocket)
         # TLS sockets decrypt through OpenSSL's own reads: their data carries no stamps.
-        self._stamped = bool(SO_TIMESTAMPNS) and not isinstance(sock, ssl.SSLSocket)
-        # A plain socket stays non-blocking and waits in poll(): each settimeout() is a system call
-        # of its own, and the poll it implies another; every one hands the GIL to another thread.
-        self._polled = CAN_POLL and not isinstance(sock, ssl.SSLSocket)
-        if self._polled and sock.gettimeout() != 0.0:  # connect_within made it so already
+        self._stamped = bool(SO_TIMESTAMPNS) and not self._tls
+        if sock.gettimeout() != 0.0:  # connect_steps made it so already
             sock.settimeout(0.0)
 
     def send(self, data: bytes) -> None:
-        """All of ``data`` within the deadline.  Not sendall: an SSLSocket's sendall gives each
-        chunk the whole timeout again, so a peer reading slowly could stretch it past the deadline."""
+        drive(self.sending(data))
+
+    def recv(self, limit: Optional[float] = None) -> bytes:
+        return drive(self.receiving(limit))
+
+    def sending(self, data: bytes) -> Steps[None]:
+        """All of ``data`` within the deadline, however slowly the peer reads."""
         self.send_started = time.perf_counter()
         view = memoryview(data)
         while view:
             left = self.deadline.remaining()
-            if not self._polled:
-                self.sock.settimeout(left)
             try:
-                if self._polled:
-                    sent = self.sock.send(view)
+                if self._tls:
+                    with TURNS.waiting():  # OpenSSL encrypts without the interpreter's lock
+                        view = view[self.sock.send(view) :]
                 else:
-                    with TURNS.waiting():
-                        sent = self.sock.send(view)
-                view = view[sent:]
-            except BlockingIOError:  # a polled socket's send buffer is full: wait for room
-                wait_ready(self.sock, select.POLLOUT, self.deadline.remaining())
+                    view = view[self.sock.send(view) :]
+            except (BlockingIOError, ssl.SSLWantWriteError):  # the send buffer is full: wait for room
+                yield from ready(self.sock, WRITABLE, left)
+            except ssl.SSLWantReadError:  # TLS renegotiation
+                yield from ready(self.sock, READABLE, left)
 
-    def recv(self, limit: Optional[float] = None) -> bytes:
+    def receiving(self, limit: Optional[float] = None) -> Steps[bytes]:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
         timeout = self.deadline.remaining()
         timeout = timeout if limit is None else min(timeout, limit)
-        if not self._polled:
-            self.sock.settimeout(timeout)
-            with TURNS.waiting():
-                data = self.sock.recv(RECV_BYTES)
-            self.arrived = time.perf_counter()
+        if self._stamped:  # nothing is buffered above the kernel: wait first, read once
+            yield from ready(self.sock, READABLE, timeout)
+            data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
+            self.arrived = arrival_time(ancillary)
         else:
-            wait_ready(self.sock, select.POLLIN, timeout)
-            if self._stamped:
-                data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
-                self.arrived = arrival_time(ancillary)
-            else:
-                data = self.sock.recv(RECV_BYTES)
-                self.arrived = time.perf_counter()
+            data = yield from self._read(timeout)
+            self.arrived = time.perf_counter()
         if not data:
             raise ProbeError("connection_closed", "peer closed the connection")
         return data
 
+    def _read(self, timeout: float) -> Steps[bytes]:
+        """A TLS socket may hold decrypted bytes already: read first, wait when it says so."""
+        while True:
+            try:
+                with TURNS.waiting():
+                    return self.sock.recv(RECV_BYTES)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                yield from ready(self.sock, READABLE, timeout)
+            except ssl.SSLWantWriteError:
+                yield from ready(self.sock, WRITABLE, timeout)
+
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if SO_TIMESTAMPNS else 0
-CAN_POLL = hasattr(select, "poll")  # not on Windows: sockets there keep their timeouts
+CAN_POLL = hasattr(select, "poll")  # not on Windows, which waits in select()
 
 
 class Turns:
@@ -1132,15 +1143,95 @@ class _Handover:
 TURNS = Turns()
 
 
-def wait_ready(sock: socket.socket, event: int, seconds: float) -> None:
-    """Wait until a non-blocking socket can be read (POLLIN) or written (POLLOUT); socket.timeout
-    after ``seconds``, as a socket with that timeout would raise.  An error or hang-up also ends
-    the wait: the read or write that follows reports it."""
-    poller = select.poll()
-    poller.register(sock, event)
+READABLE = 0x001  # POLLIN, and EPOLLIN alike
+WRITABLE = 0x004  # POLLOUT, and EPOLLOUT alike
+
+
+class Completion:
+    """Set once, by another thread (a name lookup's); what a Wait for it wakes up."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: List[Callable[[], None]] = []
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """``callback`` once set: now if it is, else in the setting thread."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
+class Wait(NamedTuple):
+    """What a probe's steps wait for: ``sock`` to become ready for ``events`` (READABLE or
+    WRITABLE), or ``done`` to be set, or neither (a pause); at most ``seconds``.  Steps are
+    generators that yield Waits; whoever drives them sends back True when the wait ended by
+    the event, False when its time ran out.  ``drive`` runs them in the calling thread; the
+    connection loop (EventLoop) runs many at once in one."""
+
+    sock: Optional[socket.socket]
+    events: int
+    seconds: float
+    done: Optional[Completion] = None
+
+
+_T = TypeVar("_T")
+Steps = Generator[Wait, bool, _T]
+
+
+def ready(sock: socket.socket, events: int, seconds: float) -> Steps[None]:
+    """Until ``sock`` is ready for ``events``; socket.timeout after ``seconds``, as a socket with
+    that timeout would raise.  An error or hang-up also ends the wait: the read or write that
+    follows reports it."""
+    if not (yield Wait(sock, events, seconds)):
+        raise socket.timeout("timed out")
+
+
+def drive(steps: "Steps[_T]") -> _T:
+    """Run ``steps`` to the end in this thread, blocking at each wait."""
+    try:
+        wait = next(steps)
+        while True:
+            wait = steps.send(block(wait))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+def block(wait: Wait) -> bool:
+    """One Wait, in this thread; others take their turns meanwhile."""
+    seconds = max(wait.seconds, 0.0)  # a negative timeout would wait for ever
     with TURNS.waiting():
-        ready = poller.poll(max(seconds, 0.0) * 1000)  # a negative timeout would wait for ever
-    if not ready:
+        if wait.done is not None:
+            return wait.done.wait(seconds)
+        if wait.sock is None:
+            time.sleep(seconds)
+            return False
+        if CAN_POLL:
+            poller = select.poll()
+            poller.register(wait.sock, wait.events)
+            return bool(poller.poll(seconds * 1000))
+        watched = [wait.sock]  # no poll() (Windows)
+        readable, writable, failed = select.select(
+            watched if wait.events & READABLE else [], watched if wait.events & WRITABLE else [], watched, seconds
+        )
+        return bool(readable or writable or failed)
+
+
+def wait_ready(sock: socket.socket, events: int, seconds: float) -> None:
+    """``ready`` in this thread."""
+    if not block(Wait(sock, events, seconds)):
         raise socket.timeout("timed out")
 
 
@@ -1175,18 +1266,31 @@ def run_probe(
     log: ProbeLog,
     policy: TargetPolicy = TargetPolicy(),
 ) -> None:
+    """``probe_steps`` in this thread."""
+    drive(probe_steps(raw_target, module, deadline, result, log, policy))
+
+
+def probe_steps(
+    raw_target: str,
+    module: Module,
+    deadline: Deadline,
+    result: ProbeResult,
+    log: ProbeLog,
+    policy: TargetPolicy = TargetPolicy(),
+) -> Steps[None]:
     """Probe ``raw_target`` with ``module``, recording into ``result``.  Never raises: every
-    failure ends up as ``result.failure``."""
+    failure ends up as ``result.failure``.  A module's checks run in the driving thread: only
+    a driver that can block may drive a module with checks (Module.runs_checks)."""
     start = time.perf_counter()
     sock: Optional[socket.socket] = None
     try:
         target = parse_target(raw_target)
         policy.check_host(target.host)
-        conn = open_websocket(target, module, deadline, result, log, policy)
+        conn = yield from open_steps(target, module, deadline, result, log, policy)
         sock = conn.sock
         if module.runs_checks():
             run_checks(conn, module, result, log)
-        close_websocket(conn, result, log)
+        yield from close_steps(conn, result, log)
     except ProbeError as err:
         _record_failure(result, err, log)
     except (OSError, ValueError) as err:
@@ -1220,41 +1324,41 @@ def _classify_os_error(err: Exception) -> ProbeError:
     return ProbeError("connect_error", str(err) or type(err).__name__)
 
 
-def open_websocket(
+def open_steps(
     target: Target,
     module: Module,
     deadline: Deadline,
     result: ProbeResult,
     log: ProbeLog,
     policy: TargetPolicy = TargetPolicy(),
-) -> Connection:
+) -> Steps[Connection]:
     """Resolve, connect, negotiate TLS and upgrade; return the open WebSocket."""
     log.log("debug", "Beginning probe", timeout=deadline.seconds)
     proxy = proxy_for(target, module)
     host, port = (proxy.hostname or "", proxy.port or HTTP_PORT) if proxy else (target.host, target.port)
     with _Phase(result, "resolve"):
-        addresses = by_family(resolve(host, port, deadline), module)
+        addresses = by_family((yield from resolve_steps(host, port, deadline)), module)
         if proxy is None:
             policy.check_addresses(addresses)
         elif policy.deny_private:
             # The proxy resolves the target itself: check what the name means from here.
-            policy.check_addresses(resolve(target.host, target.port, deadline))
+            policy.check_addresses((yield from resolve_steps(target.host, target.port, deadline)))
     log.log("debug", "Resolved", addresses=len(addresses))
     if proxy:
         log.log("debug", "Connecting through a proxy", proxy=redact_proxy_url(proxy.geturl()))
     with _Phase(result, "connect"):
-        sock = connect(addresses, deadline, result)
+        sock = yield from connect_steps(addresses, deadline, result)
         if proxy:
-            tunnel(sock, target, proxy, deadline)
+            yield from tunnel_steps(sock, target, proxy, deadline)
     try:
         log.log("debug", "Connected", ip_protocol=result.ip_protocol)
         if target.secure:
             with _Phase(result, "tls"):
-                sock = start_tls(sock, target.host, deadline, result, module.tls_context, module.tls.server_name)
+                sock = yield from tls_steps(sock, target.host, deadline, result, module.tls_context, module.tls.server_name)
             log.log("debug", "TLS established", version=result.tls_version, cipher=result.tls_cipher)
         with _Phase(result, "upgrade") as phase:
             conn = Connection(sock, deadline)
-            upgrade(conn, target, module, result)
+            yield from upgrade_steps(conn, target, module, result)
             # The span the server and the network took, not the moments this thread held the GIL.
             phase.start, phase.end = conn.send_started, conn.arrived
     except BaseException:
@@ -1269,6 +1373,10 @@ AddrInfo = Tuple[int, Tuple[object, ...]]  # (family, sockaddr)
 
 
 def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
+    return drive(resolve_steps(host, port, deadline))
+
+
+def resolve_steps(host: str, port: int, deadline: Deadline) -> Steps[List[AddrInfo]]:
     """getaddrinfo under the deadline: it has no timeout of its own, so a name (not an IP
     literal) is looked up in a helper thread that the probe stops waiting for."""
     try:
@@ -1276,7 +1384,7 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     except ValueError:
         pass
     box: List[Union[List[AddrInfo], BaseException]] = []
-    done = threading.Event()
+    done = Completion()
 
     def lookup() -> None:
         try:
@@ -1287,18 +1395,17 @@ def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
             _RESOLVER_SLOTS.release()
         done.set()
 
-    with TURNS.waiting():
-        slot = _RESOLVER_SLOTS.acquire(timeout=deadline.remaining())
-    if not slot:
-        raise ProbeError("timeout", "every resolver thread is busy")
+    while not _RESOLVER_SLOTS.acquire(blocking=False):
+        left = deadline.expires - time.monotonic()
+        if left <= 0:
+            raise ProbeError("timeout", "every resolver thread is busy")
+        yield Wait(None, 0, min(left, RESOLVER_SLOT_PAUSE_SECONDS))
     try:
         threading.Thread(target=lookup, name="resolve", daemon=True).start()
     except BaseException:  # no thread (RuntimeError when the system refuses one): free its slot
         _RESOLVER_SLOTS.release()
         raise
-    with TURNS.waiting():
-        finished = done.wait(deadline.remaining())
-    if not finished:
+    if not (yield Wait(None, 0, deadline.remaining(), done)):
         raise ProbeError("timeout", "name resolution did not finish before the deadline")
     outcome = box[0]
     if isinstance(outcome, socket.gaierror):
@@ -1343,7 +1450,7 @@ def bypasses_proxy(host: str) -> bool:
     return False
 
 
-def tunnel(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult, deadline: Deadline) -> None:
+def tunnel_steps(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult, deadline: Deadline) -> Steps[None]:
     """RFC 9110 §9.3.6: ask an HTTP proxy to CONNECT to the target; the socket is closed on failure."""
     lines = ["CONNECT %s HTTP/1.1" % target.host_port, "Host: %s" % target.host_port, "User-Agent: %s" % USER_AGENT]
     if proxy.username:
@@ -1351,8 +1458,8 @@ def tunnel(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult,
         lines.append("Proxy-Authorization: Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii"))
     try:
         conn = Connection(sock, deadline)
-        conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
-        response = read_response_head(conn)
+        yield from conn.sending(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+        response = yield from response_head_steps(conn)
     except HandshakeError as err:
         sock.close()
         raise ProbeError("connect_error", "proxy: %s" % err.detail, "connect")
@@ -1390,7 +1497,7 @@ def _getaddrinfo(host: str, port: int, flags: int) -> List[AddrInfo]:
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) -> socket.socket:
+def connect_steps(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) -> Steps[socket.socket]:
     """Try each address in turn within the deadline; the first that connects wins."""
     last: Optional[Exception] = None
     for family, sockaddr in addresses:
@@ -1398,7 +1505,7 @@ def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) 
         deadline.remaining()  # before the socket exists: a timeout here leaks nothing
         sock = socket.socket(family, _NONBLOCKING_STREAM)
         try:
-            connect_within(sock, sockaddr, deadline)
+            yield from connecting(sock, sockaddr, deadline)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             enable_arrival_stamps(sock)
             return sock
@@ -1415,19 +1522,14 @@ def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) 
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
-def connect_within(sock: socket.socket, sockaddr: Tuple[object, ...], deadline: Deadline) -> None:
-    """A non-blocking connect that waits in poll(), so that a slow peer holds up no other thread;
-    the socket stays non-blocking.  Raises what a blocking connect would (ConnectionRefusedError
-    and the like from the errno; socket.timeout)."""
-    if not CAN_POLL:
-        sock.settimeout(deadline.remaining())
-        sock.connect(sockaddr)
-        return
+def connecting(sock: socket.socket, sockaddr: Tuple[object, ...], deadline: Deadline) -> Steps[None]:
+    """A non-blocking connect, which leaves the socket non-blocking.  Raises what a blocking
+    connect would (ConnectionRefusedError and the like from the errno; socket.timeout)."""
     if sock.gettimeout() != 0.0:
         sock.setblocking(False)
     err = sock.connect_ex(sockaddr)
     if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-        wait_ready(sock, select.POLLOUT, deadline.remaining())
+        yield from ready(sock, WRITABLE, deadline.remaining())
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
@@ -1447,23 +1549,29 @@ def default_tls_context() -> ssl.SSLContext:
         return _TLS_CONTEXT
 
 
-def start_tls(
+def tls_steps(
     sock: socket.socket,
     host: str,
     deadline: Deadline,
     result: ProbeResult,
     context: Optional[ssl.SSLContext] = None,
     server_name: str = "",
-) -> ssl.SSLSocket:
+) -> Steps[ssl.SSLSocket]:
     """TLS with SNI and certificate verification, within the deadline; ``context`` and
-    ``server_name`` come from a module's tls settings."""
-    sock.settimeout(deadline.remaining())
+    ``server_name`` come from a module's tls settings.  The socket stays non-blocking."""
     tls = (context or default_tls_context()).wrap_socket(
         sock, server_hostname=server_name or host, do_handshake_on_connect=False
     )
     try:
-        with TURNS.waiting():  # OpenSSL does its arithmetic without the interpreter's lock
-            tls.do_handshake()
+        while True:
+            try:
+                with TURNS.waiting():  # OpenSSL does its arithmetic without the interpreter's lock
+                    tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                yield from ready(tls, READABLE, deadline.remaining())
+            except ssl.SSLWantWriteError:
+                yield from ready(tls, WRITABLE, deadline.remaining())
     except BaseException:
         tls.close()  # wrap_socket took over the descriptor: the plain socket can no longer close it
         raise
@@ -1501,12 +1609,12 @@ def certificate_expiry(tls: ssl.SSLSocket) -> Optional[float]:
     return expiry
 
 
-def upgrade(conn: Connection, target: Target, module: Module, result: ProbeResult) -> None:
+def upgrade_steps(conn: Connection, target: Target, module: Module, result: ProbeResult) -> Steps[None]:
     """RFC 6455 §4.1: send the opening handshake and validate the answer."""
     key = new_key()
-    conn.send(build_upgrade_request(target.host_header(), target.resource, key, upgrade_headers(target, module)))
+    yield from conn.sending(build_upgrade_request(target.host_header(), target.resource, key, upgrade_headers(target, module)))
     try:
-        response = read_response_head(conn)
+        response = yield from response_head_steps(conn)
     except ProbeError as err:
         if err.reason == "connection_closed":
             raise HandshakeError("connection_closed", "connection closed before the upgrade response")
@@ -1516,11 +1624,11 @@ def upgrade(conn: Connection, target: Target, module: Module, result: ProbeResul
     conn.reader.feed(response.rest)
 
 
-def read_response_head(conn: Connection) -> HandshakeResponse:
+def response_head_steps(conn: Connection) -> Steps[HandshakeResponse]:
     """An HTTP response head from the peer (a proxy or the WebSocket server), within the deadline."""
     parser = ResponseParser()
     while True:
-        response = parser.feed(conn.recv())
+        response = parser.feed((yield from conn.receiving()))
         if response is not None:
             return response
 
@@ -1537,13 +1645,13 @@ def upgrade_headers(target: Target, module: Module) -> List[Tuple[str, str]]:
     return headers
 
 
-def close_websocket(conn: Connection, result: ProbeResult, log: ProbeLog) -> None:
+def close_steps(conn: Connection, result: ProbeResult, log: ProbeLog) -> Steps[None]:
     """RFC 6455 §7.1.2: send close 1000 and wait a while for the server's close.  A server
     that never answers leaves close code 0 but does not fail the probe; a protocol error does."""
     with _Phase(result, "close"):
-        conn.send(encode_close(CloseCode.NORMAL))
+        yield from conn.sending(encode_close(CloseCode.NORMAL))
         try:
-            close = wait_for_close(conn)
+            close = yield from wait_for_close(conn)
         except ProbeError as err:
             if err.reason not in ("timeout", "connection_closed"):
                 raise
@@ -1556,14 +1664,14 @@ def close_websocket(conn: Connection, result: ProbeResult, log: ProbeLog) -> Non
     log.log("debug", "Close answered", close_code=close.code)
 
 
-def wait_for_close(conn: Connection) -> Close:
+def wait_for_close(conn: Connection) -> Steps[Close]:
     limit = time.monotonic() + CLOSE_WAIT_SECONDS
     frames = 0
     while conn.reader.closed is None:
         left = limit - time.monotonic()
         if left <= 0:
             raise ProbeError("timeout", "no close frame within %gs" % CLOSE_WAIT_SECONDS)
-        frames += len(conn.reader.feed(conn.recv(left)))
+        frames += len(conn.reader.feed((yield from conn.receiving(left))))
         if frames > MAX_CLOSE_FRAMES:
             raise FrameError("more than %d frames after our close" % MAX_CLOSE_FRAMES)
     return conn.reader.closed
@@ -1846,7 +1954,7 @@ _CONNECTION_LOST = frozenset(("connection_closed", "protocol_error", "message_to
 
 def close_after_failure(conn: Connection, result: ProbeResult, log: ProbeLog) -> None:
     try:
-        close_websocket(conn, result, log)
+        drive(close_steps(conn, result, log))
     except (ProbeError, OSError) as err:
         log.log("debug", "Close after a failed check failed too", err=type(err).__name__)
 
@@ -2744,7 +2852,7 @@ class _RequestReader(io.RawIOBase):
             if timeout <= 0:
                 raise socket.timeout("request not received within %gs" % REQUEST_READ_SECONDS)
         if self.polled:
-            wait_ready(self.sock, select.POLLIN, timeout)
+            wait_ready(self.sock, READABLE, timeout)
             count = self.sock.recv_into(buffer)
         else:
             self.sock.settimeout(timeout)
@@ -2797,7 +2905,7 @@ class _SocketWriter(io.BufferedIOBase):
             try:
                 view = view[self.sock.send(view) :]
             except BlockingIOError:  # the send buffer is full: wait for room
-                wait_ready(self.sock, select.POLLOUT, left)
+                wait_ready(self.sock, WRITABLE, left)
 
 
 class RequestHeaders:
