@@ -52,6 +52,7 @@ import fnmatch
 import functools
 import gc
 import hashlib
+import heapq
 import hmac
 import http
 import io
@@ -158,6 +159,7 @@ RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 256  # connections accepted per wake-up of the accept loop
 ACCEPT_RETRY_SECONDS = 0.1  # the accept loop's pause when the process is out of descriptors
+LOOP_STOP_SECONDS = 2.0  # how long a server's close waits for its connection loop to end
 MAX_AUTO_WORKERS = 8  # worker processes --web.workers=0 starts at most (one per usable CPU)
 MAX_WORKERS = 64
 GATHER_SECONDS = 1.0  # how long the supervisor waits for every worker's answer to a question
@@ -2516,9 +2518,12 @@ def format_json(level: str, msg: str, fields: Dict[str, object]) -> str:
 
 def format_exception() -> str:
     """The exception being handled, with its traceback; imported only then (a bug, or a client
-    that broke a connection in an unusual way): the module and its helpers take ~0.6 MB."""
-    import traceback
-
+    that broke a connection in an unusual way): the module and its helpers take ~0.6 MB.  Out of
+    descriptors the import itself fails: then the exception alone."""
+    try:
+        import traceback
+    except ImportError:
+        return repr(sys.exc_info()[1])
     return traceback.format_exc()
 
 
@@ -2661,21 +2666,37 @@ class Exporter:
         """Run one probe whose deadline counts from ``start`` (when its request arrived);
         Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
         by ``alias`` when given (its URL may hold a token)."""
+        run = self.begin_probe(target, module, timeout, start, alias)
+        try:
+            drive(run.steps)
+        finally:
+            run.finish()
+        return run.result, run.log
+
+    def begin_probe(
+        self, target: str, module: Module, timeout: float, start: Optional[float] = None, alias: str = ""
+    ) -> "ProbeRun":
+        """A probe to drive (its ``steps``), then ``finish``; Overloaded as ``probe``."""
         result = ProbeResult(module.name, timeout)
         redacted = alias or _redact_raw_target(target)
         log = ProbeLog(self.logger, target, module=module.name, target=redacted)
-        started = time.time()
-        # Nothing that can raise stands between taking the slot and the try that frees it.
+        # Nothing that can raise stands between taking the slot and the ProbeRun that frees it.
         if not self.stats.begin(self.settings.max_concurrent):
             raise Overloaded("Too many probes in flight")
-        try:
-            run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
-        finally:
-            self.stats.end(result)
-        if result.success:
-            log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
-        self.recent.add(started, module, redacted, result, log)
-        return result, log
+        steps = probe_steps(target, module, Deadline(timeout, start), result, log, self.policy)
+        return ProbeRun(self, module, redacted, result, log, steps)
+
+    def probe_request(self, query: str, scrape_timeout: Optional[str]) -> "ProbeRequest":
+        """What a /probe query string asks for; BadRequest when it cannot be served."""
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
+        target = single_param(params, "target")
+        if not target:
+            raise BadRequest("Target parameter is missing")
+        alias = self.config.targets.get(target)
+        module = lookup_module(single_param(params, "module") or (alias.module if alias else "connect"), self.config.modules)
+        timeout = self.probe_timeout(module, scrape_timeout)
+        debug = (single_param(params, "debug") or "").lower() == "true"
+        return ProbeRequest(alias.url if alias else target, module, timeout, debug, alias.name if alias else "")
 
     def telemetry(self) -> str:
         return render_samples(self.telemetry_samples())
@@ -2739,6 +2760,36 @@ class Exporter:
         if kind == "reload":
             return self.reload()
         return None
+
+
+class ProbeRequest(NamedTuple):
+    target: str  # the URL to probe (an alias's own)
+    module: Module
+    timeout: float
+    debug: bool
+    alias: str  # the alias name the request gave, "" for a URL
+
+
+class ProbeRun:
+    """One probe begun by Exporter.begin_probe: its steps to drive, then ``finish``, once."""
+
+    def __init__(
+        self, exporter: Exporter, module: Module, target: str, result: ProbeResult, log: ProbeLog, steps: Steps[None]
+    ) -> None:
+        self.exporter = exporter
+        self.module = module
+        self.target = target  # redacted, or an alias
+        self.result = result
+        self.log = log
+        self.steps = steps
+        self.started = time.time()
+
+    def finish(self) -> None:
+        """Frees the probe's slot and keeps it among the recent probes."""
+        self.exporter.stats.end(self.result)
+        if self.result.success:
+            self.log.log("debug", "Probe succeeded", duration_seconds=round(self.result.total, 6))
+        self.exporter.recent.add(self.started, self.module, self.target, self.result, self.log)
 
 
 def _redact_raw_target(raw: str) -> str:
@@ -2833,9 +2884,10 @@ class _RequestReader(io.RawIOBase):
     KEEPALIVE_IDLE_SECONDS for its next request; once the first byte of a request arrives, the
     rest must arrive within REQUEST_READ_SECONDS, however slowly it drips."""
 
-    def __init__(self, sock: socket.socket, accepted: float, polled: bool = False) -> None:
+    def __init__(self, sock: socket.socket, accepted: float, polled: bool = False, early: bytes = b"") -> None:
         super().__init__()
         self.sock = sock
+        self.early = early  # what the connection loop read already: read first
         self.polled = polled  # non-blocking, waits in poll() (see Connection)
         self.deadline: Optional[float] = None
         self.accepted = accepted  # when the connection was accepted, until its first request
@@ -2851,7 +2903,10 @@ class _RequestReader(io.RawIOBase):
             timeout = self.deadline - time.monotonic()
             if timeout <= 0:
                 raise socket.timeout("request not received within %gs" % REQUEST_READ_SECONDS)
-        if self.polled:
+        if self.early:
+            count = min(len(buffer), len(self.early))
+            buffer[:count], self.early = self.early[:count], self.early[count:]
+        elif self.polled:
             wait_ready(self.sock, READABLE, timeout)
             count = self.sock.recv_into(buffer)
         else:
@@ -2970,20 +3025,58 @@ def reason_phrase(status: int) -> str:
         return ""
 
 
+SERVER_HEADER = "%s/%s" % (EXPORTER_NAME, __version__)
+OVERLOADED_HEADERS = (("Retry-After", "1"),)
+
+
+def response_bytes(
+    status: int, body: str, content_type: str, headers: Sequence[Tuple[str, str]], close: bool, head_only: bool = False
+) -> bytes:
+    """A whole HTTP/1.1 response, head and body in one piece (see _SocketWriter)."""
+    data = body.encode("utf-8")
+    lines = [
+        "HTTP/1.1 %d %s" % (status, reason_phrase(status)),
+        "Server: " + SERVER_HEADER,
+        "Date: " + http_date(int(time.time())),
+        "Content-Type: " + content_type,
+        "Content-Length: %d" % len(data),
+    ]
+    lines.extend("%s: %s" % header for header in headers)
+    if close:
+        lines.append("Connection: close")  # RFC 7230 §6.6
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1")
+    return head if head_only else head + data
+
+
+def log_request(logger: Logger, method: str, path: str, code: int) -> None:
+    # The query carries targets: never logged.
+    logger.log("debug", "HTTP request", method=method, path=path.partition("?")[0], code=str(code))
+
+
+def split_request_line(line: bytes) -> Optional[Tuple[str, str, str, str]]:
+    """RFC 7230 §3.1.1: (method, target, version, major version) of a request line; None when
+    it has not three words or the last is no HTTP version."""
+    words = line.decode("iso-8859-1").split()
+    version = _HTTP_VERSION.fullmatch(words[-1]) if len(words) == 3 else None
+    if version is None:
+        return None
+    return words[0], words[1], words[2], version.group(1)
+
+
 class Handler(socketserver.BaseRequestHandler):
     """HTTP/1.1 on one client connection (RFC 7230): requests read one after another while the
     connection is kept alive (§6.3), each answered whole.  /probe, the telemetry path, /, /logs
     and /-/healthy by GET or HEAD; /-/reload by POST; any other method is 405."""
 
     server: "ExporterServer"
-    server_version = "%s/%s" % (EXPORTER_NAME, __version__)
 
     def setup(self) -> None:
         self.connection = self.request
         polled = CAN_POLL and not isinstance(self.connection, ssl.SSLSocket)
         if polled:
             self.connection.settimeout(0.0)
-        self._reader = _RequestReader(self.connection, self.server.accepted.pop(self.connection.fileno(), 0.0), polled)
+        fd = self.connection.fileno()
+        self._reader = _RequestReader(self.connection, self.server.accepted.pop(fd, 0.0), polled, self.server.early.pop(fd, b""))
         self.rfile = io.BufferedReader(self._reader)
         self.wfile = _SocketWriter(self.connection, polled)
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
@@ -3019,18 +3112,16 @@ class Handler(socketserver.BaseRequestHandler):
 
     def parse_request(self, line: bytes) -> bool:
         """The request line (RFC 7230 §3.1.1) and header fields; False after answering an error."""
-        requestline = line.decode("iso-8859-1").rstrip("\r\n")
-        words = requestline.split()
-        if not words:
+        if not line.split():
             return False
-        version = _HTTP_VERSION.fullmatch(words[-1]) if len(words) == 3 else None
-        if version is None:
-            self.send_error(400, "Bad request syntax (%r)" % requestline)
+        parts = split_request_line(line)
+        if parts is None:
+            self.send_error(400, "Bad request syntax (%r)" % line.decode("iso-8859-1").rstrip("\r\n"))
             return False
-        if version.group(1) != "1":
-            self.send_error(505, "Invalid HTTP version (%s)" % words[2])
+        self.command, path, self.request_version, major = parts
+        if major != "1":
+            self.send_error(505, "Invalid HTTP version (%s)" % self.request_version)
             return False
-        self.command, path, self.request_version = words
         self.path = "/" + path.lstrip("/") if path.startswith("//") else path  # never a scheme-relative URL
         try:
             self.headers = read_request_headers(self.rfile)
@@ -3084,30 +3175,21 @@ class Handler(socketserver.BaseRequestHandler):
 
     def serve_probe(self, query: str) -> None:
         exporter = self.server.exporter
-        config = exporter.config
-        params = urllib.parse.parse_qs(query, keep_blank_values=True)
         try:
-            target = single_param(params, "target")
-            if not target:
-                raise BadRequest("Target parameter is missing")
-            alias = config.targets.get(target)
-            default_module = alias.module if alias else "connect"
-            module = lookup_module(single_param(params, "module") or default_module, config.modules)
-            timeout = exporter.probe_timeout(module, self.headers.get(SCRAPE_TIMEOUT_HEADER))
-            debug = (single_param(params, "debug") or "").lower() == "true"
+            request = exporter.probe_request(query, self.headers.get(SCRAPE_TIMEOUT_HEADER))
         except BadRequest as err:
             self.respond(400, "%s\n" % err)
             return
         try:
             # The deadline counts from the request's arrival: time it waited here is the scraper's too.
             result, log = exporter.probe(
-                alias.url if alias else target, module, timeout, self._reader.started, alias.name if alias else ""
+                request.target, request.module, request.timeout, self._reader.started, request.alias
             )
         except Overloaded as err:
-            self.respond(503, "%s\n" % err, headers=(("Retry-After", "1"),))
+            self.respond(503, "%s\n" % err, headers=OVERLOADED_HEADERS)
             return
-        if debug:
-            self.respond(200, debug_page(log, result, module))
+        if request.debug:
+            self.respond(200, debug_page(log, result, request.module))
         else:
             self.respond_metrics(probe_samples(result))
 
@@ -3181,25 +3263,8 @@ class Handler(socketserver.BaseRequestHandler):
         content_type: str = "text/plain; charset=utf-8",
         headers: Sequence[Tuple[str, str]] = (),
     ) -> None:
-        data = body.encode("utf-8")
-        lines = [
-            "HTTP/1.1 %d %s" % (status, reason_phrase(status)),
-            "Server: " + self.server_version,
-            "Date: " + http_date(int(time.time())),
-            "Content-Type: " + content_type,
-            "Content-Length: %d" % len(data),
-        ]
-        lines.extend("%s: %s" % header for header in headers)
-        if self.close_connection:
-            lines.append("Connection: close")  # RFC 7230 §6.6
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1"))
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        self.log_request(status)
-
-    def log_request(self, code: int) -> None:
-        path = self.path.partition("?")[0]  # the query carries targets: never logged
-        self.server.exporter.logger.log("debug", "HTTP request", method=self.command, path=path, code=str(code))
+        self.wfile.write(response_bytes(status, body, content_type, headers, self.close_connection, self.command == "HEAD"))
+        log_request(self.server.exporter.logger, self.command, self.path, status)
 
     def log_message(self, format: str, *args: object) -> None:
         detail = _QUERY_IN_TEXT.sub("?<redacted>", format % args)
@@ -3242,6 +3307,10 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         self.web = web
         self.auth = BasicAuth(web.users) if web.users else None
         self.tls = ServerTLS(web.tls, exporter.logger) if web.tls is not None else None
+        # Plain HTTP connections go to the connection loop (see serve_forever); with TLS or
+        # passwords on, each has a thread.
+        self.loop: Optional[EventLoop] = None
+        self.early: Dict[int, bytes] = {}  # descriptor -> bytes the loop read before handing it over
         super().__init__(address, Handler, handoff is None)
         if handoff is not None:
             self.socket.close()
@@ -3292,15 +3361,44 @@ class ExporterServer(socketserver.ThreadingTCPServer):
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         """A thread per connection, up to --web.max-connections; past that a quick 503."""
         if self.connection_slots.acquire(blocking=False):
-            try:
-                super().process_request(request, client_address)
+            if self.loop is not None:
+                self.loop.adopt(request, client_address, self.accepted.pop(request.fileno(), 0.0) or time.monotonic())
                 return
-            except RuntimeError:  # the system refused another thread
-                self.connection_slots.release()
+            self.serve_in_thread(request, client_address)
+            return
         self.exporter.stats.reject("connections")
         self.accepted.pop(request.fileno(), None)
         _refuse_connection(request)
         self.shutdown_request(request)
+
+    def serve_in_thread(self, request: socket.socket, client_address: object, early: bytes = b"", started: float = 0.0) -> None:
+        """A handler thread for the connection, which holds a connection slot already; ``early``
+        is what arrived of its next request, since ``started``."""
+        if started:
+            self.accepted[request.fileno()] = started
+        if early:
+            self.early[request.fileno()] = early
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # the system refused another thread
+            self.connection_slots.release()
+            self.exporter.stats.reject("connections")
+            self.accepted.pop(request.fileno(), None)
+            self.early.pop(request.fileno(), None)
+            _refuse_connection(request)
+            self.shutdown_request(request)
+
+    def serve_forever(self, poll_interval: float = 0.2) -> None:
+        """Accept connections until shutdown(); the connection loop starts here, in the process
+        that serves them (not in a supervisor, which only accepts)."""
+        if CAN_EPOLL and self.tls is None and self.auth is None and self.loop is None:
+            self.loop = EventLoop(self)
+        super().serve_forever(poll_interval)
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.loop is not None:
+            self.loop.stop()
 
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         try:
@@ -3346,6 +3444,374 @@ def _refuse_connection(sock: socket.socket) -> None:
         sock.send(_OVERLOADED_RESPONSE)
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The connection loop: plain HTTP connections and their probes, many at once in one thread
+# ----------------------------------------------------------------------------------------------
+
+CAN_EPOLL = hasattr(select, "epoll")  # Linux
+_ONESHOT = getattr(select, "EPOLLONESHOT", 0)
+MAX_LOOP_HEAD_BYTES = 16384  # a longer request head goes to a handler thread, which knows every limit
+MAX_STALE_TIMERS = 1024  # cancelled timers kept in the heap before it is rebuilt without them
+
+
+class _Timer:
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+
+class EventLoop:
+    """One thread that serves plain HTTP connections: it reads their requests and drives the
+    steps of their probes, all at once, waking only when a socket is ready or a time is up.
+    With a thread per connection, a third of a probe's CPU time went on handing the interpreter
+    from thread to thread and on waking threads.  Whatever the loop does not serve itself (any
+    request but a GET of a probe that runs no checks) it hands, with its connection, to a
+    handler thread for good.  Only the accept thread talks to it from outside: ``adopt``."""
+
+    def __init__(self, server: "ExporterServer") -> None:
+        self.server = server
+        self.logger = server.exporter.logger
+        self.poller = select.epoll()
+        self.watched: Dict[int, Callable[[], None]] = {}  # descriptor -> what to call when it is ready
+        self.timers: List[Tuple[float, int, _Timer]] = []  # a heap
+        self.timer_count = 0  # tie-breaker for timers due at once
+        self.stale_timers = 0
+        self.connections: Set["_LoopConnection"] = set()
+        self.calls: Deque[Callable[[], None]] = collections.deque()  # from other threads
+        self.calls_lock = threading.Lock()
+        self.wakeup, self.waker = socket.socketpair()
+        self.wakeup.setblocking(False)
+        self.waker.setblocking(False)
+        self.watch(self.wakeup.fileno(), READABLE, self._woken, oneshot=False)
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="loop", daemon=True)
+        self.thread.start()
+
+    # -- used from other threads
+
+    def adopt(self, sock: socket.socket, address: object, accepted: float) -> None:
+        """A connection the accept thread took, accepted at ``accepted`` (time.monotonic())."""
+        self.call_soon(lambda: _LoopConnection(self, sock, address, accepted).begin())
+
+    def call_soon(self, call: Callable[[], None]) -> None:
+        with self.calls_lock:
+            self.calls.append(call)
+            first = len(self.calls) == 1
+        if first:  # later ones find the loop woken already
+            with contextlib.suppress(BlockingIOError):
+                self.waker.send(b"\0")
+
+    def stop(self) -> None:
+        """Closes every connection and the probes running for them; returns once the loop ended."""
+        self.call_soon(self._stop)
+        self.thread.join(LOOP_STOP_SECONDS)
+
+    # -- in the loop's thread
+
+    def run(self) -> None:
+        while not self.stopping:
+            for fd, _ in self.poller.poll(self._fire_timers()):
+                callback = self.watched.get(fd)
+                if callback is not None:
+                    self.call(callback)
+        self.poller.close()
+        self.wakeup.close()
+        self.waker.close()
+
+    def call(self, callback: Callable[[], None]) -> None:
+        """A callback that fails (a bug) is logged; the loop goes on."""
+        try:
+            callback()
+        except Exception:
+            self.logger.log("error", "Connection loop callback failed", traceback=format_exception())
+
+    def watch(self, fd: int, events: int, callback: Callable[[], None], oneshot: bool = True) -> None:
+        """Calls ``callback`` when ``fd`` is ready for ``events``: once (then watch it again), or
+        every time."""
+        events |= _ONESHOT if oneshot else 0
+        if fd in self.watched:
+            try:
+                self.poller.modify(fd, events)
+                self.watched[fd] = callback
+                return
+            except FileNotFoundError:  # closed meanwhile; the number was given to a new socket
+                pass
+        self.poller.register(fd, events)
+        self.watched[fd] = callback
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd``; before the socket closes, or after (then the system forgot it)."""
+        if self.watched.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.poller.unregister(fd)
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> _Timer:
+        timer = _Timer(callback)
+        self.timer_count += 1
+        heapq.heappush(self.timers, (time.monotonic() + max(seconds, 0.0), self.timer_count, timer))
+        return timer
+
+    def cancel(self, timer: Optional[_Timer]) -> None:
+        if timer is None or timer.cancelled:
+            return
+        timer.cancelled = True
+        self.stale_timers += 1
+        if self.stale_timers > MAX_STALE_TIMERS and self.stale_timers > len(self.timers) // 2:
+            self.timers = [entry for entry in self.timers if not entry[2].cancelled]
+            heapq.heapify(self.timers)
+            self.stale_timers = 0
+
+    def _fire_timers(self) -> float:
+        """Calls what is due; the seconds until the next timer, -1 for none."""
+        now = time.monotonic()
+        while self.timers:
+            when, _, timer = self.timers[0]
+            if timer.cancelled:
+                heapq.heappop(self.timers)
+                self.stale_timers = max(self.stale_timers - 1, 0)
+            elif when <= now:
+                heapq.heappop(self.timers)
+                timer.cancelled = True  # fired: cancelling it later changes nothing
+                self.call(timer.callback)
+            else:
+                return when - now
+        return -1.0
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self.wakeup.recv(RECV_BYTES):
+                pass
+        with self.calls_lock:
+            calls, self.calls = self.calls, collections.deque()
+        for call in calls:
+            self.call(call)
+
+    def _stop(self) -> None:
+        self.stopping = True
+        for connection in list(self.connections):
+            connection.close()
+
+
+class _LoopTask:
+    """Steps driven by the loop: each Wait becomes a watched socket, a Completion's callback or
+    a pause, with a timer for its time; ``finished`` is called when the steps end."""
+
+    def __init__(self, loop: EventLoop, steps: Steps[None], finished: Callable[[], None]) -> None:
+        self.loop = loop
+        self.steps = steps
+        self.finished = finished
+        self.fd = -1  # the socket watched for the steps, -1 for none
+        self.on_socket = False  # whether the current wait is for that socket
+        self.timer: Optional[_Timer] = None
+        self.waits = 0  # counts waits: a Completion's callback for an earlier one is ignored
+
+    def advance(self, answer: Optional[bool] = None) -> None:
+        """Runs the steps to their next wait; ``answer`` to the last (None for the first)."""
+        self.loop.cancel(self.timer)
+        self.on_socket = False
+        self.waits += 1
+        try:
+            wait = next(self.steps) if answer is None else self.steps.send(answer)
+        except StopIteration:
+            self.end()
+            return
+        except Exception:  # probe_steps reports its failures itself: a bug
+            self.loop.logger.log("error", "Probe steps failed", traceback=format_exception())
+            self.end()
+            return
+        fd = wait.sock.fileno() if wait.sock is not None else -1
+        if self.fd != fd and self.fd >= 0:
+            self.loop.forget(self.fd)
+        self.fd = fd
+        count = self.waits
+        if fd >= 0:
+            self.on_socket = True
+            self.loop.watch(fd, wait.events, self._ready)
+        elif wait.done is not None:
+            wait.done.on_set(lambda: self.loop.call_soon(lambda: self._answer(count, True)))
+        self.timer = self.loop.call_later(wait.seconds, lambda: self._answer(count, False))
+
+    def cancel(self) -> None:
+        """Ends the steps where they wait (their sockets close)."""
+        self.loop.cancel(self.timer)
+        self.steps.close()
+        self.end()
+
+    def end(self) -> None:
+        if self.fd >= 0:
+            self.loop.forget(self.fd)
+            self.fd = -1
+        finished, self.finished = self.finished, _nothing
+        finished()
+
+    def _ready(self) -> None:
+        if self.on_socket:
+            self.advance(True)
+
+    def _answer(self, count: int, answer: bool) -> None:
+        if count == self.waits:
+            self.advance(answer)
+
+
+def _nothing() -> None:
+    pass
+
+
+class _LoopConnection:
+    """One plain HTTP/1.1 connection served by the loop: read a request, probe, answer, again."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, address: object, accepted: float) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.accepted = accepted  # until its first request arrives
+        self.started = 0.0  # when the request being read or served arrived
+        self.buffer = b""  # received, not yet served
+        self.out = memoryview(b"")  # the answer being sent
+        self.close_after = False
+        self.timer: Optional[_Timer] = None
+        self.task: Optional[_LoopTask] = None
+
+    def begin(self) -> None:
+        self.loop.connections.add(self)
+        try:
+            if self.sock.family in (socket.AF_INET, socket.AF_INET6):
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.setblocking(False)
+        except OSError:  # the client left already
+            self.close()
+            return
+        self._await_request()
+
+    def _await_request(self) -> None:
+        self._set_timer(KEEPALIVE_IDLE_SECONDS if not self.buffer else REQUEST_READ_SECONDS)
+        self.loop.watch(self.fd, READABLE, self._read)
+
+    def _set_timer(self, seconds: float) -> None:
+        self.loop.cancel(self.timer)
+        self.timer = self.loop.call_later(seconds, self.close)
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            self.loop.watch(self.fd, READABLE, self._read)
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        if not self.buffer:
+            # A new connection's first request was sent when it connected; a later one now.
+            self.started, self.accepted = self.accepted or time.monotonic(), 0.0
+            self._set_timer(self.started + REQUEST_READ_SECONDS - time.monotonic())
+        self.buffer += data
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Serves the request at the head of the buffer once it is whole."""
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_LOOP_HEAD_BYTES or b"\n\n" in self.buffer:
+                self._to_thread()
+            else:
+                self.loop.watch(self.fd, READABLE, self._read)
+            return
+        asked = self._probe_asked(self.buffer[: end + 2])
+        if asked is None:
+            self._to_thread()
+            return
+        request, accept = asked
+        self.buffer = self.buffer[end + 4 :]
+        exporter = self.loop.server.exporter
+        try:
+            run = exporter.begin_probe(request.target, request.module, request.timeout, self.started, request.alias)
+        except Overloaded as err:
+            self._respond(503, "%s\n" % err, "text/plain; charset=utf-8", OVERLOADED_HEADERS)
+            return
+        self.loop.cancel(self.timer)  # the probe's deadline bounds it now
+        self.task = _LoopTask(self.loop, run.steps, lambda: self._probed(run, accept))
+        self.task.advance()
+
+    def _probe_asked(self, head: bytes) -> Optional[Tuple[ProbeRequest, Optional[str]]]:
+        """The probe a request head asks for, and its Accept header; None for anything else."""
+        line, _, fields = head.partition(b"\r\n")
+        parts = split_request_line(line)
+        if parts is None or parts[0] != "GET" or parts[3] != "1" or parts[1].startswith("//"):
+            return None
+        url = urllib.parse.urlsplit(parts[1])
+        exporter = self.loop.server.exporter
+        if url.path != exporter.settings.probe_path:
+            return None
+        try:
+            headers = read_request_headers(io.BytesIO(fields))
+            request = exporter.probe_request(url.query, headers.get(SCRAPE_TIMEOUT_HEADER))
+        except (HeadTooLarge, BadRequest):
+            return None
+        if request.debug or request.module.runs_checks() or headers.get("Expect") is not None:
+            return None
+        connection = (headers.get("Connection") or "").lower()
+        self.close_after = connection == "close" or (parts[2] == "HTTP/1.0" and connection != "keep-alive")
+        return request, headers.get("Accept")
+
+    def _probed(self, run: ProbeRun, accept: Optional[str]) -> None:
+        self.task = None
+        run.finish()
+        if self not in self.loop.connections:  # closed while the probe ran
+            return
+        fmt = negotiate_format(accept)
+        self._respond(200, fmt.render(probe_samples(run.result)), fmt.content_type)
+
+    def _respond(self, status: int, body: str, content_type: str, headers: Sequence[Tuple[str, str]] = ()) -> None:
+        self.out = memoryview(response_bytes(status, body, content_type, headers, self.close_after))
+        log_request(self.loop.logger, "GET", self.loop.server.exporter.settings.probe_path, status)
+        self._set_timer(RESPONSE_WRITE_SECONDS)
+        self._write()
+
+    def _write(self) -> None:
+        try:
+            self.out = self.out[self.sock.send(self.out) :]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.close()
+            return
+        if self.out:
+            self.loop.watch(self.fd, WRITABLE, self._write)
+        elif self.close_after:
+            self.close()
+        elif self.buffer:  # the next request came along with the last one
+            self.started = time.monotonic()
+            self._set_timer(REQUEST_READ_SECONDS)
+            self._dispatch()
+        else:
+            self._await_request()
+
+    def _to_thread(self) -> None:
+        """The rest of this connection is a handler thread's, with what arrived so far."""
+        self._leave()
+        self.loop.server.serve_in_thread(self.sock, self.address, self.buffer, self.started or self.accepted)
+
+    def _leave(self) -> None:
+        self.loop.cancel(self.timer)
+        self.loop.forget(self.fd)
+        self.loop.connections.discard(self)
+
+    def close(self) -> None:
+        if self not in self.loop.connections:
+            return
+        self._leave()
+        if self.task is not None:
+            task, self.task = self.task, None
+            task.cancel()
+        self.loop.server.shutdown_request(self.sock)
+        self.loop.server.connection_slots.release()
 
 
 def split_listen_address(value: str) -> Tuple[str, int]:
@@ -4732,7 +5198,7 @@ def log_listening(server: ExporterServer, exporter: Exporter) -> None:
 
 def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:
     """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP."""
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     signum = wait_for_stop(wakeup, exporter)
     level = "debug" if exporter.link is not None else "info"  # the supervisor says it for its workers
     exporter.logger.log(level, "Shutting down", signal=signal.Signals(signum).name if signum else "")
