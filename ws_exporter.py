@@ -160,6 +160,7 @@ LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 256  # connections accepted per wake-up of the accept loop
 ACCEPT_RETRY_SECONDS = 0.1  # the accept loop's pause when the process is out of descriptors
 LOOP_STOP_SECONDS = 2.0  # how long a server's close waits for its connection loop to end
+LOOP_SWEEP_SECONDS = 0.25  # how often the loop looks for connections past their time limit
 MAX_AUTO_WORKERS = 8  # worker processes --web.workers=0 starts at most (one per usable CPU)
 MAX_WORKERS = 64
 GATHER_SECONDS = 1.0  # how long the supervisor waits for every worker's answer to a question
@@ -2195,20 +2196,26 @@ def render_openmetrics(samples: Iterable[Sample]) -> str:
 
 
 def _render_families(samples: Iterable[Sample], header: Callable[[str, str, str], str]) -> str:
-    families: Dict[str, List[Sample]] = {}
-    for sample in samples:
-        members = families.get(sample.name)
-        if members is None:
-            families[sample.name] = [sample]
-        else:
-            members.append(sample)
+    listed = samples if isinstance(samples, list) else list(samples)
+    template, order = _template(tuple([sample[:2] for sample in listed]), header)
+    return template % tuple([format_value(listed[i].value) for i in order])
+
+
+@functools.lru_cache(maxsize=256)  # every probe's answer has one of a few shapes
+def _template(
+    shape: Tuple[Tuple[str, Labels], ...], header: Callable[[str, str, str], str]
+) -> Tuple[str, Tuple[int, ...]]:
+    """The text of samples of this shape (name and labels of each), with %s where the values go,
+    and which sample's value goes in each place: samples are grouped by family."""
+    families: Dict[str, List[int]] = {}
+    for index, (name, _) in enumerate(shape):
+        families.setdefault(name, []).append(index)
     out: List[str] = []
     for name, members in families.items():
         kind, help_text = METRICS[name]
-        out.append(header(name, kind, help_text))
-        for sample in members:
-            out.append("%s %s\n" % (_series(sample.name, sample.labels), format_value(sample.value)))
-    return "".join(out)
+        out.append(header(name, kind, help_text).replace("%", "%%"))
+        out.extend("%s %%s\n" % _series(name, shape[i][1]).replace("%", "%%") for i in members)
+    return "".join(out), tuple(i for members in families.values() for i in members)
 
 
 @functools.lru_cache(maxsize=256)  # every answer repeats the same HELP and TYPE lines
@@ -3454,12 +3461,14 @@ CAN_EPOLL = hasattr(select, "epoll")  # Linux
 _ONESHOT = getattr(select, "EPOLLONESHOT", 0)
 MAX_LOOP_HEAD_BYTES = 16384  # a longer request head goes to a handler thread, which knows every limit
 MAX_STALE_TIMERS = 1024  # cancelled timers kept in the heap before it is rebuilt without them
+TIMER_SLACK_SECONDS = 0.001  # a wait due this close to the running timer keeps it
 
 
 class _Timer:
-    __slots__ = ("callback", "cancelled")
+    __slots__ = ("when", "callback", "cancelled")
 
-    def __init__(self, callback: Callable[[], None]) -> None:
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when  # time.monotonic() when it is due
         self.callback = callback
         self.cancelled = False
 
@@ -3488,6 +3497,7 @@ class EventLoop:
         self.waker.setblocking(False)
         self.watch(self.wakeup.fileno(), READABLE, self._woken, oneshot=False)
         self.stopping = False
+        self.call_later(LOOP_SWEEP_SECONDS, self._sweep)
         self.thread = threading.Thread(target=self.run, name="loop", daemon=True)
         self.thread.start()
 
@@ -3550,9 +3560,9 @@ class EventLoop:
                 self.poller.unregister(fd)
 
     def call_later(self, seconds: float, callback: Callable[[], None]) -> _Timer:
-        timer = _Timer(callback)
+        timer = _Timer(time.monotonic() + max(seconds, 0.0), callback)
         self.timer_count += 1
-        heapq.heappush(self.timers, (time.monotonic() + max(seconds, 0.0), self.timer_count, timer))
+        heapq.heappush(self.timers, (timer.when, self.timer_count, timer))
         return timer
 
     def cancel(self, timer: Optional[_Timer]) -> None:
@@ -3590,6 +3600,14 @@ class EventLoop:
         for call in calls:
             self.call(call)
 
+    def _sweep(self) -> None:
+        """Closes the connections past their time limit: a heap entry per request for limits
+        that are seconds long would cost more than looking at each connection once a second."""
+        now = time.monotonic()
+        for connection in [c for c in self.connections if 0.0 < c.expires <= now]:
+            connection.close()
+        self.call_later(LOOP_SWEEP_SECONDS, self._sweep)
+
     def _stop(self) -> None:
         self.stopping = True
         for connection in list(self.connections):
@@ -3606,44 +3624,55 @@ class _LoopTask:
         self.finished = finished
         self.fd = -1  # the socket watched for the steps, -1 for none
         self.on_socket = False  # whether the current wait is for that socket
-        self.timer: Optional[_Timer] = None
+        self.timer: Optional[_Timer] = None  # when the current wait's time is up
         self.waits = 0  # counts waits: a Completion's callback for an earlier one is ignored
 
     def advance(self, answer: Optional[bool] = None) -> None:
         """Runs the steps to their next wait; ``answer`` to the last (None for the first)."""
-        self.loop.cancel(self.timer)
         self.on_socket = False
         self.waits += 1
         try:
             wait = next(self.steps) if answer is None else self.steps.send(answer)
         except StopIteration:
-            self.end()
+            self.end(closed=True)
             return
         except Exception:  # probe_steps reports its failures itself: a bug
             self.loop.logger.log("error", "Probe steps failed", traceback=format_exception())
-            self.end()
+            self.end(closed=False)
             return
         fd = wait.sock.fileno() if wait.sock is not None else -1
         if self.fd != fd and self.fd >= 0:
             self.loop.forget(self.fd)
         self.fd = fd
-        count = self.waits
         if fd >= 0:
             self.on_socket = True
             self.loop.watch(fd, wait.events, self._ready)
         elif wait.done is not None:
-            wait.done.on_set(lambda: self.loop.call_soon(lambda: self._answer(count, True)))
-        self.timer = self.loop.call_later(wait.seconds, lambda: self._answer(count, False))
+            count = self.waits
+            wait.done.on_set(lambda: self.loop.call_soon(lambda: self._answer(count)))
+        self._time(wait.seconds)
+
+    def _time(self, seconds: float) -> None:
+        """Most waits of a probe end at its deadline: one timer serves them all."""
+        due = time.monotonic() + seconds
+        if self.timer is not None and not self.timer.cancelled and abs(self.timer.when - due) < TIMER_SLACK_SECONDS:
+            return
+        self.loop.cancel(self.timer)
+        self.timer = self.loop.call_later(seconds, self._expired)
 
     def cancel(self) -> None:
         """Ends the steps where they wait (their sockets close)."""
-        self.loop.cancel(self.timer)
         self.steps.close()
-        self.end()
+        self.end(closed=True)
 
-    def end(self) -> None:
+    def end(self, closed: bool) -> None:
+        """``closed``: the steps closed their socket, which the system stopped watching then."""
+        self.loop.cancel(self.timer)
         if self.fd >= 0:
-            self.loop.forget(self.fd)
+            if closed:
+                self.loop.watched.pop(self.fd, None)
+            else:
+                self.loop.forget(self.fd)
             self.fd = -1
         finished, self.finished = self.finished, _nothing
         finished()
@@ -3652,9 +3681,12 @@ class _LoopTask:
         if self.on_socket:
             self.advance(True)
 
-    def _answer(self, count: int, answer: bool) -> None:
+    def _expired(self) -> None:
+        self.advance(False)
+
+    def _answer(self, count: int) -> None:
         if count == self.waits:
-            self.advance(answer)
+            self.advance(True)
 
 
 def _nothing() -> None:
@@ -3674,7 +3706,7 @@ class _LoopConnection:
         self.buffer = b""  # received, not yet served
         self.out = memoryview(b"")  # the answer being sent
         self.close_after = False
-        self.timer: Optional[_Timer] = None
+        self.expires = 0.0  # time.monotonic() by which the client must go on, 0 while probing (see _sweep)
         self.task: Optional[_LoopTask] = None
 
     def begin(self) -> None:
@@ -3689,12 +3721,8 @@ class _LoopConnection:
         self._await_request()
 
     def _await_request(self) -> None:
-        self._set_timer(KEEPALIVE_IDLE_SECONDS if not self.buffer else REQUEST_READ_SECONDS)
+        self.expires = time.monotonic() + KEEPALIVE_IDLE_SECONDS
         self.loop.watch(self.fd, READABLE, self._read)
-
-    def _set_timer(self, seconds: float) -> None:
-        self.loop.cancel(self.timer)
-        self.timer = self.loop.call_later(seconds, self.close)
 
     def _read(self) -> None:
         try:
@@ -3710,7 +3738,7 @@ class _LoopConnection:
         if not self.buffer:
             # A new connection's first request was sent when it connected; a later one now.
             self.started, self.accepted = self.accepted or time.monotonic(), 0.0
-            self._set_timer(self.started + REQUEST_READ_SECONDS - time.monotonic())
+            self.expires = self.started + REQUEST_READ_SECONDS
         self.buffer += data
         self._dispatch()
 
@@ -3735,7 +3763,7 @@ class _LoopConnection:
         except Overloaded as err:
             self._respond(503, "%s\n" % err, "text/plain; charset=utf-8", OVERLOADED_HEADERS)
             return
-        self.loop.cancel(self.timer)  # the probe's deadline bounds it now
+        self.expires = 0.0  # the probe's deadline bounds it now
         self.task = _LoopTask(self.loop, run.steps, lambda: self._probed(run, accept))
         self.task.advance()
 
@@ -3771,7 +3799,7 @@ class _LoopConnection:
     def _respond(self, status: int, body: str, content_type: str, headers: Sequence[Tuple[str, str]] = ()) -> None:
         self.out = memoryview(response_bytes(status, body, content_type, headers, self.close_after))
         log_request(self.loop.logger, "GET", self.loop.server.exporter.settings.probe_path, status)
-        self._set_timer(RESPONSE_WRITE_SECONDS)
+        self.expires = time.monotonic() + RESPONSE_WRITE_SECONDS
         self._write()
 
     def _write(self) -> None:
@@ -3788,7 +3816,7 @@ class _LoopConnection:
             self.close()
         elif self.buffer:  # the next request came along with the last one
             self.started = time.monotonic()
-            self._set_timer(REQUEST_READ_SECONDS)
+            self.expires = self.started + REQUEST_READ_SECONDS
             self._dispatch()
         else:
             self._await_request()
@@ -3799,7 +3827,6 @@ class _LoopConnection:
         self.loop.server.serve_in_thread(self.sock, self.address, self.buffer, self.started or self.accepted)
 
     def _leave(self) -> None:
-        self.loop.cancel(self.timer)
         self.loop.forget(self.fd)
         self.loop.connections.discard(self)
 
