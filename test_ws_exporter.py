@@ -3517,6 +3517,119 @@ class TestOutOfDescriptors(unittest.TestCase):
 
 
 
+def read_responses(sock: socket.socket, count: int) -> List[Tuple[int, str]]:
+    """``count`` HTTP/1.1 responses (status, body) read from a raw socket, one after another."""
+    reader = sock.makefile("rb")
+    try:
+        answers = []
+        for _ in range(count):
+            status = int(reader.readline().split()[1])
+            length = 0
+            for line in iter(reader.readline, b"\r\n"):
+                name, _, value = line.decode("iso-8859-1").partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            answers.append((status, reader.read(length).decode("utf-8")))
+        return answers
+    finally:
+        reader.close()
+
+
+def probe_request_bytes(target: str, extra: str = "") -> bytes:
+    query = wx.urllib.parse.urlencode({"target": target})
+    return ("GET /probe?%s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (query, extra)).encode("ascii")
+
+
+class TestConnectionLoop(unittest.TestCase):
+    """Plain HTTP connections are served by the connection loop (Linux), probes included;
+    anything else moves the connection to a handler thread."""
+
+    def setUp(self) -> None:
+        if not wx.CAN_EPOLL:
+            self.skipTest("no epoll: every connection has a thread")
+        self.exporter = ExporterFixture()
+        self.addCleanup(self.exporter.close)
+        self.server = LocalServer(good_server)
+        self.addCleanup(self.server.close)
+        self.good = "ws://127.0.0.1:%d/" % self.server.port
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.exporter.port), timeout=10)
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_pipelined_probes_are_answered_in_order(self) -> None:
+        sock = self.connect()
+        sock.sendall(probe_request_bytes(self.good) + probe_request_bytes("ws://127.0.0.1:%d/" % free_port()))
+        (first_status, first), (second_status, second) = read_responses(sock, 2)
+        self.assertEqual((first_status, second_status), (200, 200))
+        self.assertEqual(parse_metrics(first)["probe_success"], 1)
+        self.assertEqual(failure_of(parse_metrics(second)), ("connect", "connect_refused"))
+
+    def test_a_connection_moves_to_a_thread_with_what_it_sent_ahead(self) -> None:
+        """A probe (the loop's), /-/healthy (a thread's) and a probe again, in one write."""
+        sock = self.connect()
+        sock.sendall(probe_request_bytes(self.good) + b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n" + probe_request_bytes(self.good))
+        answers = read_responses(sock, 3)
+        self.assertEqual([status for status, _ in answers], [200, 200, 200])
+        self.assertEqual(parse_metrics(answers[0][1])["probe_success"], 1)
+        self.assertEqual(answers[1][1], "Healthy\n")
+        self.assertEqual(parse_metrics(answers[2][1])["probe_success"], 1)
+        self.assertEqual(self.exporter.exporter.stats.probes.get("connect"), 2)
+
+    def test_a_request_head_in_pieces_is_served(self) -> None:
+        sock = self.connect()
+        request = probe_request_bytes(self.good)
+        for start in range(0, len(request), 7):
+            sock.sendall(request[start : start + 7])
+            time.sleep(0.005)  # a client writing in pieces, not synchronisation
+        [(status, body)] = read_responses(sock, 1)
+        self.assertEqual(status, 200)
+        self.assertEqual(parse_metrics(body)["probe_success"], 1)
+
+    def test_connection_close_is_honoured(self) -> None:
+        sock = self.connect()
+        sock.sendall(probe_request_bytes(self.good, "Connection: close\r\n"))
+        [(status, _)] = read_responses(sock, 1)
+        self.assertEqual(status, 200)
+        self.assertEqual(sock.recv(1), b"")
+
+    def test_an_idle_keep_alive_connection_is_closed(self) -> None:
+        with mock.patch.object(wx, "KEEPALIVE_IDLE_SECONDS", 0.3):
+            sock = self.connect()
+            sock.sendall(probe_request_bytes(self.good))
+            read_responses(sock, 1)
+            start = time.monotonic()
+            self.assertEqual(sock.recv(1), b"")  # the socket's 10 s timeout would raise instead
+            self.assertLess(time.monotonic() - start, 3.0)
+
+    def test_a_client_that_leaves_mid_probe_gives_its_connection_back(self) -> None:
+        silent_server = LocalServer(silent)
+        self.addCleanup(silent_server.close)
+        fixture = ExporterFixture(max_connections=1)
+        self.addCleanup(fixture.close)
+        sock = socket.create_connection(("127.0.0.1", fixture.port), timeout=10)
+        sock.sendall(probe_request_bytes("ws://127.0.0.1:%d/" % silent_server.port, "X-Prometheus-Scrape-Timeout-Seconds: 1\r\n"))
+        self.assertTrue(wait_until(lambda: fixture.exporter.stats.in_flight == 1))
+        sock.close()
+        # Its probe runs out its 0.5 s; then the one connection allowed is free again.
+        self.assertTrue(wait_until(lambda: fixture.get("/-/healthy")[0] == 200))
+        self.assertEqual(fixture.exporter.stats.in_flight, 0)
+
+    def test_the_loop_ends_with_its_server(self) -> None:
+        fixture = ExporterFixture()
+        fixture.probe(self.good)
+        loops = [t for t in threading.enumerate() if t.name == "loop"]
+        self.assertIsNotNone(fixture.server.loop)
+        sock = socket.create_connection(("127.0.0.1", fixture.port), timeout=10)
+        self.addCleanup(sock.close)
+        fixture.close()
+        self.assertFalse(fixture.server.loop.thread.is_alive())  # type: ignore[union-attr]
+        self.assertNotIn(fixture.server.loop.thread, threading.enumerate())  # type: ignore[union-attr]
+        self.assertTrue(loops)
+        self.assertEqual(sock.recv(1), b"")  # its connections closed
+
+
 class TestResponseWriter(unittest.TestCase):
     def test_a_client_reading_slowly_cannot_stretch_a_response_past_the_write_timeout(self) -> None:
         """Over TLS too, where sendall would give every chunk the whole timeout again."""

@@ -2266,34 +2266,28 @@ def _series(name: str, labels: Labels) -> str:
 
 
 def probe_samples(result: ProbeResult) -> List[Sample]:
-    """The metrics of one probe, in a fixed order."""
-
-    def gauge(name: str, value: float, labels: Labels = ()) -> Sample:
-        return Sample(name, labels, value)
-
+    """The metrics of one probe, in a fixed order (all gauges)."""
     samples = [
-        gauge("probe_success", int(result.success)),
-        gauge("probe_duration_seconds", result.total),
-        gauge("probe_websocket_up", int(result.connected)),
-        gauge("probe_websocket_connection_duration_seconds", result.connection_duration()),
-        gauge("probe_timeout_seconds", result.timeout),
-        gauge("probe_dns_lookup_time_seconds", result.durations["resolve"]),
-        gauge("probe_ip_protocol", result.ip_protocol),
+        Sample("probe_success", (), int(result.success)),
+        Sample("probe_duration_seconds", (), result.total),
+        Sample("probe_websocket_up", (), int(result.connected)),
+        Sample("probe_websocket_connection_duration_seconds", (), result.connection_duration()),
+        Sample("probe_timeout_seconds", (), result.timeout),
+        Sample("probe_dns_lookup_time_seconds", (), result.durations["resolve"]),
+        Sample("probe_ip_protocol", (), result.ip_protocol),
     ]
-    samples += [gauge("probe_websocket_duration_seconds", d, (("phase", p),)) for p, d in result.durations.items()]
-    samples += [
-        gauge("probe_websocket_status_code", result.status_code),
-        gauge("probe_websocket_close_code", result.close_code),
-    ]
+    samples += [Sample("probe_websocket_duration_seconds", (("phase", p),), d) for p, d in result.durations.items()]
+    samples.append(Sample("probe_websocket_status_code", (), result.status_code))
+    samples.append(Sample("probe_websocket_close_code", (), result.close_code))
     if result.tls_version:
-        samples.append(gauge("probe_tls_version_info", 1, (("version", result.tls_version),)))
-        samples.append(gauge("probe_tls_cipher_info", 1, (("cipher", result.tls_cipher),)))
+        samples.append(Sample("probe_tls_version_info", (("version", result.tls_version),), 1))
+        samples.append(Sample("probe_tls_cipher_info", (("cipher", result.tls_cipher),), 1))
     if result.cert_expiry is not None:
-        samples.append(gauge("probe_ssl_earliest_cert_expiry", result.cert_expiry))
+        samples.append(Sample("probe_ssl_earliest_cert_expiry", (), result.cert_expiry))
     samples += check_samples(result)
     if result.failure is not None:
         phase, reason = result.failure
-        samples.append(gauge("probe_failure_info", 1, (("phase", phase), ("reason", reason))))
+        samples.append(Sample("probe_failure_info", (("phase", phase), ("reason", reason)), 1))
     return samples
 
 
