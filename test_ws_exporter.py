@@ -3577,6 +3577,17 @@ class TestConnectionLoop(unittest.TestCase):
         self.assertEqual(parse_metrics(answers[2][1])["probe_success"], 1)
         self.assertEqual(self.exporter.exporter.stats.probes.get("connect"), 2)
 
+    def test_many_pipelined_requests_answered_at_once(self) -> None:
+        """Probes that fail before any wait are answered at once, one after another, each
+        answer sent at once: a loop that recursed from one to the next would run out of stack."""
+        sock = self.connect()
+        count = 400
+        sock.sendall(probe_request_bytes("ftp://x.example/") * count)
+        answers = read_responses(sock, count)
+        self.assertEqual({status for status, _ in answers}, {200})
+        self.assertEqual({failure_of(parse_metrics(body)) for _, body in answers}, {("target", "bad_target")})
+        self.assertEqual(self.exporter.exporter.stats.in_flight, 0)
+
     def test_a_request_head_in_pieces_is_served(self) -> None:
         sock = self.connect()
         request = probe_request_bytes(self.good)

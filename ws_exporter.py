@@ -3486,6 +3486,7 @@ class EventLoop:
         self.connections: Set["_LoopConnection"] = set()
         self.calls: Deque[Callable[[], None]] = collections.deque()  # from other threads
         self.calls_lock = threading.Lock()
+        self.next: Deque[Callable[[], None]] = collections.deque()  # from this thread, before the next wait
         self.wakeup, self.waker = socket.socketpair()
         self.wakeup.setblocking(False)
         self.waker.setblocking(False)
@@ -3506,7 +3507,7 @@ class EventLoop:
             self.calls.append(call)
             first = len(self.calls) == 1
         if first:  # later ones find the loop woken already
-            with contextlib.suppress(BlockingIOError):
+            with contextlib.suppress(OSError):  # a full buffer wakes it too; a closed one: it ended
                 self.waker.send(b"\0")
 
     def stop(self) -> None:
@@ -3518,7 +3519,11 @@ class EventLoop:
 
     def run(self) -> None:
         while not self.stopping:
-            for fd, _ in self.poller.poll(self._fire_timers()):
+            timeout = self._fire_timers()
+            while self.next:
+                self.call(self.next.popleft())
+                timeout = 0.0
+            for fd, _ in self.poller.poll(timeout):
                 callback = self.watched.get(fd)
                 if callback is not None:
                     self.call(callback)
@@ -3552,6 +3557,11 @@ class EventLoop:
         if self.watched.pop(fd, None) is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.poller.unregister(fd)
+
+    def soon(self, callback: Callable[[], None]) -> None:
+        """``callback`` after the callbacks running now: what would otherwise call itself over
+        and over (a client's pipelined requests answered at once) takes turns with the rest."""
+        self.next.append(callback)
 
     def call_later(self, seconds: float, callback: Callable[[], None]) -> _Timer:
         timer = _Timer(time.monotonic() + max(seconds, 0.0), callback)
@@ -3761,6 +3771,10 @@ class _LoopConnection:
         self.task = _LoopTask(self.loop, run.steps, lambda: self._probed(run, accept))
         self.task.advance()
 
+    def _dispatch_next(self) -> None:
+        if self in self.loop.connections:  # not closed meanwhile
+            self._dispatch()
+
     def _probe_asked(self, head: bytes) -> Optional[Tuple[ProbeRequest, Optional[str]]]:
         """The probe a request head asks for, and its Accept header; None for anything else."""
         line, _, fields = head.partition(b"\r\n")
@@ -3811,7 +3825,7 @@ class _LoopConnection:
         elif self.buffer:  # the next request came along with the last one
             self.started = time.monotonic()
             self.expires = self.started + REQUEST_READ_SECONDS
-            self._dispatch()
+            self.loop.soon(self._dispatch_next)
         else:
             self._await_request()
 
