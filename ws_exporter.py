@@ -3456,6 +3456,8 @@ _ONESHOT = getattr(select, "EPOLLONESHOT", 0)
 MAX_LOOP_HEAD_BYTES = 16384  # a longer request head goes to a handler thread, which knows every limit
 MAX_STALE_TIMERS = 1024  # cancelled timers kept in the heap before it is rebuilt without them
 TIMER_SLACK_SECONDS = 0.001  # a wait due this close to the running timer keeps it
+MAX_REMEMBERED_HEADS = 4096  # request heads whose meaning the loop remembers (then it starts over)
+MAX_REMEMBERED_HEAD_BYTES = 2048  # and the longest it remembers
 
 
 class _Timer:
@@ -3465,6 +3467,31 @@ class _Timer:
         self.when = when  # time.monotonic() when it is due
         self.callback = callback
         self.cancelled = False
+
+
+ProbeAsked = Tuple[ProbeRequest, Optional[str], bool]  # and the Accept header, and whether to close after
+
+
+def probe_asked(head: bytes, exporter: Exporter) -> Optional[ProbeAsked]:
+    """The probe a request head asks for, with its Accept header and whether the connection
+    closes after the answer; None for any other request."""
+    line, _, fields = head.partition(b"\r\n")
+    parts = split_request_line(line)
+    if parts is None or parts[0] != "GET" or parts[3] != "1" or parts[1].startswith("//"):
+        return None
+    url = urllib.parse.urlsplit(parts[1])
+    if url.path != exporter.settings.probe_path:
+        return None
+    try:
+        headers = read_request_headers(io.BytesIO(fields))
+        request = exporter.probe_request(url.query, headers.get(SCRAPE_TIMEOUT_HEADER))
+    except (HeadTooLarge, BadRequest):
+        return None
+    if request.debug or request.module.runs_checks() or headers.get("Expect") is not None:
+        return None
+    connection = (headers.get("Connection") or "").lower()
+    close_after = connection == "close" or (parts[2] == "HTTP/1.0" and connection != "keep-alive")
+    return request, headers.get("Accept"), close_after
 
 
 class EventLoop:
@@ -3480,10 +3507,12 @@ class EventLoop:
         self.logger = server.exporter.logger
         self.poller = select.epoll()
         self.watched: Dict[int, Callable[[], None]] = {}  # descriptor -> what to call when it is ready
+        self.masks: Dict[int, int] = {}  # descriptor -> the events it is registered for
         self.timers: List[Tuple[float, int, _Timer]] = []  # a heap
         self.timer_count = 0  # tie-breaker for timers due at once
         self.stale_timers = 0
         self.connections: Set["_LoopConnection"] = set()
+        self.heads: Dict[bytes, Tuple[Config, Optional[ProbeAsked]]] = {}  # see probe_asked
         self.calls: Deque[Callable[[], None]] = collections.deque()  # from other threads
         self.calls_lock = threading.Lock()
         self.next: Deque[Callable[[], None]] = collections.deque()  # from this thread, before the next wait
@@ -3540,23 +3569,43 @@ class EventLoop:
 
     def watch(self, fd: int, events: int, callback: Callable[[], None], oneshot: bool = True) -> None:
         """Calls ``callback`` when ``fd`` is ready for ``events``: once (then watch it again), or
-        every time."""
+        every time it is (then the same events again cost no system call)."""
         events |= _ONESHOT if oneshot else 0
-        if fd in self.watched:
+        self.watched[fd] = callback
+        mask = self.masks.get(fd)
+        if mask is not None:
+            if mask == events and not oneshot:
+                return
             try:
                 self.poller.modify(fd, events)
-                self.watched[fd] = callback
+                self.masks[fd] = events
                 return
             except FileNotFoundError:  # closed meanwhile; the number was given to a new socket
                 pass
         self.poller.register(fd, events)
-        self.watched[fd] = callback
+        self.masks[fd] = events
 
-    def forget(self, fd: int) -> None:
-        """Stop watching ``fd``; before the socket closes, or after (then the system forgot it)."""
-        if self.watched.pop(fd, None) is not None:
+    def forget(self, fd: int, closed: bool = False) -> None:
+        """Stop watching ``fd``: before its socket closes; or after, ``closed`` (then the system
+        forgot it already)."""
+        self.watched.pop(fd, None)
+        if self.masks.pop(fd, None) is not None and not closed:
             with contextlib.suppress(OSError, ValueError):
                 self.poller.unregister(fd)
+
+    def probe_asked(self, head: bytes) -> Optional[ProbeAsked]:
+        """``probe_asked``, remembered: a scraper sends the same request head for a target
+        scrape after scrape, and parsing it cost as much as rendering the answer."""
+        config = self.server.exporter.config
+        known = self.heads.get(head)
+        if known is not None and known[0] is config:  # a reload forgets what it knew
+            return known[1]
+        asked = probe_asked(head, self.server.exporter)
+        if len(head) <= MAX_REMEMBERED_HEAD_BYTES:
+            if len(self.heads) >= MAX_REMEMBERED_HEADS:
+                self.heads.clear()
+            self.heads[head] = (config, asked)
+        return asked
 
     def soon(self, callback: Callable[[], None]) -> None:
         """``callback`` after the callbacks running now: what would otherwise call itself over
@@ -3626,7 +3675,8 @@ class _LoopTask:
         self.loop = loop
         self.steps = steps
         self.finished = finished
-        self.fd = -1  # the socket watched for the steps, -1 for none
+        self.sock: Optional[socket.socket] = None  # the socket watched for the steps
+        self.fd = -1  # its descriptor, -1 for none
         self.on_socket = False  # whether the current wait is for that socket
         self.timer: Optional[_Timer] = None  # when the current wait's time is up
         self.waits = 0  # counts waits: a Completion's callback for an earlier one is ignored
@@ -3644,13 +3694,18 @@ class _LoopTask:
             self.loop.logger.log("error", "Probe steps failed", traceback=format_exception())
             self.end(closed=False)
             return
-        fd = wait.sock.fileno() if wait.sock is not None else -1
-        if self.fd != fd and self.fd >= 0:
-            self.loop.forget(self.fd)
-        self.fd = fd
+        if wait.sock is not self.sock:
+            # Another socket object, maybe with the number of one closed meanwhile (a connect to
+            # the next address), or the same descriptor wrapped in TLS: watched afresh.
+            if self.fd >= 0:
+                self.loop.forget(self.fd)
+            self.sock = wait.sock
+            self.fd = wait.sock.fileno() if wait.sock is not None else -1
+        fd = self.fd
         if fd >= 0:
             self.on_socket = True
-            self.loop.watch(fd, wait.events, self._ready)
+            # Every time: a probe's socket has nothing unread between its waits.
+            self.loop.watch(fd, wait.events, self._ready, oneshot=False)
         elif wait.done is not None:
             count = self.waits
             wait.done.on_set(lambda: self.loop.call_soon(lambda: self._answer(count)))
@@ -3673,11 +3728,8 @@ class _LoopTask:
         """``closed``: the steps closed their socket, which the system stopped watching then."""
         self.loop.cancel(self.timer)
         if self.fd >= 0:
-            if closed:
-                self.loop.watched.pop(self.fd, None)
-            else:
-                self.loop.forget(self.fd)
-            self.fd = -1
+            self.loop.forget(self.fd, closed)
+            self.sock, self.fd = None, -1
         finished, self.finished = self.finished, _nothing
         finished()
 
@@ -3755,11 +3807,11 @@ class _LoopConnection:
             else:
                 self.loop.watch(self.fd, READABLE, self._read)
             return
-        asked = self._probe_asked(self.buffer[: end + 2])
+        asked = self.loop.probe_asked(self.buffer[: end + 2])
         if asked is None:
             self._to_thread()
             return
-        request, accept = asked
+        request, accept, self.close_after = asked
         self.buffer = self.buffer[end + 4 :]
         exporter = self.loop.server.exporter
         try:
@@ -3774,27 +3826,6 @@ class _LoopConnection:
     def _dispatch_next(self) -> None:
         if self in self.loop.connections:  # not closed meanwhile
             self._dispatch()
-
-    def _probe_asked(self, head: bytes) -> Optional[Tuple[ProbeRequest, Optional[str]]]:
-        """The probe a request head asks for, and its Accept header; None for anything else."""
-        line, _, fields = head.partition(b"\r\n")
-        parts = split_request_line(line)
-        if parts is None or parts[0] != "GET" or parts[3] != "1" or parts[1].startswith("//"):
-            return None
-        url = urllib.parse.urlsplit(parts[1])
-        exporter = self.loop.server.exporter
-        if url.path != exporter.settings.probe_path:
-            return None
-        try:
-            headers = read_request_headers(io.BytesIO(fields))
-            request = exporter.probe_request(url.query, headers.get(SCRAPE_TIMEOUT_HEADER))
-        except (HeadTooLarge, BadRequest):
-            return None
-        if request.debug or request.module.runs_checks() or headers.get("Expect") is not None:
-            return None
-        connection = (headers.get("Connection") or "").lower()
-        self.close_after = connection == "close" or (parts[2] == "HTTP/1.0" and connection != "keep-alive")
-        return request, headers.get("Accept")
 
     def _probed(self, run: ProbeRun, accept: Optional[str]) -> None:
         self.task = None
