@@ -3577,6 +3577,20 @@ class TestConnectionLoop(unittest.TestCase):
         self.assertEqual(parse_metrics(answers[2][1])["probe_success"], 1)
         self.assertEqual(self.exporter.exporter.stats.probes.get("connect"), 2)
 
+    def test_a_module_with_checks_runs_in_the_loop(self) -> None:
+        rpc = LocalServer(rpc_server({"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies(
+            {"number": "0x10", "timestamp": hex(int(time.time()))})}))
+        self.addCleanup(rpc.close)
+        sock = self.connect()
+        for _ in range(2):
+            sock.sendall(probe_request_bytes("ws://127.0.0.1:%d/" % rpc.port).replace(b" HTTP", b"&module=evm HTTP", 1))
+            [(status, body)] = read_responses(sock, 1)
+            metrics = parse_metrics(body)
+            self.assertEqual((status, metrics["probe_success"], metrics["probe_chain_head_number"]), (200, 1, 16))
+        loop = self.exporter.server.loop
+        assert loop is not None
+        self.assertEqual(len(loop.connections), 1)  # still the loop's, not a thread's
+
     def test_many_pipelined_requests_answered_at_once(self) -> None:
         """Probes that fail before any wait are answered at once, one after another, each
         answer sent at once: a loop that recursed from one to the next would run out of stack."""

@@ -1018,8 +1018,7 @@ class _Phase:
 
 class Connection:
     """An open socket with the frame reader that decodes what arrives on it.  The socket is
-    non-blocking: ``sending`` and ``receiving`` are steps that wait (see Wait); ``send`` and
-    ``recv`` run them in the calling thread."""
+    non-blocking: ``sending`` and ``receiving`` are steps that wait (see Wait)."""
 
     def __init__(self, sock: socket.socket, deadline: Deadline) -> None:
         self.sock = sock
@@ -1032,12 +1031,6 @@ class Connection:
         self._stamped = bool(SO_TIMESTAMPNS) and not self._tls
         if sock.gettimeout() != 0.0:  # connect_steps made it so already
             sock.settimeout(0.0)
-
-    def send(self, data: bytes) -> None:
-        drive(self.sending(data))
-
-    def recv(self, limit: Optional[float] = None) -> bytes:
-        return drive(self.receiving(limit))
 
     def sending(self, data: bytes) -> Steps[None]:
         """All of ``data`` within the deadline, however slowly the peer reads."""
@@ -1282,8 +1275,7 @@ def probe_steps(
     policy: TargetPolicy = TargetPolicy(),
 ) -> Steps[None]:
     """Probe ``raw_target`` with ``module``, recording into ``result``.  Never raises: every
-    failure ends up as ``result.failure``.  A module's checks run in the driving thread: only
-    a driver that can block may drive a module with checks (Module.runs_checks)."""
+    failure ends up as ``result.failure``."""
     start = time.perf_counter()
     sock: Optional[socket.socket] = None
     try:
@@ -1292,7 +1284,7 @@ def probe_steps(
         conn = yield from open_steps(target, module, deadline, result, log, policy)
         sock = conn.sock
         if module.runs_checks():
-            run_checks(conn, module, result, log)
+            yield from check_steps(conn, module, result, log)
         yield from close_steps(conn, result, log)
     except ProbeError as err:
         _record_failure(result, err, log)
@@ -1712,13 +1704,13 @@ class RpcSession:
         self.is_event: Callable[[JsonObject], Optional[object]] = lambda message: None
         self.notifications: List[Tuple[float, object]] = []  # (time.perf_counter(), payload)
 
-    def next_event(self, expired: Expiry) -> Union[Message, Pong]:
+    def next_event(self, expired: Expiry) -> Steps[Union[Message, Pong]]:
         """The next message or pong; raises ``expired()`` when the check's time runs out."""
         while True:
             while self.events:
                 event = self.events.popleft()
                 if isinstance(event, Ping):
-                    self.conn.send(encode_pong(event))
+                    yield from self.conn.sending(encode_pong(event))
                 elif isinstance(event, Close):
                     raise CheckError("connection_closed", "server closed the connection (code %d)" % event.code)
                 else:
@@ -1727,7 +1719,7 @@ class RpcSession:
             if left <= 0:
                 raise expired()
             try:
-                self.events.extend(self.conn.reader.feed(self.conn.recv(left)))
+                self.events.extend(self.conn.reader.feed((yield from self.conn.receiving(left))))
             except socket.timeout:
                 continue
 
@@ -1737,38 +1729,38 @@ class RpcSession:
             raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
         return event
 
-    def next_json(self, expired: Expiry) -> JsonObject:
+    def next_json(self, expired: Expiry) -> Steps[JsonObject]:
         """The next data message, parsed as a JSON object."""
         while True:
-            event = self.next_event(expired)
+            event = yield from self.next_event(expired)
             if isinstance(event, Message):
                 return parse_json_object(event.data)
 
-    def receive(self, expired: Expiry) -> Optional[JsonObject]:
+    def receive(self, expired: Expiry) -> Steps[Optional[JsonObject]]:
         """The next JSON message, or None when it was a subscription event (set aside)."""
-        message = self.next_json(expired)
+        message = yield from self.next_json(expired)
         payload = self.is_event(message)
         if payload is None:
             return message
         self.notifications.append((time.perf_counter(), payload))
         return None
 
-    def send_text(self, text: str) -> None:
-        self.conn.send(encode_frame(Opcode.TEXT, text.encode("utf-8")))
+    def send_text(self, text: str) -> Steps[None]:
+        yield from self.conn.sending(encode_frame(Opcode.TEXT, text.encode("utf-8")))
 
-    def call(self, method: str, params: object) -> object:
+    def call(self, method: str, params: object) -> Steps[object]:
         """Send a request and return its result; an error answer, or an error without an id
         (JSON-RPC 2.0 §5: the server could not tell which request failed), raises."""
         self.next_id += 1
         request_id = self.next_id
         start = time.perf_counter()
-        self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
+        yield from self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
 
         def expired() -> CheckError:
             return CheckError("no_response", "no answer to %s" % method)
 
         while True:
-            message = self.receive(expired)
+            message = yield from self.receive(expired)
             if message is None:
                 continue
             answer_id = message.get("id")
@@ -1936,18 +1928,18 @@ def check_until(deadline: Deadline) -> float:
     return deadline.expires - min(CHECK_RESERVE_SECONDS, deadline.seconds * CHECK_RESERVE_SHARE)
 
 
-def run_checks(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> None:
+def check_steps(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> Steps[None]:
     """Run the module's checks in the check phase.  When one fails while the connection is
     still usable, the clean close runs before the failure is raised."""
     try:
         with _Phase(result, "check"):
             session = RpcSession(conn, result, log, check_until(conn.deadline))
-            PRESETS[module.preset](session, module, result)
-            run_steps(session, module.steps)
+            yield from PRESETS[module.preset](session, module, result)
+            yield from run_steps(session, module.steps)
     except (ProbeError, OSError) as err:
         failure = err if isinstance(err, ProbeError) else _classify_os_error(err)
         if conn.reader.closed is None and failure.reason not in _CONNECTION_LOST:
-            close_after_failure(conn, result, log)
+            yield from close_after_failure(conn, result, log)
         raise ProbeError(failure.reason, failure.detail, failure.phase or "check")
     log.log("debug", "Checks passed", preset=module.preset, steps=len(module.steps))
 
@@ -1955,31 +1947,33 @@ def run_checks(conn: Connection, module: Module, result: ProbeResult, log: Probe
 _CONNECTION_LOST = frozenset(("connection_closed", "protocol_error", "message_too_large", "timeout"))
 
 
-def close_after_failure(conn: Connection, result: ProbeResult, log: ProbeLog) -> None:
+def close_after_failure(conn: Connection, result: ProbeResult, log: ProbeLog) -> Steps[None]:
     try:
-        drive(close_steps(conn, result, log))
+        yield from close_steps(conn, result, log)
     except (ProbeError, OSError) as err:
         log.log("debug", "Close after a failed check failed too", err=type(err).__name__)
 
 
-def check_nothing(session: RpcSession, module: Module, result: ProbeResult) -> None:
+def check_nothing(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
     """connect: the upgrade was the whole check."""
+    return
+    yield  # steps, as every check is
 
 
-def check_ping(session: RpcSession, module: Module, result: ProbeResult) -> None:
+def check_ping(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
     """RFC 6455 §5.5.2-3: a ping with a random payload, answered by a pong echoing it."""
     payload = os.urandom(PING_PAYLOAD_BYTES)
     start = time.perf_counter()
-    session.conn.send(encode_frame(Opcode.PING, payload))
+    yield from session.conn.sending(encode_frame(Opcode.PING, payload))
     while True:
-        event = session.next_event(lambda: CheckError("no_response", "no pong to our ping"))
+        event = yield from session.next_event(lambda: CheckError("no_response", "no pong to our ping"))
         if isinstance(event, Pong) and event.payload == payload:
             result.ping_rtt = time.perf_counter() - start
             return
 
 
-def check_chain_id(session: RpcSession, method: str, module: Module, result: ProbeResult) -> None:
-    result.chain_id = as_number(session.call(method, []), "chain id")
+def check_chain_id(session: RpcSession, method: str, module: Module, result: ProbeResult) -> Steps[None]:
+    result.chain_id = as_number((yield from session.call(method, [])), "chain id")
     if module.expect_chain_id is not None and result.chain_id != module.expect_chain_id:
         raise CheckError("chain_id_mismatch", "chain id %d, expected %d" % (result.chain_id, module.expect_chain_id))
 
@@ -1994,32 +1988,32 @@ def record_head(head: Head, module: Module, result: ProbeResult) -> None:
         raise CheckError("head_too_old", "head is %.1fs old, over %gs" % (result.head_age, module.max_head_age))
 
 
-def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> None:
+def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
     """The chain id, then the latest block's number and time."""
-    check_chain_id(session, "eth_chainId", module, result)
-    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False])), module, result)
+    yield from check_chain_id(session, "eth_chainId", module, result)
+    record_head(evm_head((yield from session.call("eth_getBlockByNumber", ["latest", False]))), module, result)
 
 
-def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> None:
+def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
     """Subscribe, wait for min_notifications notifications, unsubscribe."""
     sub = SUBSCRIPTIONS[module.preset]
     if sub.chain_id_method:
-        check_chain_id(session, sub.chain_id_method, module, result)
+        yield from check_chain_id(session, sub.chain_id_method, module, result)
     session.is_event = sub.event
     start = time.perf_counter()
     try:
-        subscription = session.call(sub.subscribe, sub.params)
-        wait_for_notifications(session, module.min_notifications)
+        subscription = yield from session.call(sub.subscribe, sub.params)
+        yield from wait_for_notifications(session, module.min_notifications)
     finally:
         result.notifications = len(session.notifications)
         if session.notifications:
             result.first_notification = session.notifications[0][0] - start
     record_head(sub.head(session.notifications[-1][1]), module, result)
-    session.call(sub.unsubscribe, sub.unsubscribe_params(subscription))
+    yield from session.call(sub.unsubscribe, sub.unsubscribe_params(subscription))
     result.notifications = len(session.notifications)
 
 
-def wait_for_notifications(session: RpcSession, count: int) -> None:
+def wait_for_notifications(session: RpcSession, count: int) -> Steps[None]:
     def expired() -> CheckError:
         got = len(session.notifications)
         if not got:
@@ -2027,10 +2021,10 @@ def wait_for_notifications(session: RpcSession, count: int) -> None:
         return CheckError("too_few_notifications", "%d of %d notifications" % (got, count))
 
     while len(session.notifications) < count:
-        session.receive(expired)
+        yield from session.receive(expired)
 
 
-PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
+PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], Steps[None]]] = {
     "connect": check_nothing,
     "ping": check_ping,
     "evm": check_evm,
@@ -2047,15 +2041,15 @@ CHAIN_ID_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s
 HEAD_TIME_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
 
 
-def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
+def run_steps(session: RpcSession, steps: Sequence[Step]) -> Steps[None]:
     for index, step in enumerate(steps):
         if step.send is not None:
-            session.send_text(step.send)
+            yield from session.send_text(step.send)
         else:
-            expect(session, step, index)
+            yield from expect(session, step, index)
 
 
-def expect(session: RpcSession, step: Step, index: int) -> None:
+def expect(session: RpcSession, step: Step, index: int) -> Steps[None]:
     """Wait for a message the step accepts.  Messages that do not match the regex, or lack the
     JSON path, are skipped; one that has the path with a wrong value fails at once."""
 
@@ -2063,7 +2057,7 @@ def expect(session: RpcSession, step: Step, index: int) -> None:
         return CheckError("expectation_failed", "step %d: no matching message" % index)
 
     while True:
-        event = session.next_event(expired)
+        event = yield from session.next_event(expired)
         if not isinstance(event, Message):
             continue
         text = event.data.decode("utf-8", "replace")
@@ -3487,7 +3481,7 @@ def probe_asked(head: bytes, exporter: Exporter) -> Optional[ProbeAsked]:
         request = exporter.probe_request(url.query, headers.get(SCRAPE_TIMEOUT_HEADER))
     except (HeadTooLarge, BadRequest):
         return None
-    if request.debug or request.module.runs_checks() or headers.get("Expect") is not None:
+    if request.debug or headers.get("Expect") is not None:
         return None
     connection = (headers.get("Connection") or "").lower()
     close_after = connection == "close" or (parts[2] == "HTTP/1.0" and connection != "keep-alive")
@@ -3499,7 +3493,7 @@ class EventLoop:
     steps of their probes, all at once, waking only when a socket is ready or a time is up.
     With a thread per connection, a third of a probe's CPU time went on handing the interpreter
     from thread to thread and on waking threads.  Whatever the loop does not serve itself (any
-    request but a GET of a probe that runs no checks) it hands, with its connection, to a
+    request but a GET of a probe without debug=true) it hands, with its connection, to a
     handler thread for good.  Only the accept thread talks to it from outside: ``adopt``."""
 
     def __init__(self, server: "ExporterServer") -> None:
