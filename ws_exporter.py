@@ -1053,9 +1053,8 @@ class Connection:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
         timeout = self.deadline.remaining()
         timeout = timeout if limit is None else min(timeout, limit)
-        if self._stamped:  # nothing is buffered above the kernel: wait first, read once
-            yield from ready(self.sock, READABLE, timeout)
-            data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
+        if self._stamped:  # nothing is buffered above the kernel: wait first, then read
+            data, ancillary = yield from self._stamped_read(timeout)
             self.arrived = arrival_time(ancillary)
         else:
             data = yield from self._read(timeout)
@@ -1063,6 +1062,15 @@ class Connection:
         if not data:
             raise ProbeError("connection_closed", "peer closed the connection")
         return data
+
+    def _stamped_read(self, timeout: float) -> Steps[Tuple[bytes, List[Tuple[int, int, bytes]]]]:
+        while True:
+            yield from ready(self.sock, READABLE, timeout)
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
+                return data, ancillary
+            except BlockingIOError:  # woken for nothing: wait again
+                continue
 
     def _read(self, timeout: float) -> Steps[bytes]:
         """A TLS socket may hold decrypted bytes already: read first, wait when it says so."""
