@@ -3591,6 +3591,19 @@ class TestConnectionLoop(unittest.TestCase):
         assert loop is not None
         self.assertEqual(len(loop.connections), 1)  # still the loop's, not a thread's
 
+    def test_a_remembered_request_follows_a_new_config(self) -> None:
+        """The loop remembers what a request head asks for; a reload changes what it means."""
+        sock = self.connect()
+        request = probe_request_bytes(self.good).replace(b" HTTP", b"&module=m HTTP", 1)
+        timeouts = []
+        for seconds in (3, 4):
+            self.exporter.exporter.config = wx.parse_config({"modules": {"m": {"timeout": "%ds" % seconds}}})
+            for _ in range(2):
+                sock.sendall(request)
+                [(_, body)] = read_responses(sock, 1)
+                timeouts.append(parse_metrics(body)["probe_timeout_seconds"])
+        self.assertEqual(timeouts, [3, 3, 4, 4])
+
     def test_many_pipelined_requests_answered_at_once(self) -> None:
         """Probes that fail before any wait are answered at once, one after another, each
         answer sent at once: a loop that recursed from one to the next would run out of stack."""
