@@ -3591,6 +3591,23 @@ class TestConnectionLoop(unittest.TestCase):
         assert loop is not None
         self.assertEqual(len(loop.connections), 1)  # still the loop's, not a thread's
 
+    def test_rpc_durations_end_when_the_answer_arrived_not_when_it_was_read(self) -> None:
+        """An exporter busy elsewhere reads an answer late; the duration is the server's."""
+        rpc = LocalServer(rpc_server({"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies(
+            {"number": "0x10", "timestamp": hex(int(time.time()))})}))
+        self.addCleanup(rpc.close)
+        original = wx.parse_json_object
+
+        def slow(data: bytes) -> Dict[str, object]:
+            time.sleep(0.3)  # the exporter's own delay, simulated: not synchronisation
+            return original(data)
+
+        with mock.patch.object(wx, "parse_json_object", slow):
+            metrics = self.exporter.probe("ws://127.0.0.1:%d/" % rpc.port, module="evm")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_chainId"}'], 0.25)
+        self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0.25)
+
     def test_a_remembered_request_follows_a_new_config(self) -> None:
         """The loop remembers what a request head asks for; a reload changes what it means."""
         sock = self.connect()

@@ -1710,7 +1710,8 @@ class RpcSession:
         self.messages = 0
         self.next_id = 0
         self.is_event: Callable[[JsonObject], Optional[object]] = lambda message: None
-        self.notifications: List[Tuple[float, object]] = []  # (time.perf_counter(), payload)
+        # (perf_counter() when it reached this host, payload): see Connection.arrived
+        self.notifications: List[Tuple[float, object]] = []
 
     def next_event(self, expired: Expiry) -> Steps[Union[Message, Pong]]:
         """The next message or pong; raises ``expired()`` when the check's time runs out."""
@@ -1750,7 +1751,7 @@ class RpcSession:
         payload = self.is_event(message)
         if payload is None:
             return message
-        self.notifications.append((time.perf_counter(), payload))
+        self.notifications.append((self.conn.arrived, payload))
         return None
 
     def send_text(self, text: str) -> Steps[None]:
@@ -1761,8 +1762,9 @@ class RpcSession:
         (JSON-RPC 2.0 §5: the server could not tell which request failed), raises."""
         self.next_id += 1
         request_id = self.next_id
-        start = time.perf_counter()
         yield from self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
+        # From the send to the answer's arrival (as the upgrade phase), not to when it was read.
+        start = self.conn.send_started
 
         def expired() -> CheckError:
             return CheckError("no_response", "no answer to %s" % method)
@@ -1774,7 +1776,7 @@ class RpcSession:
             answer_id = message.get("id")
             if answer_id != request_id and not (answer_id is None and "error" in message):
                 continue  # an answer to nobody we know, or a notification nobody subscribed to
-            self.result.rpc_durations[method] = time.perf_counter() - start
+            self.result.rpc_durations[method] = max(self.conn.arrived - start, 0.0)
             if "error" in message:
                 raise rpc_failure(method, message["error"], self.result)
             if "result" not in message:
@@ -1971,12 +1973,12 @@ def check_nothing(session: RpcSession, module: Module, result: ProbeResult) -> S
 def check_ping(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
     """RFC 6455 §5.5.2-3: a ping with a random payload, answered by a pong echoing it."""
     payload = os.urandom(PING_PAYLOAD_BYTES)
-    start = time.perf_counter()
     yield from session.conn.sending(encode_frame(Opcode.PING, payload))
+    start = session.conn.send_started
     while True:
         event = yield from session.next_event(lambda: CheckError("no_response", "no pong to our ping"))
         if isinstance(event, Pong) and event.payload == payload:
-            result.ping_rtt = time.perf_counter() - start
+            result.ping_rtt = max(session.conn.arrived - start, 0.0)
             return
 
 
@@ -2015,7 +2017,7 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
     finally:
         result.notifications = len(session.notifications)
         if session.notifications:
-            result.first_notification = session.notifications[0][0] - start
+            result.first_notification = max(session.notifications[0][0] - start, 0.0)
     record_head(sub.head(session.notifications[-1][1]), module, result)
     yield from session.call(sub.unsubscribe, sub.unsubscribe_params(subscription))
     result.notifications = len(session.notifications)
