@@ -2477,8 +2477,6 @@ def _proportional_bytes() -> int:
     return 0
 
 
-
-
 def _max_fds() -> int:
     try:
         with open("/proc/self/limits", "r") as f:
@@ -3277,7 +3275,8 @@ class Handler(socketserver.BaseRequestHandler):
 
 
 class ExporterServer(socketserver.ThreadingTCPServer):
-    """A thread per connection; handler threads never keep the process alive."""
+    """Accepts connections for the connection loop, or for a thread each (see process_request);
+    handler threads never keep the process alive."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -3364,15 +3363,20 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         time.sleep(ACCEPT_RETRY_SECONDS)
 
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        """A thread per connection, up to --web.max-connections; past that a quick 503."""
-        if self.connection_slots.acquire(blocking=False):
-            if self.loop is not None:
-                self.loop.adopt(request, client_address, self.accepted.pop(request.fileno(), 0.0) or time.monotonic())
-                return
+        """To the connection loop when there is one, else to a thread of its own, up to
+        --web.max-connections; past that a quick 503."""
+        if not self.connection_slots.acquire(blocking=False):
+            self.refuse(request)
+        elif self.loop is not None:
+            self.loop.adopt(request, client_address, self.accepted.pop(request.fileno(), 0.0) or time.monotonic())
+        else:
             self.serve_in_thread(request, client_address)
-            return
+
+    def refuse(self, request: socket.socket) -> None:
+        """503 and close, counted: no connection slot, or no thread, for it."""
         self.exporter.stats.reject("connections")
         self.accepted.pop(request.fileno(), None)
+        self.early.pop(request.fileno(), None)
         _refuse_connection(request)
         self.shutdown_request(request)
 
@@ -3387,11 +3391,7 @@ class ExporterServer(socketserver.ThreadingTCPServer):
             super().process_request(request, client_address)
         except RuntimeError:  # the system refused another thread
             self.connection_slots.release()
-            self.exporter.stats.reject("connections")
-            self.accepted.pop(request.fileno(), None)
-            self.early.pop(request.fileno(), None)
-            _refuse_connection(request)
-            self.shutdown_request(request)
+            self.refuse(request)
 
     def serve_forever(self, poll_interval: float = 0.2) -> None:
         """Accept connections until shutdown(); the connection loop starts here, in the process
@@ -3504,7 +3504,8 @@ class EventLoop:
     With a thread per connection, a third of a probe's CPU time went on handing the interpreter
     from thread to thread and on waking threads.  Whatever the loop does not serve itself (any
     request but a GET of a probe without debug=true) it hands, with its connection, to a
-    handler thread for good.  Only the accept thread talks to it from outside: ``adopt``."""
+    handler thread for good.  Other threads reach it only through ``call_soon``: the accept
+    thread's ``adopt``, ``stop``, a finished name lookup."""
 
     def __init__(self, server: "ExporterServer") -> None:
         self.server = server
@@ -3659,7 +3660,8 @@ class EventLoop:
 
     def _sweep(self) -> None:
         """Closes the connections past their time limit: a heap entry per request for limits
-        that are seconds long would cost more than looking at each connection once a second."""
+        that are seconds long would cost more than looking at each connection a few times a
+        second."""
         now = time.monotonic()
         for connection in [c for c in self.connections if 0.0 < c.expires <= now]:
             connection.close()
@@ -4611,7 +4613,6 @@ def run_worker(
     server = ExporterServer(address, listener.address_family, exporter, web, handoff=connections)
     channel.sendall(encode_message(("ready",)))
     return serve(server, exporter, wakeup)
-
 
 
 # ==============================================================================================
