@@ -1157,6 +1157,28 @@ class TestProgram(unittest.TestCase):
         self.assertEqual(result.returncode, 0)
         self.assertIn(wx.__version__, result.stdout)
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+    def test_a_script_relaunches_itself_once_keeping_its_pid_and_options(self) -> None:
+        script = os.path.join(HERE, "ws_exporter.py")
+        proc = subprocess.Popen([sys.executable, "-S", "-O", "-X", "utf8", script, "--web.listen-address=127.0.0.1:0",
+                                 "--web.workers=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})  # no -B, -W from it
+        self.addCleanup(stop, proc)  # type: ignore[arg-type]
+        assert proc.stderr is not None
+        self.addCleanup(proc.stderr.close)
+        port = int(re.search(r"address=127\.0\.0\.1:(\d+)", proc.stderr.readline()).group(1))  # type: ignore[union-attr]
+        with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+            argv = f.read().decode().split("\0")[:-1]
+        self.assertEqual(argv[0], sys.executable)
+        self.assertEqual(argv[1:argv.index("-c")], ["-S", "-O", "-Xutf8"])
+        self.assertEqual(argv[argv.index("-c") + 1], wx.RELAUNCH)
+        self.assertEqual(argv[argv.index("-c") + 2:], [script, "--web.listen-address=127.0.0.1:0", "--web.workers=1"])
+        self.assertEqual(len(children_of(proc.pid)), 0)  # relaunched in place, not as a child
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/-/healthy")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+
     def test_bad_flag_exits_2_with_one_line(self) -> None:
         result = self.run_exporter("--timeout=soon")
         self.assertEqual(result.returncode, 2)

@@ -5278,5 +5278,42 @@ def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> 
     return 0
 
 
+# python3 ws_exporter.py: CPython keeps the syntax tree of the script it runs (~9 MB for this
+# file) until the script returns, and this one returns when the exporter stops.  So the process
+# replaces itself, same pid, with an interpreter that compiles the file the way runpy does, which
+# frees the tree before the code runs.  -c puts the working directory first on sys.path; the
+# exporter imports nothing from there, so it is taken off.
+RELAUNCH = ("import runpy, sys; del sys.argv[0]; sys.path[:] = [p for p in sys.path if p]; "
+            "runpy.run_path(sys.argv[0], {'RELAUNCHED': True}, '__main__')")
+
+
+def started_as_script(namespace: Dict[str, object]) -> bool:
+    """Whether ``namespace`` (this module's globals, run as __main__) is a script's: run by path,
+    not with -m, not relaunched already, not interactive, on a system with exec."""
+    return (namespace.get("__spec__") is None and not namespace.get("RELAUNCHED") and os.name == "posix"
+            and bool(sys.executable) and not sys.flags.interactive)
+
+
+def interpreter_options() -> List[str]:
+    """The options this interpreter was started with that change how it runs the exporter."""
+    switches = (("isolated", "-I"), ("ignore_environment", "-E"), ("no_user_site", "-s"), ("no_site", "-S"),
+                ("dont_write_bytecode", "-B"), ("safe_path", "-P"))
+    options = [option for flag, option in switches if getattr(sys.flags, flag, 0)]
+    options += ["-O"] * sys.flags.optimize + ["-W" + option for option in sys.warnoptions]
+    xoptions = getattr(sys, "_xoptions", {})  # CPython's -X options
+    return options + ["-X" + (key if value is True else "%s=%s" % (key, value)) for key, value in xoptions.items()]
+
+
+def relaunch(path: str, args: Sequence[str]) -> None:
+    """Replace this process with one running ``path`` through RELAUNCH; return only if exec
+    failed, and then the exporter runs here, with the syntax tree held."""
+    try:
+        os.execv(sys.executable, [sys.executable] + interpreter_options() + ["-c", RELAUNCH, path] + list(args))
+    except OSError:
+        pass
+
+
 if __name__ == "__main__":
+    if started_as_script(globals()):
+        relaunch(os.path.abspath(__file__), sys.argv[1:])
     sys.exit(main())

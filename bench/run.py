@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import http.client
 import os
+import py_compile
 import re
 import select
 import shlex
@@ -43,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EXPORTER = os.path.join(ROOT, "ws_exporter.py")
 EXPORTER_ARGS: List[str] = []  # --exporter-arg, appended to our exporter's command line
+APP_DIR = ""  # where install_like_image put the exporter, as /app in the image
 HOLD_SERVER = os.path.join(HERE, "hold_server.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0
@@ -234,16 +236,25 @@ def blackbox_probe_path(resource: str, port: int, tls: bool) -> str:
     return "/probe?target=127.0.0.1:%d&module=%s" % (port, "wss" if tls else "ws")
 
 
+def install_like_image(directory: str) -> str:
+    """Copy the exporter into ``directory`` and compile it there as the Dockerfile does in /app."""
+    os.makedirs(directory)
+    target = os.path.join(directory, os.path.basename(EXPORTER))
+    shutil.copyfile(EXPORTER, target)
+    py_compile.compile(target, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    return directory
+
+
 def ours_command(script: bool = False) -> Tuple[List[str], Dict[str, str]]:
     """The interpreter part of our argv, and its environment.  By default as the container image
-    runs it: a module, with the Dockerfile's environment, and -S: the image has no site-packages,
-    while this host's carry a .pth that imports certifi (~5 MB) into every interpreter.
-    ``script``: ``python3 ws_exporter.py``, site on, for comparison."""
+    runs it: a module from APP_DIR, compiled ahead, with the Dockerfile's environment, and -S: the
+    image has no site-packages, while this host's carry a .pth that imports certifi (~5 MB) into
+    every interpreter.  ``script``: ``python3 ws_exporter.py``, site on, for comparison."""
     if script:
         return [sys.executable, EXPORTER], {}
     module = os.path.splitext(os.path.basename(EXPORTER))[0]
     return [sys.executable, "-S", "-m", module], {
-        "PYTHONPATH": os.path.dirname(EXPORTER), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+        "PYTHONPATH": APP_DIR, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def start_ours(ca: str, script: bool = False) -> Exporter:
@@ -254,7 +265,8 @@ def start_ours(ca: str, script: bool = False) -> Exporter:
     # cwd: -m puts the current directory first on sys.path, ahead of PYTHONPATH; started from
     # elsewhere, another ws_exporter.py there would be the one measured.
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, SSL_CERT_FILE=ca, **extra_env), cwd=os.path.dirname(EXPORTER))
+                            env=dict(os.environ, SSL_CERT_FILE=ca, **extra_env),
+                            cwd=APP_DIR if not script else os.path.dirname(EXPORTER))
     return Exporter("ours", proc, port, spawned, ours_probe_path, GroupPeak())
 
 
@@ -607,7 +619,7 @@ def med(values: Sequence[float]) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    global EXPORTER, EXPORTER_ARGS
+    global EXPORTER, EXPORTER_ARGS, APP_DIR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a handful of probes each, one table, < 20 s")
     parser.add_argument("--rounds", type=int, default=3)
@@ -625,6 +637,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("WS_PEER_NODE", "WS_PEER_NODE_PATH", "WS_BLACKBOX_EXPORTER", "WS_WRK", "WS_WRK_LD_LIBRARY_PATH"):
         env(name)
     tmp = tempfile.mkdtemp(prefix="wsx-bench-")
+    APP_DIR = install_like_image(os.path.join(tmp, "app"))
     children: List["subprocess.Popen[bytes]"] = []
     try:
         return run(args, sections, tmp, children)
@@ -730,7 +743,8 @@ def describe_ours() -> str:
     """Our exporter's command line as the bench runs it, for the header."""
     command, extra_env = ours_command()
     words = " ".join(shlex.quote(word) for word in ["python3"] + command[1:] + EXPORTER_ARGS)
-    return "%s   (cwd and PYTHONPATH: %s%s)" % (words, extra_env["PYTHONPATH"], "" if EXPORTER_ARGS else "; no --exporter-arg")
+    return "%s   (cwd and PYTHONPATH: %s, a copy compiled as in the image%s)" % (
+        words, extra_env["PYTHONPATH"], "" if EXPORTER_ARGS else "; no --exporter-arg")
 
 
 def idle_memory(exporter: Exporter) -> GroupMemory:
