@@ -928,6 +928,20 @@ class TestProbeTLS(ProbeTestCase):
         self.assertGreater(expiry, time.time() + 20 * 86400)
         self.assertLess(expiry, time.time() + 40 * 86400)
 
+    def test_the_tls_phase_ends_when_the_servers_handshake_arrived(self) -> None:
+        """An exporter busy elsewhere finishes the handshake late; the phase is the server's."""
+        original = wx.certificate_expiry
+
+        def slow(tls: ssl.SSLObject) -> Optional[float]:
+            time.sleep(0.3)  # the exporter's own delay, simulated: not synchronisation
+            return original(tls)
+
+        with trusting(self.pki["ca.pem"]), mock.patch.object(wx, "certificate_expiry", slow):
+            metrics = self.probe_local(good_server, "wss", tls=server_tls(self.pki, "good"))
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertLess(metrics['probe_websocket_duration_seconds{phase="tls"}'], 0.25)
+        self.assertGreater(metrics["probe_duration_seconds"], 0.3)
+
     def test_certificate_problems_are_tls_verify(self) -> None:
         with trusting(self.pki["ca.pem"]):
             for name in ("self", "wrongname", "expired"):

@@ -1018,7 +1018,11 @@ class _Phase:
 
 class Connection:
     """An open socket with the frame reader that decodes what arrives on it.  The socket is
-    non-blocking: ``sending`` and ``receiving`` are steps that wait (see Wait)."""
+    non-blocking: ``sending`` and ``receiving`` are steps that wait (see Wait).
+
+    TLS (``start_tls``) runs through memory buffers: OpenSSL never touches the socket, so every
+    read is one recvmsg that takes all that has arrived, with its arrival stamp, rather than two
+    reads per TLS record, and the client's last handshake message leaves with the first request."""
 
     def __init__(self, sock: socket.socket, deadline: Deadline) -> None:
         self.sock = sock
@@ -1026,62 +1030,86 @@ class Connection:
         self.reader = FrameReader()
         self.send_started = 0.0  # perf_counter() just before the last send went to the kernel
         self.arrived = 0.0  # perf_counter() when the bytes last received reached this host
-        self._tls = isinstance(sock, ssl.SSLSocket)
-        # TLS sockets decrypt through OpenSSL's own reads: their data carries no stamps.
-        self._stamped = bool(SO_TIMESTAMPNS) and not self._tls
+        self.tls: Optional[ssl.SSLObject] = None
+        self._incoming = ssl.MemoryBIO()  # TLS records received, for OpenSSL to decrypt
+        self._outgoing = ssl.MemoryBIO()  # TLS records OpenSSL wrote, to send
         if sock.gettimeout() != 0.0:  # connect_steps made it so already
             sock.settimeout(0.0)
+
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> Steps[None]:
+        """The TLS handshake, with SNI and the context's certificate checks, within the deadline."""
+        tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
+        while True:
+            try:
+                with TURNS.waiting():  # OpenSSL does its arithmetic without the interpreter's lock
+                    tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                yield from self._send(self._outgoing.read())
+                data = yield from self._receive(self.deadline.remaining())
+                if data:
+                    self._incoming.write(data)
+                else:  # OpenSSL reports the handshake cut short
+                    self._incoming.write_eof()
+        self.tls = tls
 
     def sending(self, data: bytes) -> Steps[None]:
         """All of ``data`` within the deadline, however slowly the peer reads."""
         self.send_started = time.perf_counter()
-        view = memoryview(data)
-        while view:
-            left = self.deadline.remaining()
-            try:
-                if self._tls:
-                    with TURNS.waiting():  # OpenSSL encrypts without the interpreter's lock
-                        view = view[self.sock.send(view) :]
-                else:
-                    view = view[self.sock.send(view) :]
-            except (BlockingIOError, ssl.SSLWantWriteError):  # the send buffer is full: wait for room
-                yield from ready(self.sock, WRITABLE, left)
-            except ssl.SSLWantReadError:  # TLS renegotiation
-                yield from ready(self.sock, READABLE, left)
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self._outgoing.read()
+        yield from self._send(data)
 
     def receiving(self, limit: Optional[float] = None) -> Steps[bytes]:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
         timeout = self.deadline.remaining()
         timeout = timeout if limit is None else min(timeout, limit)
-        if self._stamped:  # nothing is buffered above the kernel: wait first, then read
-            data, ancillary = yield from self._stamped_read(timeout)
-            self.arrived = arrival_time(ancillary)
+        if self.tls is None:
+            data = yield from self._receive(timeout)
         else:
-            data = yield from self._read(timeout)
-            self.arrived = time.perf_counter()
+            data = yield from self._receive_tls(time.monotonic() + timeout)
         if not data:
             raise ProbeError("connection_closed", "peer closed the connection")
         return data
 
-    def _stamped_read(self, timeout: float) -> Steps[Tuple[bytes, List[Tuple[int, int, bytes]]]]:
+    def _receive_tls(self, until: float) -> Steps[bytes]:
+        assert self.tls is not None
+        while True:
+            try:
+                return self.tls.read(RECV_BYTES)  # what OpenSSL holds decrypted, or can decrypt
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:  # the peer's close_notify
+                return b""
+            yield from self._send(self._outgoing.read())  # a handshake message still to go, if any
+            data = yield from self._receive(until - time.monotonic())
+            if not data:
+                return b""
+            self._incoming.write(data)
+
+    def _send(self, data: bytes) -> Steps[None]:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view) :]
+            except BlockingIOError:  # the send buffer is full: wait for room
+                yield from ready(self.sock, WRITABLE, self.deadline.remaining())
+
+    def _receive(self, timeout: float) -> Steps[bytes]:
+        """One read of what has arrived (b"" at the end of the stream); sets ``arrived``."""
         while True:
             yield from ready(self.sock, READABLE, timeout)
             try:
+                if not SO_TIMESTAMPNS:
+                    data = self.sock.recv(RECV_BYTES)
+                    self.arrived = time.perf_counter()
+                    return data
                 data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
-                return data, ancillary
+                self.arrived = arrival_time(ancillary)
+                return data
             except BlockingIOError:  # woken for nothing: wait again
                 continue
-
-    def _read(self, timeout: float) -> Steps[bytes]:
-        """A TLS socket may hold decrypted bytes already: read first, wait when it says so."""
-        while True:
-            try:
-                with TURNS.waiting():
-                    return self.sock.recv(RECV_BYTES)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                yield from ready(self.sock, READABLE, timeout)
-            except ssl.SSLWantWriteError:
-                yield from ready(self.sock, WRITABLE, timeout)
 
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if SO_TIMESTAMPNS else 0
@@ -1355,12 +1383,13 @@ def open_steps(
             yield from tunnel_steps(sock, target, proxy, deadline)
     try:
         log.log("debug", "Connected", ip_protocol=result.ip_protocol)
+        conn = Connection(sock, deadline)
         if target.secure:
-            with _Phase(result, "tls"):
-                sock = yield from tls_steps(sock, target.host, deadline, result, module.tls_context, module.tls.server_name)
+            with _Phase(result, "tls") as phase:
+                yield from tls_steps(conn, target.host, result, module.tls_context, module.tls.server_name)
+                phase.end = conn.arrived  # when the server's last handshake message reached this host
             log.log("debug", "TLS established", version=result.tls_version, cipher=result.tls_cipher)
         with _Phase(result, "upgrade") as phase:
-            conn = Connection(sock, deadline)
             yield from upgrade_steps(conn, target, module, result)
             # The span the server and the network took, not the moments this thread held the GIL.
             phase.start, phase.end = conn.send_started, conn.arrived
@@ -1553,36 +1582,20 @@ def default_tls_context() -> ssl.SSLContext:
 
 
 def tls_steps(
-    sock: socket.socket,
+    conn: Connection,
     host: str,
-    deadline: Deadline,
     result: ProbeResult,
     context: Optional[ssl.SSLContext] = None,
     server_name: str = "",
-) -> Steps[ssl.SSLSocket]:
-    """TLS with SNI and certificate verification, within the deadline; ``context`` and
-    ``server_name`` come from a module's tls settings.  The socket stays non-blocking."""
-    tls = (context or default_tls_context()).wrap_socket(
-        sock, server_hostname=server_name or host, do_handshake_on_connect=False
-    )
-    try:
-        while True:
-            try:
-                with TURNS.waiting():  # OpenSSL does its arithmetic without the interpreter's lock
-                    tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                yield from ready(tls, READABLE, deadline.remaining())
-            except ssl.SSLWantWriteError:
-                yield from ready(tls, WRITABLE, deadline.remaining())
-    except BaseException:
-        tls.close()  # wrap_socket took over the descriptor: the plain socket can no longer close it
-        raise
-    result.tls_version = (tls.version() or "").replace("TLSv", "TLS ")
-    cipher = tls.cipher()
+) -> Steps[None]:
+    """TLS on ``conn`` with SNI and certificate verification, within its deadline; ``context``
+    and ``server_name`` come from a module's tls settings."""
+    yield from conn.start_tls(context or default_tls_context(), server_name or host)
+    assert conn.tls is not None
+    result.tls_version = (conn.tls.version() or "").replace("TLSv", "TLS ")
+    cipher = conn.tls.cipher()
     result.tls_cipher = cipher[0] if cipher else ""
-    result.cert_expiry = certificate_expiry(tls)
-    return tls
+    result.cert_expiry = certificate_expiry(conn.tls)
 
 
 _EXPIRIES: "collections.OrderedDict[bytes, Optional[float]]" = collections.OrderedDict()
@@ -1590,7 +1603,7 @@ _EXPIRIES_LOCK = threading.Lock()
 MAX_CACHED_CERTIFICATES = 1024
 
 
-def certificate_expiry(tls: ssl.SSLSocket) -> Optional[float]:
+def certificate_expiry(tls: ssl.SSLObject) -> Optional[float]:
     """The peer certificate's notAfter in unix seconds.  Decoding a certificate into a dict and
     parsing its date with strptime cost more than the rest of a TLS probe's Python work, and a
     fleet's servers show the same certificates again and again: they are remembered by their
