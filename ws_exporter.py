@@ -1049,7 +1049,7 @@ class Connection:
                 data = yield from self._receive(self.deadline.remaining())
                 if data:
                     self._incoming.write(data)
-                else:  # OpenSSL reports the handshake cut short
+                else:  # the server closed: do_handshake raises SSLEOFError next
                     self._incoming.write_eof()
         self.tls = tls
 
@@ -1082,7 +1082,8 @@ class Connection:
                 pass
             except ssl.SSLZeroReturnError:  # the peer's close_notify
                 return b""
-            yield from self._send(self._outgoing.read())  # a handshake message still to go, if any
+            if self._outgoing.pending:  # a handshake message still to go (TLS 1.3's Finished)
+                yield from self._send(self._outgoing.read())
             data = yield from self._receive(until - time.monotonic())
             if not data:
                 return b""
