@@ -3290,6 +3290,7 @@ class TestBenchSmoke(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr[-2000:] + result.stdout[-2000:])
         self.assertIn("ws c=16 probes/s", result.stdout)
         self.assertIn("wss c=16 probes/s", result.stdout)
+        self.assertIn("wss upgrade error c=16 p99", result.stdout)
         self.assertIn("spawn to first 200", result.stdout)
 
 

@@ -1,6 +1,6 @@
 """A WebSocket server that holds its 101 for a fixed delay, for timing-truth measurements.
 
-    python3 hold_server.py DELAY_SECONDS
+    python3 hold_server.py DELAY_SECONDS [CERT_FILE KEY_FILE]
 
 Prints its port (127.0.0.1, port 0) as the first stdout line, then one line per upgrade it
 answered: ``RESOURCE DELAY_NS``, where DELAY_NS is the time from the moment the last bytes of the request
@@ -8,6 +8,10 @@ head reached this host (the kernel's receive timestamp, so this process's own sc
 do not count) to the moment the 101 was handed to the kernel: what the server really did.
 After the 101 it answers a close frame with a close frame.  One thread, epoll: no GIL contention,
 so its own clock reads are not delayed by other threads.  Exits when stdin closes.
+
+With a certificate and key it serves wss:// instead: TLS through memory buffers, so the request
+head's arrival is still the kernel's stamp of the read that completed it, and the 101 counts as
+sent once its encrypted record was handed to the kernel.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import heapq
 import os
 import selectors
 import socket
+import ssl
 import struct
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SO_TIMESTAMPNS = 35  # Linux socket(7); the socket module does not name it
@@ -30,11 +35,43 @@ _SEQ = 0
 
 
 class Conn:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, context: Optional[ssl.SSLContext]) -> None:
         self.sock = sock
         self.buf = b""
         self.upgraded = False
         self.closed = False
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True) if context else None
+        self.handshaken = False
+
+    def send(self, data: bytes) -> None:
+        """``data`` (encrypted over TLS) and whatever TLS has queued, to the kernel."""
+        if self.tls is not None:
+            if data:
+                self.tls.write(data)
+            data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def plaintext(self, data: bytes) -> bytes:
+        """What ``data`` from the socket carries for the application; raises ssl.SSLError."""
+        if self.tls is None:
+            return data
+        self.incoming.write(data)
+        if not self.handshaken:
+            try:
+                self.tls.do_handshake()
+                self.handshaken = True
+            except ssl.SSLWantReadError:
+                pass
+            self.send(b"")
+        out = b""
+        while self.handshaken:
+            try:
+                out += self.tls.read(65536)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+        return out
 
 
 def accept_value(head: bytes) -> Tuple[str, str]:
@@ -51,6 +88,10 @@ def accept_value(head: bytes) -> Tuple[str, str]:
 
 def main() -> None:
     delay_ns = int(float(sys.argv[1]) * 1e9)
+    context = None
+    if len(sys.argv) > 3:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(sys.argv[2], sys.argv[3])
     sel = selectors.DefaultSelector()
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,7 +112,7 @@ def main() -> None:
                 if not os.read(sys.stdin.fileno(), 4096):
                     return
             elif key.data is None:
-                accept_all(listener, sel, conns)
+                accept_all(listener, sel, conns, context)
             else:
                 on_readable(conns, key.data, sel, due, delay_ns)
         now = time.perf_counter_ns()
@@ -80,7 +121,7 @@ def main() -> None:
             if conn.closed:
                 continue
             try:
-                conn.sock.send(response)
+                conn.send(response)
             except OSError:
                 drop(conns, conn.sock.fileno(), sel)
                 continue
@@ -91,7 +132,8 @@ def main() -> None:
         out.flush()
 
 
-def accept_all(listener: socket.socket, sel: selectors.BaseSelector, conns: Dict[int, Conn]) -> None:
+def accept_all(listener: socket.socket, sel: selectors.BaseSelector, conns: Dict[int, Conn],
+               context: Optional[ssl.SSLContext]) -> None:
     while True:
         try:
             sock, _ = listener.accept()
@@ -100,7 +142,7 @@ def accept_all(listener: socket.socket, sel: selectors.BaseSelector, conns: Dict
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        conns[sock.fileno()] = Conn(sock)
+        conns[sock.fileno()] = Conn(sock, context)
         sel.register(sock, selectors.EVENT_READ, sock.fileno())
 
 
@@ -114,11 +156,16 @@ def on_readable(conns: Dict[int, Conn], fd: int, sel: selectors.BaseSelector, du
         drop(conns, fd, sel)
         return
     arrived = arrival_ns(ancillary)
+    try:
+        data = conn.plaintext(data)
+    except (ssl.SSLError, OSError):
+        drop(conns, fd, sel)
+        return
     if conn.upgraded:
         # A client close frame (masked): answer it with close 1000 and hang up.
         if len(data) >= 2 and data[0] & 0x0F == 0x8:
             try:
-                conn.sock.send(struct.pack("!BBH", 0x88, 2, 1000))
+                conn.send(struct.pack("!BBH", 0x88, 2, 1000))
             except OSError:
                 pass
             drop(conns, fd, sel)

@@ -136,8 +136,9 @@ def _drain(stream: Optional["IO[bytes]"]) -> None:  # type: ignore[name-defined]
 class HoldServer:
     """hold_server.py in a child process; collects its (resource, delay) records."""
 
-    def __init__(self, delay: float) -> None:
-        self.peer = spawn_port_printer([sys.executable, HOLD_SERVER, str(delay)], {})
+    def __init__(self, delay: float, cert_and_key: Tuple[str, ...] = ()) -> None:
+        self.tls = bool(cert_and_key)  # wss://
+        self.peer = spawn_port_printer([sys.executable, HOLD_SERVER, str(delay), *cert_and_key], {})
         self.port = self.peer.port
         self.records: Dict[str, float] = {}  # resource -> real delay (s), the last one per resource
         self.delays: List[float] = []  # every real delay, in order
@@ -527,7 +528,7 @@ def timing_errors(exporter: Exporter, server: HoldServer, concurrency: int, per_
     start_count = len(server.delays)
 
     def client(index: int) -> None:
-        paths = [exporter.probe_url(resource, server.port, False) for resource in plans[index]]
+        paths = [exporter.probe_url(resource, server.port, server.tls) for resource in plans[index]]
         results[index] = dict(zip(plans[index], scrape_many(exporter, paths).values()))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
@@ -655,6 +656,8 @@ def run(args: argparse.Namespace, sections: set, tmp: str, children: list) -> in
     children.append(secure.proc)
     timing = HoldServer(TIMING_DELAY)
     children.append(timing.peer.proc)
+    secure_timing = HoldServer(TIMING_DELAY, (pki["server.pem"], pki["server.key"]))
+    children.append(secure_timing.peer.proc)
     exporters = [start_ours(pki["ca.pem"]), start_blackbox(write_blackbox_config(tmp, pki["ca.pem"]))]
     children.extend(e.proc for e in exporters)
     first_answer = {e.name: [wait_healthy(e)] for e in exporters}
@@ -679,6 +682,7 @@ def run(args: argparse.Namespace, sections: set, tmp: str, children: list) -> in
         ok &= report_load(args, exporters, plain, secure, lines)
     if "timing" in sections:
         report_timing(args, exporters, timing, lines)
+        report_tls_timing(args, exporters[0], secure_timing, lines)
     if "memory" in sections:
         report_memory(exporters, idle, pki["ca.pem"], lines, children)
     if "start" in sections:
@@ -737,6 +741,17 @@ def report_timing(args: argparse.Namespace, exporters: List[Exporter], server: H
         lines.append(row("upgrade error c=%d median (ms)" % concurrency, med(ours), med(theirs), "%.2f"))
         lines.append(row("upgrade error c=%d p99 (ms), n=%d" % (concurrency, len(ours)), percentile(ours, 99),
                          percentile(theirs, 99), "%.2f", floor))
+
+
+def report_tls_timing(args: argparse.Namespace, ours: Exporter, server: HoldServer, lines: List[str]) -> None:
+    """The same over wss://, ours only: blackbox's whole probe includes the TLS handshake."""
+    lines.append("the same over wss:// (ours only: blackbox's probe_duration_seconds includes the handshake)")
+    concurrency, per_client = (16, 2) if args.smoke else (64, 5)
+    errors = [e for round_no in range(1 if args.smoke else 2)
+              for e in timing_errors(ours, server, concurrency, per_client, "tls-r%d" % round_no)]
+    for label, value in (("wss upgrade error c=%d median (ms)" % concurrency, med(errors)),
+                         ("wss upgrade error c=%d p99 (ms), n=%d" % (concurrency, len(errors)), percentile(errors, 99))):
+        lines.append("%-44s %12.2f %12s" % (label, value, "-"))
 
 
 def describe_ours() -> str:
