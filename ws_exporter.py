@@ -5303,9 +5303,10 @@ RELAUNCH = ("import runpy, sys; del sys.argv[0]; sys.path[:] = [p for p in sys.p
 
 def started_as_script(namespace: Dict[str, object]) -> bool:
     """Whether ``namespace`` (this module's globals, run as __main__) is a script's: run by path,
-    not with -m, not relaunched already, not interactive, on a system with exec."""
+    not with -m, not relaunched already, not interactive, not frozen into an executable, on a
+    system with exec."""
     return (namespace.get("__spec__") is None and not namespace.get("RELAUNCHED") and os.name == "posix"
-            and bool(sys.executable) and not sys.flags.interactive)
+            and bool(sys.executable) and not sys.flags.interactive and not getattr(sys, "frozen", False))
 
 
 def interpreter_options() -> List[str]:
