@@ -959,6 +959,37 @@ class TestProbeTLS(ProbeTestCase):
         metrics = self.probe_local(plain_http, "wss")
         self.assert_failed(metrics, "tls", "tls_error")
 
+    def test_answers_in_many_small_tls_records_are_put_together(self) -> None:
+        def one_byte_per_record(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            for byte in switching_response(request_key(head)):
+                sock.sendall(bytes([byte]))  # each send is a TLS record of its own
+            opcode, payload, _ = read_client_frame(sock, rest)
+            for byte in server_frame(wx.Opcode.CLOSE, payload):
+                sock.sendall(bytes([byte]))
+
+        with trusting(self.pki["ca.pem"]):
+            metrics = self.probe_local(one_byte_per_record, "wss", tls=server_tls(self.pki, "good"))
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_websocket_close_code"], 1000)
+
+    def test_a_server_silent_after_the_client_hello_is_a_tls_timeout_within_the_deadline(self) -> None:
+        def silent(sock: socket.socket) -> None:
+            sock.recv(4096)  # the ClientHello
+            sock.recv(1)  # until the exporter gives up and closes
+
+        metrics = self.probe_local(silent, "wss", scrape_timeout="2")
+        self.assert_failed(metrics, "tls", "timeout")
+        self.assertLess(metrics["probe_duration_seconds"], 2.0)
+
+    def test_a_server_closing_during_the_handshake_is_a_tls_error(self) -> None:
+        def hang_up(sock: socket.socket) -> None:
+            sock.recv(4096)  # the ClientHello
+            sock.close()
+
+        metrics = self.probe_local(hang_up, "wss")
+        self.assert_failed(metrics, "tls", "tls_error")
+
     def test_tls_on_a_ws_target_fails_the_upgrade(self) -> None:
         with trusting(self.pki["ca.pem"]):
             metrics = self.probe_local(good_server, "ws", scrape_timeout="2", tls=server_tls(self.pki, "good"))
