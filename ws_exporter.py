@@ -41,6 +41,69 @@ __all__ = [
     "main",
 ]
 
+# ==============================================================================================
+# Start-up as a script
+# ==============================================================================================
+# python3 ws_exporter.py: CPython keeps the syntax tree of the script it runs (~9 MB for this
+# file) until the script returns, and this one returns when the exporter stops.  So, before its
+# imports, the process writes its compiled code to an in-memory file and replaces itself (exec:
+# same pid, same interpreter options) with an interpreter that runs that code, as it would a
+# module's compiled file: the tree is gone, and the code is not compiled twice.
+
+import marshal
+import os
+import sys
+import types
+
+RELAUNCH = """import marshal, sys
+with open(int(sys.argv.pop(1)), "rb") as _compiled:
+    _code = marshal.loads(_compiled.read())
+del sys.argv[0], _compiled
+RELAUNCHED = True
+__file__ = sys.argv[0]
+exec(_code)
+"""
+
+
+def started_as_script(namespace: "Dict[str, object]") -> bool:
+    """Whether ``namespace`` (this module's globals, run as __main__) is a script's: run by path,
+    not with -m, not relaunched already, not interactive, not frozen into an executable, on
+    Linux (memfd_create) with CPython (sys._getframe)."""
+    return (namespace.get("__name__") == "__main__" and namespace.get("__spec__") is None
+            and not namespace.get("RELAUNCHED") and hasattr(os, "memfd_create") and hasattr(sys, "_getframe")
+            and bool(sys.executable) and not sys.flags.interactive and not getattr(sys, "frozen", False))
+
+
+def interpreter_options() -> "List[str]":
+    """The options this interpreter was started with that change how it runs the exporter."""
+    switches = (("isolated", "-I"), ("ignore_environment", "-E"), ("no_user_site", "-s"), ("no_site", "-S"),
+                ("dont_write_bytecode", "-B"), ("safe_path", "-P"))
+    options = [option for flag, option in switches if getattr(sys.flags, flag, 0)]
+    options += ["-O"] * sys.flags.optimize + ["-W" + option for option in sys.warnoptions]
+    xoptions = getattr(sys, "_xoptions", {})  # CPython's -X options
+    return options + ["-X" + (key if value is True else "%s=%s" % (key, value)) for key, value in xoptions.items()]
+
+
+def relaunch(code: types.CodeType, argv: "List[str]") -> None:
+    """Replace this process with one running ``code`` (this module's code object) through
+    RELAUNCH; return only if that failed, and then the exporter runs here, with the tree held."""
+    try:
+        fd = os.memfd_create("ws_exporter")
+    except OSError:  # an old kernel, or a sandbox that refuses it
+        return
+    try:
+        with open(fd, "wb", closefd=False) as compiled:
+            compiled.write(marshal.dumps(code))
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+        os.execv(sys.executable, [sys.executable] + interpreter_options() + ["-c", RELAUNCH, str(fd)] + argv)
+    except (OSError, ValueError):
+        os.close(fd)
+
+
+if started_as_script(globals()):
+    relaunch(sys._getframe().f_code, sys.argv)
+
 import array
 import base64
 import codecs
@@ -58,8 +121,6 @@ import http
 import io
 import ipaddress
 import json
-import marshal
-import os
 import re
 import select
 import signal
@@ -67,7 +128,6 @@ import socketserver
 import socket
 import ssl
 import struct
-import sys
 import threading
 import time
 import urllib.parse
@@ -5292,43 +5352,5 @@ def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> 
     return 0
 
 
-# python3 ws_exporter.py: CPython keeps the syntax tree of the script it runs (~9 MB for this
-# file) until the script returns, and this one returns when the exporter stops.  So the process
-# replaces itself, same pid, with an interpreter that compiles the file the way runpy does, which
-# frees the tree before the code runs.  -c puts the working directory first on sys.path; the
-# exporter imports nothing from there, so it is taken off.
-RELAUNCH = ("import runpy, sys; del sys.argv[0]; sys.path[:] = [p for p in sys.path if p]; "
-            "runpy.run_path(sys.argv[0], {'RELAUNCHED': True}, '__main__')")
-
-
-def started_as_script(namespace: Dict[str, object]) -> bool:
-    """Whether ``namespace`` (this module's globals, run as __main__) is a script's: run by path,
-    not with -m, not relaunched already, not interactive, not frozen into an executable, on a
-    system with exec."""
-    return (namespace.get("__spec__") is None and not namespace.get("RELAUNCHED") and os.name == "posix"
-            and bool(sys.executable) and not sys.flags.interactive and not getattr(sys, "frozen", False))
-
-
-def interpreter_options() -> List[str]:
-    """The options this interpreter was started with that change how it runs the exporter."""
-    switches = (("isolated", "-I"), ("ignore_environment", "-E"), ("no_user_site", "-s"), ("no_site", "-S"),
-                ("dont_write_bytecode", "-B"), ("safe_path", "-P"))
-    options = [option for flag, option in switches if getattr(sys.flags, flag, 0)]
-    options += ["-O"] * sys.flags.optimize + ["-W" + option for option in sys.warnoptions]
-    xoptions = getattr(sys, "_xoptions", {})  # CPython's -X options
-    return options + ["-X" + (key if value is True else "%s=%s" % (key, value)) for key, value in xoptions.items()]
-
-
-def relaunch(path: str, args: Sequence[str]) -> None:
-    """Replace this process with one running ``path`` through RELAUNCH; return only if exec
-    failed, and then the exporter runs here, with the syntax tree held."""
-    try:
-        os.execv(sys.executable, [sys.executable] + interpreter_options() + ["-c", RELAUNCH, path] + list(args))
-    except OSError:
-        pass
-
-
 if __name__ == "__main__":
-    if started_as_script(globals()):
-        relaunch(os.path.abspath(__file__), sys.argv[1:])
     sys.exit(main())
