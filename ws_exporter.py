@@ -48,7 +48,9 @@ __all__ = [
 # file) until the script returns, and this one returns when the exporter stops.  So, before its
 # imports, the process writes its compiled code to an in-memory file and replaces itself (exec:
 # same pid, same interpreter options) with an interpreter that runs that code, as it would a
-# module's compiled file: the tree is gone, and the code is not compiled twice.
+# module's compiled file: the tree is gone, and the code is not compiled twice.  -c would put
+# the working directory first on sys.path, where a script has its own directory; the exporter
+# imports nothing from either, so that entry is dropped.
 
 import marshal
 import os
@@ -59,6 +61,7 @@ RELAUNCH = """import marshal, sys
 with open(int(sys.argv.pop(1)), "rb") as _compiled:
     _code = marshal.loads(_compiled.read())
 del sys.argv[0], _compiled
+sys.path[:] = [entry for entry in sys.path if entry]
 RELAUNCHED = True
 __file__ = sys.argv[0]
 exec(_code)
