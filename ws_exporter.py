@@ -68,7 +68,7 @@ exec(_code)
 """
 
 
-def started_as_script(namespace: "Dict[str, object]") -> bool:
+def started_as_script(namespace: Dict[str, object]) -> bool:
     """Whether ``namespace`` (this module's globals, run as __main__) is a script's: run by path,
     not with -m, not relaunched already, not interactive, not frozen into an executable, on
     Linux (memfd_create) with CPython (sys._getframe)."""
@@ -77,7 +77,7 @@ def started_as_script(namespace: "Dict[str, object]") -> bool:
             and bool(sys.executable) and not sys.flags.interactive and not getattr(sys, "frozen", False))
 
 
-def interpreter_options() -> "List[str]":
+def interpreter_options() -> List[str]:
     """The options this interpreter was started with that change how it runs the exporter."""
     switches = (("isolated", "-I"), ("ignore_environment", "-E"), ("no_user_site", "-s"), ("no_site", "-S"),
                 ("dont_write_bytecode", "-B"), ("safe_path", "-P"))
@@ -87,7 +87,7 @@ def interpreter_options() -> "List[str]":
     return options + ["-X" + (key if value is True else "%s=%s" % (key, value)) for key, value in xoptions.items()]
 
 
-def relaunch(code: types.CodeType, argv: "List[str]") -> None:
+def relaunch(code: types.CodeType, argv: List[str]) -> None:
     """Replace this process with one running ``code`` (this module's code object) through
     RELAUNCH; return only if that failed, and then the exporter runs here, with the tree held."""
     try:
