@@ -2968,7 +2968,7 @@ class _RequestReader(io.RawIOBase):
         super().__init__()
         self.sock = sock
         self.early = early  # what the connection loop read already: read first
-        self.polled = polled  # non-blocking, waits in poll() (see Connection)
+        self.polled = polled  # non-blocking, waits in poll(): no settimeout() call per read
         self.deadline: Optional[float] = None
         self.accepted = accepted  # when the connection was accepted, until its first request
         self.started = 0.0  # when the current request arrived
@@ -3010,7 +3010,7 @@ class _SocketWriter(io.BufferedIOBase):
     def __init__(self, sock: socket.socket, polled: bool = False) -> None:
         super().__init__()
         self.sock = sock
-        self.polled = polled  # non-blocking, waits in poll() (see Connection)
+        self.polled = polled  # as _RequestReader's
         self.pending: List[bytes] = []
 
     def writable(self) -> bool:
@@ -3779,7 +3779,7 @@ class _LoopTask:
             return
         if wait.sock is not self.sock:
             # Another socket object, maybe with the number of one closed meanwhile (a connect to
-            # the next address), or the same descriptor wrapped in TLS: watched afresh.
+            # the next address): watched afresh.
             if self.fd >= 0:
                 self.loop.forget(self.fd)
             self.sock = wait.sock
