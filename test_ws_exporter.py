@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import unittest
-from typing import IO, Callable, Dict, Iterator, List, NoReturn, Optional, Tuple
+from typing import IO, Callable, Dict, Iterator, List, NoReturn, Optional, Set, Tuple
 from unittest import mock
 
 import ws_exporter as wx
@@ -1508,7 +1508,7 @@ class TestLoad(unittest.TestCase):
         held = [socket.create_connection(("127.0.0.1", fixture.port), timeout=5) for _ in range(2)]
         for conn in held:
             self.addCleanup(conn.close)
-        self.assertTrue(wait_until(lambda: fixture.server.connection_slots._value == 0))  # type: ignore[attr-defined]
+        self.assertTrue(wait_until(lambda: fixture.server.connection_slots.held == 2))
         extra = socket.create_connection(("127.0.0.1", fixture.port), timeout=5)
         self.addCleanup(extra.close)
         self.assertTrue(extra.makefile("rb").readline().startswith(b"HTTP/1.1 503 "))
@@ -3482,9 +3482,10 @@ def children_of(pid: int) -> List[int]:
 
 @unittest.skipUnless(sys.platform.startswith("linux"), "worker processes share a port on Linux only")
 class TestWorkers(unittest.TestCase):
-    """Two worker processes: whatever process a request lands in, it answers for the exporter."""
+    """Three workers, the first in the process started: whatever process a request lands in, it
+    answers for the exporter."""
 
-    WORKERS = 2
+    WORKERS = 3
 
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="wsx-workers-")
@@ -3510,7 +3511,7 @@ class TestWorkers(unittest.TestCase):
 
     def test_starts_the_workers_and_stops_them_with_itself(self) -> None:
         workers = children_of(self.proc.proc.pid)
-        self.assertEqual(len(workers), self.WORKERS)
+        self.assertEqual(len(workers), self.WORKERS - 1)
         self.assertIn("workers=%d" % self.WORKERS, self.proc.first_line)
         self.assertEqual(self.proc.stop(), 0)
         self.assertEqual([pid for pid in workers if os.path.exists("/proc/%d" % pid)], [])
@@ -3537,18 +3538,111 @@ class TestWorkers(unittest.TestCase):
         self.assertEqual({self.probe("second") for _ in range(12)}, {200})
         self.assertEqual({self.probe("first") for _ in range(4)}, {400})
 
-    def test_a_dead_worker_is_replaced(self) -> None:
+    def test_a_dead_worker_is_replaced_by_a_fresh_interpreter(self) -> None:
         victim = children_of(self.proc.proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 10
         workers = children_of(self.proc.proc.pid)
-        while (victim in workers or len(workers) < self.WORKERS) and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling /proc: no event tells a test that a process was forked
+        while (victim in workers or len(workers) < self.WORKERS - 1) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling /proc: no event tells a test that a process was started
             workers = children_of(self.proc.proc.pid)
-        self.assertEqual(len(workers), self.WORKERS)
+        self.assertEqual(len(workers), self.WORKERS - 1)
         self.assertNotIn(victim, workers)
-        self.assertEqual({self.probe() for _ in range(8)}, {200})
+        with open("/proc/%d/environ" % self.proc.proc.pid, "rb") as f:  # the supervisor's environment
+            self.assertNotIn(wx.WORKER_ENV.encode(), f.read())
+        # New connections go to every worker in turn once it is ready: soon the new one too.
+        served: Set[int] = set()
+        while served != set(range(self.WORKERS)) and time.monotonic() < deadline + 10:
+            self.assertEqual(self.probe(), 200)
+            served = {int(i) % self.WORKERS for i in re.findall(r"/logs\?id=(\d+)", self.get("/")[1])[:3]}
+        self.assertEqual(served, set(range(self.WORKERS)))
         self.assertEqual(self.proc.stop(), 0)
+
+
+@unittest.skipUnless(sys.platform.startswith("linux") and wx.usable_cpus() >= 2, "one process where one CPU is all there is")
+class TestWorkersOnDemand(unittest.TestCase):
+    def test_one_process_until_it_is_busy_then_another_takes_a_share_of_its_connections(self) -> None:
+        proc = ExporterProcess()  # --web.workers=0
+        self.addCleanup(proc.stop)
+        limit = min(wx.usable_cpus(), wx.MAX_AUTO_WORKERS)
+        self.assertIn("workers=%d" % limit, proc.first_line)
+        self.assertEqual(children_of(proc.proc.pid), [])
+        started = threading.Event()
+        threading.Thread(target=watch_log, args=(proc, "Starting another worker", started), daemon=True).start()
+        closed = socket.socket()  # bound, never listening: every probe is refused at once
+        self.addCleanup(closed.close)
+        closed.bind(("127.0.0.1", 0))
+        request = ("GET /probe?target=ws://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % closed.getsockname()[1]).encode()
+        clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=10) for _ in range(8)]
+        for client in clients:
+            self.addCleanup(client.close)
+        answered = [0]
+        stop = threading.Event()
+        pumps = [threading.Thread(target=pump, args=(c, request, stop, answered)) for c in clients]
+        for thread in pumps:
+            thread.start()
+        try:
+            self.assertTrue(started.wait(30), "no worker started under load")
+            # The first worker gives back half its connections, which the new one serves: probes
+            # with its ids, on connections opened before it started.
+            deadline = time.monotonic() + 20
+            odd: List[int] = []
+            while not odd and time.monotonic() < deadline:
+                odd = [i for i in map(int, re.findall(r"/logs\?id=(\d+)", http_get(proc.port, "/"))) if i % limit]
+                time.sleep(0.2)  # polling the landing page: nothing else tells where a probe ran
+            self.assertTrue(odd, "no probe ran in the new worker")
+        finally:
+            stop.set()
+            for thread in pumps:
+                thread.join(20)
+        self.assertEqual(len(children_of(proc.proc.pid)), 1)
+        self.assertEqual(sum(1 for t in pumps if t.is_alive()), 0)
+        self.assertEqual(answered[0] % 20, 0)  # every request of every batch answered: no connection lost
+        self.assertGreater(answered[0], 0)
+        self.assertEqual(proc.stop(), 0)
+
+
+def watch_log(proc: ExporterProcess, text: str, seen: threading.Event) -> None:
+    """Reads the exporter's log to its end, so that it never blocks on a full pipe."""
+    assert proc.proc.stderr is not None
+    with contextlib.suppress(ValueError, OSError):  # closed by stop()
+        for line in proc.proc.stderr:
+            if text in line:
+                seen.set()
+
+
+def pump(client: socket.socket, request: bytes, stop: threading.Event, answered: List[int], batch: int = 20) -> None:
+    """Pipelined probes on one keep-alive connection, a batch at a time, until ``stop``; counts
+    whole answers, and returns early, the count off a multiple of ``batch``, if the connection
+    ends."""
+    data = b""
+    while not stop.is_set():
+        client.sendall(request * batch)
+        for _ in range(batch):
+            while b"\r\n\r\n" not in data or len(data) < _response_end(data):
+                chunk = client.recv(65536)
+                if not chunk:
+                    answered[0] += 1
+                    return
+                data += chunk
+            data = data[_response_end(data):]
+        answered[0] += batch
+
+
+def _response_end(data: bytes) -> int:
+    """Where the first response in ``data`` (its head whole) ends."""
+    head, _, _ = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    return len(head) + 4 + length
+
+
+def http_get(port: int, path: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
 
 
 

@@ -224,12 +224,16 @@ ACCEPT_BATCH = 256  # connections accepted per wake-up of the accept loop
 ACCEPT_RETRY_SECONDS = 0.1  # the accept loop's pause when the process is out of descriptors
 LOOP_STOP_SECONDS = 2.0  # how long a server's close waits for its connection loop to end
 LOOP_SWEEP_SECONDS = 0.25  # how often the loop looks for connections past their time limit
-MAX_AUTO_WORKERS = 8  # worker processes --web.workers=0 starts at most (one per usable CPU)
+MAX_AUTO_WORKERS = 8  # processes --web.workers=0 serves with at most (one per usable CPU)
 MAX_WORKERS = 64
 GATHER_SECONDS = 1.0  # how long the supervisor waits for every worker's answer to a question
 WORKER_RESTART_SECONDS = 1.0  # a worker that died is replaced no sooner than this after it started
 WORKER_STOP_SECONDS = 5.0  # how long a stop waits for the workers before it kills them
-SUPERVISOR_TICK_SECONDS = 1.0  # the supervisor looks for exited workers at least this often
+SUPERVISOR_TICK_SECONDS = 1.0  # the supervisor looks for exited and busy workers this often
+# --web.workers=0: another worker starts when every process serving spent at least this share of
+# a CPU over the last tick.  One process runs Python on one CPU at most; an idle one spends ~0.
+SCALE_UP_BUSY = 0.6
+WORKER_ENV = "WS_EXPORTER_WORKER"  # the descriptors and place of a worker started afresh (see Supervisor)
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
@@ -2689,8 +2693,10 @@ class Exporter:
         self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
         self.recent = RecentProbes()
         self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
-        self.link: Optional[WorkerLink] = None  # in a worker process: the way to the others
-        self.workers = 1  # processes serving (see Supervisor)
+        self.link: Optional[WorkerLink] = None  # in a worker: the way to the other processes
+        self.workers = 1  # processes that may serve (see Supervisor)
+        self.serving = 1  # processes serving now: this one takes its share of the limits
+        self.shed: Optional[Callable[[float], None]] = None  # in a worker: gives connections back
 
     @property
     def modules(self) -> Dict[str, Module]:
@@ -2761,7 +2767,7 @@ class Exporter:
         redacted = alias or _redact_raw_target(target)
         log = ProbeLog(self.logger, target, module=module.name, target=redacted)
         # Nothing that can raise stands between taking the slot and the ProbeRun that frees it.
-        if not self.stats.begin(self.settings.max_concurrent):
+        if not self.stats.begin(share(self.settings.max_concurrent, self.serving)):
             raise Overloaded("Too many probes in flight")
         steps = probe_steps(target, module, Deadline(timeout, start), result, log, self.policy)
         return ProbeRun(self, module, redacted, result, log, steps)
@@ -2839,6 +2845,10 @@ class Exporter:
             return probe.debug_text() if probe else None
         if kind == "reload":
             return self.reload()
+        if kind == "serving" and isinstance(arg, int):
+            self.serving = arg
+        if kind == "shed" and isinstance(arg, float) and self.shed is not None:
+            self.shed(arg)
         return None
 
 
@@ -3351,6 +3361,26 @@ class Handler(socketserver.BaseRequestHandler):
         self.server.exporter.logger.log("debug", "HTTP server", detail=detail)
 
 
+class Slots:
+    """Connections held, against a limit given at each take: a worker's share of
+    --web.max-connections changes as workers come and go."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+
+    def acquire(self, limit: int) -> bool:
+        with self._lock:
+            if self.held >= limit:
+                return False
+            self.held += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.held -= 1
+
+
 class ExporterServer(socketserver.ThreadingTCPServer):
     """Accepts connections for the connection loop, or for a thread each (see process_request);
     handler threads never keep the process alive."""
@@ -3372,7 +3402,7 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         self.address_family = family
         self.handoff = handoff
         self.exporter = exporter
-        self.connection_slots = threading.BoundedSemaphore(exporter.settings.max_connections)
+        self.connection_slots = Slots()
         self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
         self.out_of_descriptors = False  # logged once until an accept succeeds again
         settings = exporter.settings
@@ -3442,7 +3472,8 @@ class ExporterServer(socketserver.ThreadingTCPServer):
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         """To the connection loop when there is one, else to a thread of its own, up to
         --web.max-connections; past that a quick 503."""
-        if not self.connection_slots.acquire(blocking=False):
+        settings = self.exporter.settings
+        if not self.connection_slots.acquire(share(settings.max_connections, self.exporter.serving)):
             self.refuse(request)
         elif self.loop is not None:
             self.loop.adopt(request, client_address, self.accepted.pop(request.fileno(), 0.0) or time.monotonic())
@@ -3481,6 +3512,11 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         super().server_close()
         if self.loop is not None:
             self.loop.stop()
+
+    def shed(self, fraction: float) -> None:
+        """See EventLoop.shed; a connection in a thread of its own stays there."""
+        if self.loop is not None:
+            self.loop.shed(fraction)
 
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         try:
@@ -3603,6 +3639,7 @@ class EventLoop:
         self.waker.setblocking(False)
         self.watch(self.wakeup.fileno(), READABLE, self._woken, oneshot=False)
         self.stopping = False
+        self.shedding = 0  # connections still to give back to the supervisor (see shed)
         self.call_later(LOOP_SWEEP_SECONDS, self._sweep)
         self.thread = threading.Thread(target=self.run, name="loop", daemon=True)
         self.thread.start()
@@ -3620,6 +3657,11 @@ class EventLoop:
         if first:  # later ones find the loop woken already
             with contextlib.suppress(OSError):  # a full buffer wakes it too; a closed one: it ended
                 self.waker.send(b"\0")
+
+    def shed(self, fraction: float) -> None:
+        """Give back ``fraction`` of this worker's connections to the supervisor, each once it
+        waits for its next request, for a worker that started since (see Supervisor)."""
+        self.call_soon(lambda: self._shed(fraction))
 
     def stop(self) -> None:
         """Closes every connection and the probes running for them; returns once the loop ended."""
@@ -3744,6 +3786,28 @@ class EventLoop:
             connection.close()
         self.call_later(LOOP_SWEEP_SECONDS, self._sweep)
 
+    def _shed(self, fraction: float) -> None:
+        if self.server.handoff is None:
+            return
+        self.shedding = int(len(self.connections) * fraction)
+        for connection in list(self.connections):
+            if connection.waiting() and not self.give_back(connection):
+                break
+
+    def give_back(self, connection: "_LoopConnection") -> bool:
+        """Hand a connection that waits for a request back to the supervisor, if some are still to
+        go; whether it went."""
+        if self.shedding <= 0 or self.server.handoff is None:
+            return False
+        try:
+            hand_over(self.server.handoff, connection.sock, connection.address, MIGRATED)
+        except OSError:  # the supervisor's queue is full: this one stays
+            self.shedding = 0
+            return False
+        self.shedding -= 1
+        connection.leave_for_good()
+        return True
+
     def _stop(self) -> None:
         self.stopping = True
         for connection in list(self.connections):
@@ -3840,7 +3904,7 @@ class _LoopConnection:
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address
-        self.accepted = accepted  # until its first request arrives
+        self.accepted = max(accepted, 0.0)  # until its first request arrives; 0: not known
         self.started = 0.0  # when the request being read or served arrived
         self.buffer = b""  # received, not yet served
         self.out = memoryview(b"")  # the answer being sent
@@ -3860,8 +3924,14 @@ class _LoopConnection:
         self._await_request()
 
     def _await_request(self) -> None:
+        if self.loop.shedding and self.loop.give_back(self):
+            return
         self.expires = time.monotonic() + KEEPALIVE_IDLE_SECONDS
         self.loop.watch(self.fd, READABLE, self._read)
+
+    def waiting(self) -> bool:
+        """Between requests: nothing of one read, being served or being answered."""
+        return self.task is None and not self.buffer and not self.out and self.expires > 0
 
     def _read(self) -> None:
         try:
@@ -3960,6 +4030,12 @@ class _LoopConnection:
             task, self.task = self.task, None
             task.cancel()
         self.loop.server.shutdown_request(self.sock)
+        self.loop.server.connection_slots.release()
+
+    def leave_for_good(self) -> None:
+        """Another process holds the connection now: only this one's descriptor closes."""
+        self._leave()
+        self.sock.close()
         self.loop.server.connection_slots.release()
 
 
@@ -4222,16 +4298,24 @@ class BasicAuth:
 
 # ----------------------------------------------------------------------------------------------
 # Worker processes: one interpreter runs Python on one core at a time, so on a machine with more
-# the supervisor (the process started) forks workers.  It listens and accepts, and hands each
-# connection to the workers in turn (the descriptor passed over a Unix socket): an even spread,
-# where SO_REUSEPORT's hashing left one of two workers with 60% of a client's keep-alive
-# connections.  What a client may ask about the whole exporter (its counters, the recent probes,
-# a probe's logs, a reload) is asked of every process through the supervisor and answered from
-# all of them.
+# the exporter serves from several processes.  The process started is the supervisor: its main
+# thread listens and accepts, and hands each connection to the workers in turn (the descriptor
+# passed over a Unix socket): an even spread, where SO_REUSEPORT's hashing left one of two
+# workers with 60% of a client's keep-alive connections.  Worker 0 runs in the supervisor's own
+# process, in threads; the others are processes of their own.  --web.workers=N forks them all at
+# start.  By default (0) the exporter serves from its one process, which is all most fleets need,
+# and starts another worker each time every process serving is busy, up to one per CPU: as a
+# fresh interpreter, since forking a process whose threads may hold locks (in OpenSSL, in the
+# resolver) could leave a child that deadlocks; a worker that dies is replaced the same way.
+# What a client may ask about the whole exporter (its counters, the recent probes, a probe's
+# logs, a reload) is asked of every process through the supervisor and answered from all of them.
 # ----------------------------------------------------------------------------------------------
 
 _MESSAGE_LENGTH = struct.Struct("!I")
 _DESCRIPTOR = array.array("i", [0]).itemsize
+# The accept stamp of a connection handed over again, between requests: when its next request
+# comes is not known, so its arrival is taken as read.
+MIGRATED = -1.0
 
 
 def hand_over(channel: socket.socket, sock: socket.socket, address: Any, accepted: float) -> None:
@@ -4343,16 +4427,18 @@ class WorkerLink:
 
 
 class _Worker:
-    """The supervisor's record of one worker process."""
+    """The supervisor's record of one worker."""
 
     def __init__(self, index: int, pid: int, sock: socket.socket, connections: socket.socket) -> None:
         self.index = index
-        self.pid = pid
+        self.pid = pid  # the supervisor's own for worker 0
+        self.local = pid == os.getpid()
         self.sock = sock  # questions and answers
         self.connections = connections  # accepted connections handed over
         self.buffer = bytearray()
         self.started = time.monotonic()
         self.ready = False  # listening
+        self.cpu = -1.0  # CPU seconds its process had spent at the last tick; -1: not read yet
 
 
 class _Gather:
@@ -4442,30 +4528,39 @@ def share(total: int, workers: int) -> int:
 
 
 class Supervisor:
-    """Forks the workers, restarts one that dies, relays the questions every process answers,
-    and passes SIGHUP (reload) and SIGTERM/SIGINT (stop) on."""
+    """Accepts and hands connections to the workers, starts them (see above), restarts one that
+    dies, relays the questions every process answers, and passes SIGHUP (reload) and
+    SIGTERM/SIGINT (stop) on."""
 
-    def __init__(self, exporter: "Exporter", listener: "ExporterServer", web: Optional["WebConfig"], count: int) -> None:
-        self.exporter = exporter
+    def __init__(
+        self, exporter: "Exporter", listener: "ExporterServer", web: Optional["WebConfig"], count: int, on_demand: bool = False
+    ) -> None:
+        self.exporter = exporter  # worker 0's as well: one process, one answer
         self.listener = listener  # accepts; the workers serve
         self._turn = 0  # the worker the next connection goes to, in index order
         self.web = web
-        self.count = count
+        self.count = count  # workers at most
+        self.on_demand = on_demand  # start workers past the first only when the others are busy
         self.workers: Dict[int, _Worker] = {}
         self.gathers: Dict[int, _Gather] = {}
         self._next_gather = 0
         self.respawn_at: Dict[int, float] = {}
         self.announced = False  # "Listening" is logged once the first workers all take connections
         self._closing: List[socket.socket] = []  # sockets the child must not keep
+        self.local: Optional["ExporterServer"] = None  # worker 0's server
+        self.newest = -1  # the worker that started last: connections given back go to it
+        self._ticked = time.monotonic()
 
     def run(self, wakeup: socket.socket, sender: socket.socket) -> int:
         self._closing = [wakeup, sender]
-        for index in range(self.count):
-            self.spawn(index)
+        for index in range(1, 1 if self.on_demand else self.count):
+            self.spawn(index)  # forked while this process has one thread
+        self.start_local()
         while True:
             socks = [w.sock for w in self.workers.values()]
+            returned = [w.connections for w in self.workers.values() if w.ready]
             serving = [self.listener.socket] if any(w.ready for w in self.workers.values()) else []
-            ready, _, _ = select.select([wakeup] + serving + socks, [], [], self._next_timeout())
+            ready, _, _ = select.select([wakeup] + serving + socks + returned, [], [], self._next_timeout())
             if serving and serving[0] in ready:
                 self.accept()
             if wakeup in ready:
@@ -4476,33 +4571,91 @@ class Supervisor:
             for worker in list(self.workers.values()):
                 if worker.sock in ready:
                     self.read(worker)
+                if worker.connections in ready and worker.index in self.workers:
+                    self.take_back(worker)
             self.expire()
             self.reap()
+            self.tick()
+
+    def start_local(self) -> None:
+        """Worker 0, in this process's threads."""
+        mine, theirs = socket.socketpair()
+        handing, taking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        handing.setblocking(False)
+        mine.settimeout(GATHER_SECONDS)
+        self.workers[0] = _Worker(0, os.getpid(), mine, handing)
+        self.gather(None, "serving", len(self.workers))
+        self.local = start_worker(self.exporter, self._address(), self.web, theirs, taking, 0, self.count)
+        threading.Thread(target=self.local.serve_forever, name="http", daemon=True).start()
 
     def _next_timeout(self) -> float:
         soonest = [g.expires for g in self.gathers.values()] + list(self.respawn_at.values())
-        return max(0.0, min(soonest) - time.monotonic()) if soonest else SUPERVISOR_TICK_SECONDS
+        return max(0.0, min(soonest + [self._ticked + SUPERVISOR_TICK_SECONDS]) - time.monotonic())
 
-    def spawn(self, index: int) -> None:
+    def spawn(self, index: int, fresh: bool = False) -> None:
+        """Fork worker ``index``, or with ``fresh`` start it as a new interpreter."""
         mine, theirs = socket.socketpair()
         handing, taking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = self._start_fresh(theirs, taking, index) if fresh else self._fork(mine, handing, theirs, taking, index)
+        except OSError:
+            for sock in (mine, handing):
+                sock.close()
+            raise
+        finally:
+            theirs.close()
+            taking.close()
+        mine.settimeout(GATHER_SECONDS)  # a worker that stopped reading cannot hold the supervisor up
+        handing.setblocking(False)
+        self.workers[index] = _Worker(index, pid, mine, handing)
+        self.respawn_at.pop(index, None)
+        self.gather(None, "serving", len(self.workers))
+
+    def _fork(self, mine: socket.socket, handing: socket.socket, theirs: socket.socket, taking: socket.socket, index: int) -> int:
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 for sock in [mine, handing, self.listener.socket] + self._closing + self._worker_sockets():
                     sock.close()
-                code = run_worker(self.exporter, self.listener, self.web, theirs, taking, index, self.count)
+                code = run_worker(self.exporter, self._address(), self.web, theirs, taking, index, self.count)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        theirs.close()
-        taking.close()
-        mine.settimeout(GATHER_SECONDS)  # a worker that stopped reading cannot hold the supervisor up
-        handing.setblocking(False)
-        self.workers[index] = _Worker(index, pid, mine, handing)
-        self.respawn_at.pop(index, None)
+        return pid
+
+    def _start_fresh(self, theirs: socket.socket, taking: socket.socket, index: int) -> int:
+        """A new interpreter running this program with the same options and flags; WORKER_ENV
+        tells it which worker it is and the descriptors of its two channels, the only ones it
+        inherits."""
+        host, port, family = self._address()
+        place = "%d %d %d %d %d %d %s" % (theirs.fileno(), taking.fileno(), index, self.count, family, port, host)
+        for sock in (theirs, taking):
+            sock.set_inheritable(True)
+        environment = dict(os.environ)
+        environment[WORKER_ENV] = place
+        return os.posix_spawn(sys.executable, own_command(), environment)
+
+    def _address(self) -> Tuple[str, int, int]:
+        """The listener's host, port and address family, for a worker's logs."""
+        return str(self.listener.server_address[0]), int(self.listener.server_address[1]), int(self.listener.address_family)
+
+    def tick(self) -> None:
+        """Once a tick: with on_demand, another worker when every process serving was busy."""
+        now = time.monotonic()
+        if now - self._ticked < SUPERVISOR_TICK_SECONDS:
+            return
+        elapsed, self._ticked = now - self._ticked, now
+        busy = True
+        for worker in self.workers.values():
+            spent = process_cpu_seconds(worker.pid)
+            busy = busy and worker.ready and worker.cpu >= 0 and spent - worker.cpu >= SCALE_UP_BUSY * elapsed
+            worker.cpu = spent
+        spare = [i for i in range(self.count) if i not in self.workers and i not in self.respawn_at]
+        if self.on_demand and busy and spare:
+            self.exporter.logger.log("info", "Starting another worker: every process is busy", worker=spare[0])
+            self.respawn(spare[0])
 
     def _worker_sockets(self) -> List[socket.socket]:
         return [sock for w in self.workers.values() for sock in (w.sock, w.connections)]
@@ -4521,6 +4674,25 @@ class Supervisor:
                 self.hand(sock, address, time.monotonic())
             finally:
                 sock.close()  # the worker holds its own descriptor now
+
+    def take_back(self, worker: _Worker) -> None:
+        """Connections ``worker`` gave back (see EventLoop.shed), to the newest worker."""
+        while True:
+            try:
+                sock, address, accepted = receive_connection(worker.connections)
+            except OSError:  # none left (BlockingIOError), or the worker is gone
+                return
+            try:
+                newest = self.workers.get(self.newest)
+                if newest is None or not newest.ready or newest is worker:
+                    self.hand(sock, address, accepted)
+                else:
+                    try:
+                        hand_over(newest.connections, sock, address, accepted)
+                    except OSError:
+                        self.hand(sock, address, accepted)
+            finally:
+                sock.close()
 
     def hand(self, sock: socket.socket, address: Any, accepted: float) -> None:
         order = sorted(i for i, w in self.workers.items() if w.ready)
@@ -4552,6 +4724,9 @@ class Supervisor:
                 if not self.announced and all(w.ready for w in self.workers.values()):
                     self.announced = True
                     log_listening(self.listener, self.exporter)
+                elif self.announced:  # a worker added or replaced: the others give it a share
+                    self.newest = worker.index
+                    self.gather(None, "shed", 1.0 / sum(w.ready for w in self.workers.values()))
             elif message[0] == "answer":
                 self.answered(worker.index, message[1], message[2])
 
@@ -4562,7 +4737,7 @@ class Supervisor:
         gathering = _Gather(kind, asker, set(), self.exporter.answer(kind, arg))
         self.gathers[number] = gathering
         for worker in list(self.workers.values()):
-            if self.send(worker, ("query", number, kind, arg)):
+            if not worker.local and self.send(worker, ("query", number, kind, arg)):
                 gathering.owing.add(worker.index)
         self.settle(number)
 
@@ -4595,7 +4770,7 @@ class Supervisor:
 
     def respawn(self, index: int) -> None:
         try:
-            self.spawn(index)
+            self.spawn(index, fresh=True)
         except OSError as err:  # no process or socket to be had now (EAGAIN, EMFILE): try again later
             self.exporter.logger.log("error", "Cannot start a worker process", worker=index, err=str(err))
             self.respawn_at[index] = time.monotonic() + WORKER_RESTART_SECONDS
@@ -4607,6 +4782,9 @@ class Supervisor:
         except socket.timeout:
             # It stopped reading, and its channel now ends mid-message: it is replaced once its
             # channel closes (see lost).
+            if worker.local:  # a thread of this process that stopped reading: a bug, logged
+                self.exporter.logger.log("error", "Worker 0 not responding", worker=worker.index)
+                return False
             self.exporter.logger.log("error", "Worker process not responding; stopping it", worker=worker.index, pid=worker.pid)
             os.kill(worker.pid, signal.SIGKILL)
             return False
@@ -4623,6 +4801,7 @@ class Supervisor:
         for number, gathering in list(self.gathers.items()):
             gathering.owing.discard(worker.index)
             self.settle(number)
+        self.gather(None, "serving", len(self.workers))
         self.respawn_at[worker.index] = max(time.monotonic(), worker.started + WORKER_RESTART_SECONDS)
 
     def reap(self) -> None:
@@ -4634,13 +4813,17 @@ class Supervisor:
 
     def stop(self, signum: int) -> int:
         self.exporter.logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
-        for worker in self.workers.values():
+        others = [w for w in self.workers.values() if not w.local]
+        for worker in others:
             try:
                 os.kill(worker.pid, signal.SIGTERM)
             except OSError:
                 pass
+        if self.local is not None:
+            self.local.shutdown()
+            self.local.server_close()
         deadline = time.monotonic() + WORKER_STOP_SECONDS
-        pending = {w.sock: w for w in self.workers.values()}
+        pending = {w.sock: w for w in others}
         while pending and time.monotonic() < deadline:
             ready, _, _ = select.select(list(pending), [], [], deadline - time.monotonic())
             for sock in ready:
@@ -4655,7 +4838,7 @@ class Supervisor:
                 os.kill(worker.pid, signal.SIGKILL)
             except OSError:
                 pass
-        for worker in self.workers.values():
+        for worker in others:
             try:
                 os.waitpid(worker.pid, 0)
             except ChildProcessError:
@@ -4664,32 +4847,68 @@ class Supervisor:
         return 0
 
 
+def start_worker(
+    exporter: "Exporter",
+    address: Tuple[str, int, int],
+    web: Optional["WebConfig"],
+    channel: socket.socket,
+    connections: socket.socket,
+    index: int,
+    count: int,
+) -> "ExporterServer":
+    """Worker ``index``'s server: for the connections the supervisor hands over on
+    ``connections``, with questions and answers on ``channel``; ``address`` is the listener's
+    (host, port, family)."""
+    exporter.recent = RecentProbes(first_id=index, id_step=count)
+    exporter.link = WorkerLink(channel, exporter)
+    exporter.link.start()
+    server = ExporterServer(address[:2], address[2], exporter, web, handoff=connections)
+    exporter.shed = server.shed
+    channel.sendall(encode_message(("ready",)))
+    return server
+
+
 def run_worker(
     exporter: "Exporter",
-    listener: "ExporterServer",
+    address: Tuple[str, int, int],
     web: Optional["WebConfig"],
     channel: socket.socket,
     connections: socket.socket,
     index: int,
     count: int,
 ) -> int:
-    """A worker: the connections the supervisor hands over on ``connections``, its share of the
-    limits, questions and answers on ``channel``."""
+    """A worker in a process of its own, until the supervisor stops it."""
     wakeup, _sender = install_stop_signals()
     # A terminal's Ctrl-C reaches every process of the group: the supervisor stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    settings = exporter.settings._replace(
-        max_concurrent=share(exporter.settings.max_concurrent, count),
-        max_connections=share(exporter.settings.max_connections, count),
-    )
-    exporter.settings = settings
-    exporter.recent = RecentProbes(first_id=index, id_step=count)
-    exporter.link = WorkerLink(channel, exporter)
-    exporter.link.start()
-    address = (str(listener.server_address[0]), int(listener.server_address[1]))
-    server = ExporterServer(address, listener.address_family, exporter, web, handoff=connections)
-    channel.sendall(encode_message(("ready",)))
+    exporter.workers = count
+    server = start_worker(exporter, address, web, channel, connections, index, count)
     return serve(server, exporter, wakeup)
+
+
+def run_fresh_worker(exporter: "Exporter", web: Optional["WebConfig"], place: str) -> int:
+    """A worker the supervisor started as a new interpreter, with WORKER_ENV set to ``place``."""
+    channel, connections, index, count, family, port, host = place.split(" ", 6)
+    return run_worker(exporter, (host, int(port), int(family)), web, socket.socket(fileno=int(channel)),
+                      socket.socket(fileno=int(connections)), int(index), int(count))
+
+
+def own_command() -> List[str]:
+    """The command that started this program, to start it again: the same interpreter and
+    options, this file (as a module, if that is how it was run) and the same flags."""
+    spec = globals().get("__spec__")
+    program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return [sys.executable] + interpreter_options() + program + sys.argv[1:]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """The user and system CPU seconds process ``pid`` has spent, from /proc; 0 where unreadable."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 # ==============================================================================================
@@ -5296,6 +5515,7 @@ def release_freed_memory() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    place = os.environ.pop(WORKER_ENV, None)  # a worker's, for it alone (see Supervisor)
     try:
         settings = parse_flags(sys.argv[1:] if argv is None else argv)
     except FlagError as err:
@@ -5322,6 +5542,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             exporter.config = load_config(settings.config_file)
         except ConfigError as err:
             return usage_error("config file %s: %s" % (settings.config_file, err))
+    if place is not None:
+        return run_fresh_worker(exporter, web, place)
     workers = worker_count(settings)
     try:
         server = make_server(exporter, web)
@@ -5333,7 +5555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exporter.workers = workers
     if workers > 1:
         gc.freeze()  # what exists now stays shared with the workers instead of being copied
-        return Supervisor(exporter, server, web, workers).run(wakeup, sender)
+        return Supervisor(exporter, server, web, workers, on_demand=not settings.workers).run(wakeup, sender)
     log_listening(server, exporter)
     return serve(server, exporter, wakeup)
 
