@@ -4515,8 +4515,8 @@ def _v1_quota(directory: str) -> Tuple[int, int]:
 
 
 def worker_count(settings: "Settings") -> int:
-    """--web.workers, or (0) one per usable CPU up to MAX_AUTO_WORKERS, on Linux (fork, and
-    descriptors passed over SOCK_SEQPACKET); elsewhere one process."""
+    """The most processes to serve from: --web.workers, or (0) one per usable CPU up to
+    MAX_AUTO_WORKERS, on Linux (fork, and descriptors passed over SOCK_SEQPACKET); elsewhere one."""
     if not hasattr(os, "fork") or not hasattr(socket, "SOCK_SEQPACKET") or not sys.platform.startswith("linux"):
         return 1
     return settings.workers or min(usable_cpus(), MAX_AUTO_WORKERS)
@@ -5043,7 +5043,7 @@ FLAG_SPECS = (
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
     FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
-    FlagSpec("web.workers", "workers", "0", "Processes serving requests (Linux): 0 starts one per usable CPU, up to %d." % MAX_AUTO_WORKERS, _worker_count),
+    FlagSpec("web.workers", "workers", "0", "Processes serving requests (Linux): 0 starts with one and adds more while all are busy, up to one per usable CPU (at most %d); N runs N from the start." % MAX_AUTO_WORKERS, _worker_count),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
