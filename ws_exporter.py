@@ -5543,6 +5543,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ConfigError as err:
             return usage_error("config file %s: %s" % (settings.config_file, err))
     if place is not None:
+        gc.freeze()  # the program's own objects stay out of every garbage collection, as below
         return run_fresh_worker(exporter, web, place)
     workers = worker_count(settings)
     try:
