@@ -11,10 +11,10 @@ probes/s, latency p50/p99, CPU seconds per 1,000 probes, peak memory.  Then timi
 ``upgrade`` phase against a server that holds its 101 for exactly 50 ms), memory idle and with
 256 probes in flight, and the time from spawn to the first answered request.
 
-Ours runs as the container image runs it (``python3 -S -m ws_exporter``), and may fork workers:
-CPU and memory cover each exporter's process group, the spawned process and its descendants,
-found again at every sample.  Memory counts the pages forked workers share once, as their
-cgroup would be charged (see GroupMemory).
+Ours runs as the container image runs it (``python3 -S -m ws_exporter``), and may start workers
+under load: CPU and memory cover each exporter's process group, the spawned process and its
+descendants, found again at every sample.  Memory counts the pages its processes share once, as
+their cgroup would be charged (see GroupMemory).
 
 Installs nothing: every peer comes from the WS_* environment variables of .cache/peers/env.sh.
 """
