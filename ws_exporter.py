@@ -4585,7 +4585,7 @@ class Supervisor:
         mine.settimeout(GATHER_SECONDS)
         self.workers[0] = _Worker(0, os.getpid(), mine, handing)
         self.gather(None, "serving", len(self.workers))
-        self.local = start_worker(self.exporter, self._address(), self.web, theirs, taking, 0, self.count)
+        self.local = start_worker(self.exporter, self.web, WorkerSeat(theirs, taking, 0, self.count, self._address()))
         threading.Thread(target=self.local.serve_forever, name="http", daemon=True).start()
 
     def _next_timeout(self) -> float:
@@ -4618,7 +4618,7 @@ class Supervisor:
             try:
                 for sock in [mine, handing, self.listener.socket] + self._closing + self._worker_sockets():
                     sock.close()
-                code = run_worker(self.exporter, self._address(), self.web, theirs, taking, index, self.count)
+                code = run_worker(self.exporter, self.web, WorkerSeat(theirs, taking, index, self.count, self._address()))
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -4847,50 +4847,44 @@ class Supervisor:
         return 0
 
 
-def start_worker(
-    exporter: "Exporter",
-    address: Tuple[str, int, int],
-    web: Optional["WebConfig"],
-    channel: socket.socket,
-    connections: socket.socket,
-    index: int,
-    count: int,
-) -> "ExporterServer":
-    """Worker ``index``'s server: for the connections the supervisor hands over on
-    ``connections``, with questions and answers on ``channel``; ``address`` is the listener's
-    (host, port, family)."""
-    exporter.recent = RecentProbes(first_id=index, id_step=count)
-    exporter.link = WorkerLink(channel, exporter)
+class WorkerSeat(NamedTuple):
+    """What a worker is given: its channels to the supervisor, for questions and answers and for
+    the connections handed over; its number (index); the most workers; the listener's (host,
+    port, family), for its logs."""
+
+    channel: socket.socket
+    connections: socket.socket
+    number: int
+    workers: int
+    address: Tuple[str, int, int]
+
+
+def start_worker(exporter: "Exporter", web: Optional["WebConfig"], seat: WorkerSeat) -> "ExporterServer":
+    """A worker's server, serving what the supervisor hands over once the caller starts it."""
+    exporter.recent = RecentProbes(first_id=seat.number, id_step=seat.workers)
+    exporter.link = WorkerLink(seat.channel, exporter)
     exporter.link.start()
-    server = ExporterServer(address[:2], address[2], exporter, web, handoff=connections)
+    server = ExporterServer(seat.address[:2], seat.address[2], exporter, web, handoff=seat.connections)
     exporter.shed = server.shed
-    channel.sendall(encode_message(("ready",)))
+    seat.channel.sendall(encode_message(("ready",)))
     return server
 
 
-def run_worker(
-    exporter: "Exporter",
-    address: Tuple[str, int, int],
-    web: Optional["WebConfig"],
-    channel: socket.socket,
-    connections: socket.socket,
-    index: int,
-    count: int,
-) -> int:
+def run_worker(exporter: "Exporter", web: Optional["WebConfig"], seat: WorkerSeat) -> int:
     """A worker in a process of its own, until the supervisor stops it."""
     wakeup, _sender = install_stop_signals()
     # A terminal's Ctrl-C reaches every process of the group: the supervisor stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exporter.workers = count
-    server = start_worker(exporter, address, web, channel, connections, index, count)
-    return serve(server, exporter, wakeup)
+    exporter.workers = seat.workers
+    return serve(start_worker(exporter, web, seat), exporter, wakeup)
 
 
 def run_fresh_worker(exporter: "Exporter", web: Optional["WebConfig"], place: str) -> int:
     """A worker the supervisor started as a new interpreter, with WORKER_ENV set to ``place``."""
     channel, connections, index, count, family, port, host = place.split(" ", 6)
-    return run_worker(exporter, (host, int(port), int(family)), web, socket.socket(fileno=int(channel)),
-                      socket.socket(fileno=int(connections)), int(index), int(count))
+    seat = WorkerSeat(socket.socket(fileno=int(channel)), socket.socket(fileno=int(connections)), int(index),
+                      int(count), (host, int(port), int(family)))
+    return run_worker(exporter, web, seat)
 
 
 def own_command() -> List[str]:
