@@ -52,7 +52,7 @@ START_TIMEOUT = 20.0
 TIMING_DELAY = 0.050
 HOLD_DELAY = 2.0
 IN_FLIGHT = 256
-WARMUP_SECONDS = 2  # of load on each server through each exporter, before the measured rounds (--smoke: 1; wrk wants whole seconds)
+WARMUP_SECONDS = 2  # of load through each exporter before each case's measured rounds (--smoke: 1; wrk wants whole seconds)
 
 NODE_ECHO_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_echo_server.js")
 
@@ -673,7 +673,7 @@ def run(args: argparse.Namespace, sections: set, tmp: str, children: list) -> in
         return 1
     lines = ["ws-exporter vs blackbox_exporter 0.23 (tcp + query_response), %s, %d CPUs, Python %s"
              % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, sys.version.split()[0]),
-             "medians of %d alternating rounds, %gs per wrk run, after a warm-up load per exporter and server"
+             "medians of %d alternating rounds, %gs per wrk run, after a warm-up load per exporter and case"
              % (args.rounds, args.duration),
              "ours: %s" % describe_ours(),
              "CPU and memory cover each exporter's process group (the spawned process and its descendants);",
@@ -698,17 +698,17 @@ def report_load(args: argparse.Namespace, exporters: List[Exporter], plain: Peer
     connections = (16,) if args.smoke else (16, 64)
     cases = [(tls, c) for tls in (False, True) for c in connections]
     results: Dict[Tuple[str, bool, int], List[LoadResult]] = {}
-    # The first load on a fresh node server runs slower (V8 compiles its hot paths meanwhile):
-    # unwarmed, it fell on whichever exporter came first, ~8% below that exporter's other rounds.
-    for tls in (False, True):
+    # The first load on a fresh node server runs slower (V8 compiles its hot paths meanwhile), and
+    # so, often, does the first after it sat idle for half a minute while other cases ran (its
+    # CPU per probe 10-15% higher): unwarmed, that fell on whichever exporter came first, ~8-11%
+    # below its other rounds.  So each case starts with an unmeasured load by each exporter, and
+    # its rounds follow at once.
+    for tls, c in cases:
         peer = secure if tls else plain
         for e in exporters:
-            run_wrk(e.url(e.probe_url("/", peer.port, tls)), connections[0], 1 if args.smoke else WARMUP_SECONDS)
-    for round_no in range(args.rounds):
-        order = exporters if round_no % 2 == 0 else exporters[::-1]
-        for tls, c in cases:
-            peer = secure if tls else plain
-            for e in order:
+            run_wrk(e.url(e.probe_url("/", peer.port, tls)), c, 1 if args.smoke else WARMUP_SECONDS)
+        for round_no in range(args.rounds):
+            for e in exporters if round_no % 2 == 0 else exporters[::-1]:
                 run = load(e, e.probe_url("/", peer.port, tls), c, args.duration, peer.proc.pid)
                 results.setdefault((e.name, tls, c), []).append(run)
     errors = 0
