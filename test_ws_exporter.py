@@ -3453,6 +3453,11 @@ class TestWorkerPieces(unittest.TestCase):
                     mock.patch.object(wx.os, "sched_getaffinity", lambda pid: set(range(8)), create=True):
                 self.assertEqual(wx.usable_cpus(), cpus)
 
+    def test_a_fresh_worker_runs_this_module_with_the_flags_the_exporter_parsed(self) -> None:
+        command = wx.own_command(["--web.listen-address=:1", "--web.workers=0"])
+        self.assertEqual(command[0], sys.executable)
+        self.assertEqual(command[-4:], ["-m", "ws_exporter", "--web.listen-address=:1", "--web.workers=0"])
+
     def test_worker_count_and_shares(self) -> None:
         self.assertGreaterEqual(wx.usable_cpus(), 1)
         if sys.platform.startswith("linux"):
@@ -3539,7 +3544,11 @@ class TestWorkers(unittest.TestCase):
         self.assertEqual({self.probe("first") for _ in range(4)}, {400})
 
     def test_a_dead_worker_is_replaced_by_a_fresh_interpreter(self) -> None:
-        victim = children_of(self.proc.proc.pid)[0]
+        children_before = children_of(self.proc.proc.pid)
+        victim = children_before[0]
+        for pid in children_before:  # forked: started with the supervisor's own environment
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                self.assertNotIn(wx.WORKER_ENV.encode() + b"=", f.read())
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 10
         workers = children_of(self.proc.proc.pid)
@@ -3548,8 +3557,10 @@ class TestWorkers(unittest.TestCase):
             workers = children_of(self.proc.proc.pid)
         self.assertEqual(len(workers), self.WORKERS - 1)
         self.assertNotIn(victim, workers)
-        with open("/proc/%d/environ" % self.proc.proc.pid, "rb") as f:  # the supervisor's environment
-            self.assertNotIn(wx.WORKER_ENV.encode(), f.read())
+        fresh = [pid for pid in workers if pid not in children_before]
+        self.assertEqual(len(fresh), 1)
+        with open("/proc/%d/environ" % fresh[0], "rb") as f:  # as it was at exec, and a fork never execs
+            self.assertIn(wx.WORKER_ENV.encode() + b"=", f.read())
         # New connections go to every worker in turn once it is ready: soon the new one too.
         served: Set[int] = set()
         while served != set(range(self.WORKERS)) and time.monotonic() < deadline + 10:

@@ -2697,6 +2697,7 @@ class Exporter:
         self.workers = 1  # processes that may serve (see Supervisor)
         self.serving = 1  # processes serving now: this one takes its share of the limits
         self.shed: Optional[Callable[[float], None]] = None  # in a worker: gives connections back
+        self.flags: List[str] = []  # the command line's, which a worker started afresh is given too
 
     @property
     def modules(self) -> Dict[str, Module]:
@@ -4635,7 +4636,7 @@ class Supervisor:
             sock.set_inheritable(True)
         environment = dict(os.environ)
         environment[WORKER_ENV] = place
-        return os.posix_spawn(sys.executable, own_command(), environment)
+        return os.posix_spawn(sys.executable, own_command(self.exporter.flags), environment)
 
     def _address(self) -> Tuple[str, int, int]:
         """The listener's host, port and address family, for a worker's logs."""
@@ -4887,12 +4888,12 @@ def run_fresh_worker(exporter: "Exporter", web: Optional["WebConfig"], place: st
     return run_worker(exporter, web, seat)
 
 
-def own_command() -> List[str]:
-    """The command that started this program, to start it again: the same interpreter and
-    options, this file (as a module, if that is how it was run) and the same flags."""
+def own_command(flags: Sequence[str]) -> List[str]:
+    """A command that starts this program again: the same interpreter and options, this file
+    (as a module, if that is how it was run) and ``flags``."""
     spec = globals().get("__spec__")
     program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
-    return [sys.executable] + interpreter_options() + program + sys.argv[1:]
+    return [sys.executable] + interpreter_options() + program + list(flags)
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -5510,8 +5511,9 @@ def release_freed_memory() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     place = os.environ.pop(WORKER_ENV, None)  # a worker's, for it alone (see Supervisor)
+    flags = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings = parse_flags(sys.argv[1:] if argv is None else argv)
+        settings = parse_flags(flags)
     except FlagError as err:
         return usage_error(str(err))
     if settings.show_help:
@@ -5531,6 +5533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return usage_error("--web.config.file=%s: %s" % (settings.web_config_file, err))
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(settings, logger)
+    exporter.flags = flags
     if settings.config_file:
         try:
             exporter.config = load_config(settings.config_file)
