@@ -4733,8 +4733,8 @@ class Supervisor:
 
     def gather(self, asker: Optional[Tuple[int, int]], kind: str, arg: object) -> None:
         number, self._next_gather = self._next_gather, self._next_gather + 1
-        # The supervisor answers too: its own CPU and memory, and a reload so that a worker
-        # started later runs the config the others run.
+        # The supervisor answers for its own process, worker 0's: its counters, CPU and memory,
+        # its reload (which a worker forked later also carries).
         gathering = _Gather(kind, asker, set(), self.exporter.answer(kind, arg))
         self.gathers[number] = gathering
         for worker in list(self.workers.values()):
