@@ -3587,15 +3587,15 @@ class TestWorkersOnDemand(unittest.TestCase):
         clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=10) for _ in range(8)]
         for client in clients:
             self.addCleanup(client.close)
-        answered = [0]
+        answered = [0] * len(clients)  # a count per connection, each written by its own thread
         stop = threading.Event()
-        pumps = [threading.Thread(target=pump, args=(c, request, stop, answered)) for c in clients]
+        pumps = [threading.Thread(target=pump, args=(c, request, stop, answered, i)) for i, c in enumerate(clients)]
         for thread in pumps:
             thread.start()
         try:
             self.assertTrue(started.wait(30), "no worker started under load")
-            # The first worker gives back half its connections, which the new one serves: probes
-            # with its ids, on connections opened before it started.
+            # The first worker gives back a share of its connections, which the new one serves:
+            # probes with another worker's ids, on connections opened before it started.
             deadline = time.monotonic() + 20
             odd: List[int] = []
             while not odd and time.monotonic() < deadline:
@@ -3606,10 +3606,11 @@ class TestWorkersOnDemand(unittest.TestCase):
             stop.set()
             for thread in pumps:
                 thread.join(20)
-        self.assertEqual(len(children_of(proc.proc.pid)), 1)
+        self.assertGreaterEqual(len(children_of(proc.proc.pid)), 1)
         self.assertEqual(sum(1 for t in pumps if t.is_alive()), 0)
-        self.assertEqual(answered[0] % 20, 0)  # every request of every batch answered: no connection lost
-        self.assertGreater(answered[0], 0)
+        # Every request of every batch answered, on every connection: none was lost on the way.
+        self.assertEqual([count % 20 for count in answered], [0] * len(clients))
+        self.assertGreater(min(answered), 0)
         self.assertEqual(proc.stop(), 0)
 
 
@@ -3622,10 +3623,10 @@ def watch_log(proc: ExporterProcess, text: str, seen: threading.Event) -> None:
                 seen.set()
 
 
-def pump(client: socket.socket, request: bytes, stop: threading.Event, answered: List[int], batch: int = 20) -> None:
+def pump(client: socket.socket, request: bytes, stop: threading.Event, answered: List[int], slot: int, batch: int = 20) -> None:
     """Pipelined probes on one keep-alive connection, a batch at a time, until ``stop``; counts
-    whole answers, and returns early, the count off a multiple of ``batch``, if the connection
-    ends."""
+    whole answers in ``answered[slot]``, and returns early, the count off a multiple of
+    ``batch``, if the connection ends."""
     data = b""
     while not stop.is_set():
         client.sendall(request * batch)
@@ -3633,11 +3634,11 @@ def pump(client: socket.socket, request: bytes, stop: threading.Event, answered:
             while b"\r\n\r\n" not in data or len(data) < _response_end(data):
                 chunk = client.recv(65536)
                 if not chunk:
-                    answered[0] += 1
+                    answered[slot] += 1
                     return
                 data += chunk
             data = data[_response_end(data):]
-        answered[0] += batch
+        answered[slot] += batch
 
 
 def _response_end(data: bytes) -> int:

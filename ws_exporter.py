@@ -4683,15 +4683,14 @@ class Supervisor:
                 sock, address, accepted = receive_connection(worker.connections)
             except OSError:  # none left (BlockingIOError), or the worker is gone
                 return
+            newest = self.workers.get(self.newest)
             try:
-                newest = self.workers.get(self.newest)
-                if newest is None or not newest.ready or newest is worker:
-                    self.hand(sock, address, accepted)
+                if newest is not None and newest.ready and newest is not worker:
+                    hand_over(newest.connections, sock, address, accepted)
                 else:
-                    try:
-                        hand_over(newest.connections, sock, address, accepted)
-                    except OSError:
-                        self.hand(sock, address, accepted)
+                    self.hand(sock, address, accepted)
+            except OSError:  # the newest worker's queue is full, or it is gone: any other
+                self.hand(sock, address, accepted)
             finally:
                 sock.close()
 
