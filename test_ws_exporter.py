@@ -3453,6 +3453,14 @@ class TestWorkerPieces(unittest.TestCase):
                     mock.patch.object(wx.os, "sched_getaffinity", lambda pid: set(range(8)), create=True):
                 self.assertEqual(wx.usable_cpus(), cpus)
 
+    def test_each_process_takes_its_share_of_the_limits_of_the_processes_serving_now(self) -> None:
+        exporter = wx.Exporter(wx.Settings(max_concurrent=512, max_connections=1024), wx.Logger("error", "logfmt", io.StringIO()))
+        self.assertEqual((exporter.probe_limit, exporter.connection_limit), (512, 1024))  # alone
+        exporter.answer("serving", 3)
+        self.assertEqual((exporter.probe_limit, exporter.connection_limit), (171, 342))
+        exporter.answer("serving", 1)  # the others died
+        self.assertEqual((exporter.probe_limit, exporter.connection_limit), (512, 1024))
+
     def test_a_fresh_worker_runs_this_module_with_the_flags_the_exporter_parsed(self) -> None:
         command = wx.own_command(["--web.listen-address=:1", "--web.workers=0"])
         self.assertEqual(command[0], sys.executable)

@@ -2528,8 +2528,7 @@ def process_figures(proportional: bool = False) -> Optional[ProcessFigures]:
     counts its share of the pages it shares (PSS) as resident: forked workers share most of theirs,
     and a sum of their RSS would count those once per process."""
     try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
+        fields = _stat_fields("self")
         with open("/proc/stat", "rb") as f:
             boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
         open_fds = len(os.listdir("/proc/self/fd"))
@@ -2537,13 +2536,24 @@ def process_figures(proportional: bool = False) -> Optional[ProcessFigures]:
         return None
     ticks = float(os.sysconf("SC_CLK_TCK"))
     return ProcessFigures(
-        (float(fields[11]) + float(fields[12])) / ticks,
+        _cpu_seconds(fields),
         int(fields[20]),
         (proportional and _proportional_bytes()) or int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
         boot + float(fields[19]) / ticks,
         open_fds,
         _max_fds(),
     )
+
+
+def _stat_fields(pid: str) -> List[bytes]:
+    """The fields of /proc/PID/stat after the command name, the process state first."""
+    with open("/proc/%s/stat" % pid, "rb") as f:
+        return f.read().rpartition(b")")[2].split()
+
+
+def _cpu_seconds(fields: List[bytes]) -> float:
+    """User and system CPU seconds from _stat_fields (utime and stime, in clock ticks)."""
+    return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _proportional_bytes() -> int:
@@ -2695,9 +2705,10 @@ class Exporter:
         self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
         self.link: Optional[WorkerLink] = None  # in a worker: the way to the other processes
         self.workers = 1  # processes that may serve (see Supervisor)
-        self.serving = 1  # processes serving now: this one takes its share of the limits
+        # This process's shares of --probe.max-concurrent and --web.max-connections, worked out
+        # again as workers join and leave (the supervisor's "serving" question), not per probe.
+        self.probe_limit, self.connection_limit = settings.max_concurrent, settings.max_connections
         self.shed: Optional[Callable[[float], None]] = None  # in a worker: gives connections back
-        self.flags: List[str] = []  # the command line's, which a worker started afresh is given too
 
     @property
     def modules(self) -> Dict[str, Module]:
@@ -2768,7 +2779,7 @@ class Exporter:
         redacted = alias or _redact_raw_target(target)
         log = ProbeLog(self.logger, target, module=module.name, target=redacted)
         # Nothing that can raise stands between taking the slot and the ProbeRun that frees it.
-        if not self.stats.begin(share(self.settings.max_concurrent, self.serving)):
+        if not self.stats.begin(self.probe_limit):
             raise Overloaded("Too many probes in flight")
         steps = probe_steps(target, module, Deadline(timeout, start), result, log, self.policy)
         return ProbeRun(self, module, redacted, result, log, steps)
@@ -2847,7 +2858,8 @@ class Exporter:
         if kind == "reload":
             return self.reload()
         if kind == "serving" and isinstance(arg, int):
-            self.serving = arg
+            self.probe_limit = share(self.settings.max_concurrent, arg)
+            self.connection_limit = share(self.settings.max_connections, arg)
         if kind == "shed" and isinstance(arg, float) and self.shed is not None:
             self.shed(arg)
         return None
@@ -3473,8 +3485,7 @@ class ExporterServer(socketserver.ThreadingTCPServer):
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         """To the connection loop when there is one, else to a thread of its own, up to
         --web.max-connections; past that a quick 503."""
-        settings = self.exporter.settings
-        if not self.connection_slots.acquire(share(settings.max_connections, self.exporter.serving)):
+        if not self.connection_slots.acquire(self.exporter.connection_limit):
             self.refuse(request)
         elif self.loop is not None:
             self.loop.adopt(request, client_address, self.accepted.pop(request.fileno(), 0.0) or time.monotonic())
@@ -4534,7 +4545,13 @@ class Supervisor:
     SIGTERM/SIGINT (stop) on."""
 
     def __init__(
-        self, exporter: "Exporter", listener: "ExporterServer", web: Optional["WebConfig"], count: int, on_demand: bool = False
+        self,
+        exporter: "Exporter",
+        listener: "ExporterServer",
+        web: Optional["WebConfig"],
+        count: int,
+        on_demand: bool = False,
+        flags: Sequence[str] = (),
     ) -> None:
         self.exporter = exporter  # worker 0's as well: one process, one answer
         self.listener = listener  # accepts; the workers serve
@@ -4542,6 +4559,7 @@ class Supervisor:
         self.web = web
         self.count = count  # workers at most
         self.on_demand = on_demand  # start workers past the first only when the others are busy
+        self.flags = flags  # the command line's, which a worker started afresh is given too
         self.workers: Dict[int, _Worker] = {}
         self.gathers: Dict[int, _Gather] = {}
         self._next_gather = 0
@@ -4636,7 +4654,7 @@ class Supervisor:
             sock.set_inheritable(True)
         environment = dict(os.environ)
         environment[WORKER_ENV] = place
-        return os.posix_spawn(sys.executable, own_command(self.exporter.flags), environment)
+        return os.posix_spawn(sys.executable, own_command(self.flags), environment)
 
     def _address(self) -> Tuple[str, int, int]:
         """The listener's host, port and address family, for a worker's logs."""
@@ -4898,9 +4916,7 @@ def own_command(flags: Sequence[str]) -> List[str]:
 def process_cpu_seconds(pid: int) -> float:
     """The user and system CPU seconds process ``pid`` has spent, from /proc; 0 where unreadable."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-        return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_seconds(_stat_fields(str(pid)))
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -5532,7 +5548,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return usage_error("--web.config.file=%s: %s" % (settings.web_config_file, err))
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(settings, logger)
-    exporter.flags = flags
     if settings.config_file:
         try:
             exporter.config = load_config(settings.config_file)
@@ -5552,7 +5567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exporter.workers = workers
     if workers > 1:
         gc.freeze()  # what exists now stays shared with the workers instead of being copied
-        return Supervisor(exporter, server, web, workers, on_demand=not settings.workers).run(wakeup, sender)
+        return Supervisor(exporter, server, web, workers, not settings.workers, flags).run(wakeup, sender)
     log_listening(server, exporter)
     return serve(server, exporter, wakeup)
 
