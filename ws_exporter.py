@@ -230,9 +230,21 @@ GATHER_SECONDS = 1.0  # how long the supervisor waits for every worker's answer 
 WORKER_RESTART_SECONDS = 1.0  # a worker that died is replaced no sooner than this after it started
 WORKER_STOP_SECONDS = 5.0  # how long a stop waits for the workers before it kills them
 SUPERVISOR_TICK_SECONDS = 1.0  # the supervisor looks for exited and busy workers this often
-# --web.workers=0: another worker starts when every process serving spent at least this share of
-# a CPU over the last tick.  One process runs Python on one CPU at most; an idle one spends ~0.
-SCALE_UP_BUSY = 0.6
+# --web.workers=0: another worker starts when, in every process serving, one thread (the
+# connection loop) spent at least this share of a CPU over the last tick: it has no time left to
+# wait in, so requests queue.  Below that the loop still waits for the network, and another
+# process would cost CPU per probe (fewer events per wake-up, less shared cache) for nothing:
+# on two CPUs shared with a TLS server it serves wss:// at ~0.85 of a CPU, and 5 % fewer probes
+# per second once split over two processes.  A saturated loop measures 0.97-1.0.
+SCALE_UP_BUSY = 0.95
+SCALE_UP_TICKS = 2  # ticks in a row
+# ... and the newest worker retires (see ExporterServer.retire) when, for RETIRE_TICKS ticks in a
+# row, the busiest threads of all processes serving add up to at most this share of a CPU for
+# each process but one: the others could carry its load, which one process fewer serves with
+# less CPU per probe (a wss:// load split over two at ~0.45 each needs ~0.85 of one).
+RETIRE_BUSY = 0.95
+RETIRE_TICKS = 10
+RETIRING = 1 << 62  # EventLoop.shedding while a worker retires: every connection, now and later
 WORKER_ENV = "WS_EXPORTER_WORKER"  # the descriptors and place of a worker started afresh (see Supervisor)
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -2708,7 +2720,7 @@ class Exporter:
         # This process's shares of --probe.max-concurrent and --web.max-connections, worked out
         # again as workers join and leave (the supervisor's "serving" question), not per probe.
         self.probe_limit, self.connection_limit = settings.max_concurrent, settings.max_connections
-        self.shed: Optional[Callable[[float], None]] = None  # in a worker: gives connections back
+        self.server: Optional["ExporterServer"] = None  # in a worker: its server, which gives connections back
 
     @property
     def modules(self) -> Dict[str, Module]:
@@ -2860,8 +2872,10 @@ class Exporter:
         if kind == "serving" and isinstance(arg, int):
             self.probe_limit = share(self.settings.max_concurrent, arg)
             self.connection_limit = share(self.settings.max_connections, arg)
-        if kind == "shed" and isinstance(arg, float) and self.shed is not None:
-            self.shed(arg)
+        if kind == "shed" and isinstance(arg, float) and self.server is not None:
+            self.server.shed(arg)
+        if kind == "retire" and self.server is not None:
+            self.server.retire()
         return None
 
 
@@ -3233,7 +3247,7 @@ class Handler(socketserver.BaseRequestHandler):
             return False
         connection = (self.headers.get("Connection") or "").lower()
         old = self.request_version == "HTTP/1.0"
-        self.close_connection = connection == "close" or (old and connection != "keep-alive")
+        self.close_connection = connection == "close" or (old and connection != "keep-alive") or self.server.retiring
         if (self.headers.get("Expect") or "").lower() == "100-continue" and not old:
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # §5.1.1 of RFC 7231
             self.wfile.flush()
@@ -3389,9 +3403,11 @@ class Slots:
             self.held += 1
             return True
 
-    def release(self) -> None:
+    def release(self) -> int:
+        """One given back; how many are still held."""
         with self._lock:
             self.held -= 1
+            return self.held
 
 
 class ExporterServer(socketserver.ThreadingTCPServer):
@@ -3416,6 +3432,7 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         self.handoff = handoff
         self.exporter = exporter
         self.connection_slots = Slots()
+        self.retiring = False  # see retire
         self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
         self.out_of_descriptors = False  # logged once until an accept succeeds again
         settings = exporter.settings
@@ -3484,7 +3501,9 @@ class ExporterServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         """To the connection loop when there is one, else to a thread of its own, up to
-        --web.max-connections; past that a quick 503."""
+        --web.max-connections; past that a quick 503.  A retiring worker hands it back."""
+        if self.retiring and self.hand_back(request, client_address, self.accepted.pop(request.fileno(), MIGRATED)):
+            return
         if not self.connection_slots.acquire(self.exporter.connection_limit):
             self.refuse(request)
         elif self.loop is not None:
@@ -3510,7 +3529,7 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         try:
             super().process_request(request, client_address)
         except RuntimeError:  # the system refused another thread
-            self.connection_slots.release()
+            self.release_connection()
             self.refuse(request)
 
     def serve_forever(self, poll_interval: float = 0.2) -> None:
@@ -3521,21 +3540,56 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         super().serve_forever(poll_interval)
 
     def server_close(self) -> None:
+        while self.retiring and self.handoff is not None:  # handed over, not taken yet: back they go
+            try:
+                sock, address, accepted = receive_connection(self.handoff)
+            except OSError:
+                break
+            if not self.hand_back(sock, address, accepted):
+                sock.close()
         super().server_close()
         if self.loop is not None:
             self.loop.stop()
+
+    def hand_back(self, sock: socket.socket, address: object, accepted: float) -> bool:
+        """A connection back to the supervisor, which passes it to another worker; whether it went."""
+        if self.handoff is None:
+            return False
+        try:
+            hand_over(self.handoff, sock, address, accepted)
+        except OSError:
+            return False
+        sock.close()
+        return True
 
     def shed(self, fraction: float) -> None:
         """See EventLoop.shed; a connection in a thread of its own stays there."""
         if self.loop is not None:
             self.loop.shed(fraction)
 
+    def retire(self) -> None:
+        """This worker takes no more connections (the supervisor hands it none): the loop gives
+        each of its connections back once it waits for its next request, a handler thread closes
+        its connection after the answer it is writing ("Connection: close"), and the process
+        stops once it holds none."""
+        self.retiring = True
+        if self.loop is not None:
+            self.loop.retire()
+        self.release_connection(held=False)
+
+    def release_connection(self, held: bool = True) -> None:
+        """A connection this server held is gone (or, not ``held``, look whether any is left):
+        a retiring worker with none left stops, as on SIGTERM."""
+        left = self.connection_slots.release() if held else self.connection_slots.held
+        if left == 0 and self.retiring:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         try:
             with TURNS.held():
                 super().process_request_thread(request, client_address)
         finally:
-            self.connection_slots.release()
+            self.release_connection()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -3675,6 +3729,10 @@ class EventLoop:
         waits for its next request, for a worker that started since (see Supervisor)."""
         self.call_soon(lambda: self._shed(fraction))
 
+    def retire(self) -> None:
+        """Give back every connection (see ExporterServer.retire)."""
+        self.call_soon(lambda: self._give_back_waiting(RETIRING))
+
     def stop(self) -> None:
         """Closes every connection and the probes running for them; returns once the loop ended."""
         self.call_soon(self._stop)
@@ -3801,7 +3859,11 @@ class EventLoop:
     def _shed(self, fraction: float) -> None:
         if self.server.handoff is None:
             return
-        self.shedding = int(len(self.connections) * fraction)
+        self._give_back_waiting(int(len(self.connections) * fraction))
+
+    def _give_back_waiting(self, count: int) -> None:
+        """Give back ``count`` connections: those waiting now, then others as they come to wait."""
+        self.shedding = count
         for connection in list(self.connections):
             if connection.waiting() and not self.give_back(connection):
                 break
@@ -3813,8 +3875,9 @@ class EventLoop:
             return False
         try:
             hand_over(self.server.handoff, connection.sock, connection.address, MIGRATED)
-        except OSError:  # the supervisor's queue is full: this one stays
-            self.shedding = 0
+        except OSError:  # the supervisor's queue is full: this one stays (retiring: until it waits again)
+            if not self.server.retiring:
+                self.shedding = 0
             return False
         self.shedding -= 1
         connection.leave_for_good()
@@ -4042,13 +4105,13 @@ class _LoopConnection:
             task, self.task = self.task, None
             task.cancel()
         self.loop.server.shutdown_request(self.sock)
-        self.loop.server.connection_slots.release()
+        self.loop.server.release_connection()
 
     def leave_for_good(self) -> None:
         """Another process holds the connection now: only this one's descriptor closes."""
         self._leave()
         self.sock.close()
-        self.loop.server.connection_slots.release()
+        self.loop.server.release_connection()
 
 
 def split_listen_address(value: str) -> Tuple[str, int]:
@@ -4450,7 +4513,16 @@ class _Worker:
         self.buffer = bytearray()
         self.started = time.monotonic()
         self.ready = False  # listening
-        self.cpu = -1.0  # CPU seconds its process had spent at the last tick; -1: not read yet
+        self.retiring = False  # told to give its connections back and stop (see Supervisor.retire)
+        self.cpu: Dict[str, float] = {}  # CPU seconds each of its threads had spent at the last look
+
+    def busiest(self, elapsed: float) -> float:
+        """The largest share of a CPU one of its threads spent over the ``elapsed`` seconds since
+        the last look (0 at the first)."""
+        spent = thread_cpu_seconds(self.pid)
+        most = max((spent[t] - self.cpu[t] for t in spent if t in self.cpu), default=0.0)
+        self.cpu = spent
+        return most / elapsed
 
 
 class _Gather:
@@ -4569,6 +4641,8 @@ class Supervisor:
         self.local: Optional["ExporterServer"] = None  # worker 0's server
         self.newest = -1  # the worker that started last: connections given back go to it
         self._ticked = time.monotonic()
+        self.busy_ticks = 0  # ticks in a row every process serving was busy (see tick)
+        self.quiet_ticks = 0  # ticks in a row the processes serving had room for one fewer
 
     def run(self, wakeup: socket.socket, sender: socket.socket) -> int:
         self._closing = [wakeup, sender]
@@ -4577,7 +4651,7 @@ class Supervisor:
         self.start_local()
         while True:
             socks = [w.sock for w in self.workers.values()]
-            returned = [w.connections for w in self.workers.values() if w.ready]
+            returned = [w.connections for w in self.workers.values() if w.ready or w.retiring]
             serving = [self.listener.socket] if any(w.ready for w in self.workers.values()) else []
             ready, _, _ = select.select([wakeup] + serving + socks + returned, [], [], self._next_timeout())
             if serving and serving[0] in ready:
@@ -4603,7 +4677,7 @@ class Supervisor:
         handing.setblocking(False)
         mine.settimeout(GATHER_SECONDS)
         self.workers[0] = _Worker(0, os.getpid(), mine, handing)
-        self.gather(None, "serving", len(self.workers))
+        self.gather(None, "serving", self.serving())
         self.local = start_worker(self.exporter, self.web, WorkerSeat(theirs, taking, 0, self.count, self._address()))
         threading.Thread(target=self.local.serve_forever, name="http", daemon=True).start()
 
@@ -4628,7 +4702,8 @@ class Supervisor:
         handing.setblocking(False)
         self.workers[index] = _Worker(index, pid, mine, handing)
         self.respawn_at.pop(index, None)
-        self.gather(None, "serving", len(self.workers))
+        self.busy_ticks = self.quiet_ticks = 0
+        self.gather(None, "serving", self.serving())
 
     def _fork(self, mine: socket.socket, handing: socket.socket, theirs: socket.socket, taking: socket.socket, index: int) -> int:
         pid = os.fork()
@@ -4661,20 +4736,40 @@ class Supervisor:
         return str(self.listener.server_address[0]), int(self.listener.server_address[1]), int(self.listener.address_family)
 
     def tick(self) -> None:
-        """Once a tick: with on_demand, another worker when every process serving was busy."""
+        """Once a tick, with on_demand: another worker when every process serving was busy for
+        SCALE_UP_TICKS ticks; the newest retired when the others had room for its load for
+        RETIRE_TICKS ticks (see SCALE_UP_BUSY)."""
         now = time.monotonic()
-        if now - self._ticked < SUPERVISOR_TICK_SECONDS:
+        if now - self._ticked < SUPERVISOR_TICK_SECONDS or not self.on_demand:
             return
         elapsed, self._ticked = now - self._ticked, now
-        busy = True
-        for worker in self.workers.values():
-            spent = process_cpu_seconds(worker.pid)
-            busy = busy and worker.ready and worker.cpu >= 0 and spent - worker.cpu >= SCALE_UP_BUSY * elapsed
-            worker.cpu = spent
+        serving = [w for w in self.workers.values() if not w.retiring]
+        shares = [w.busiest(elapsed) for w in serving]
+        busy = bool(shares) and all(w.ready for w in serving) and min(shares) >= SCALE_UP_BUSY
+        self.busy_ticks = self.busy_ticks + 1 if busy else 0
+        quiet = len(serving) > 1 and sum(shares) <= RETIRE_BUSY * (len(serving) - 1)
+        self.quiet_ticks = self.quiet_ticks + 1 if quiet else 0
         spare = [i for i in range(self.count) if i not in self.workers and i not in self.respawn_at]
-        if self.on_demand and busy and spare:
+        if self.busy_ticks >= SCALE_UP_TICKS and spare:
             self.exporter.logger.log("info", "Starting another worker: every process is busy", worker=spare[0])
             self.respawn(spare[0])
+        elif self.quiet_ticks >= RETIRE_TICKS:
+            self.retire(max((w for w in serving if not w.local), key=lambda w: w.index))
+
+    def retire(self, worker: _Worker) -> None:
+        """``worker`` gets no more connections, gives back those it has and stops (see
+        ExporterServer.retire); the others take them."""
+        self.exporter.logger.log("info", "Retiring a worker: the others have room for its load", worker=worker.index)
+        worker.retiring, worker.ready = True, False
+        self.busy_ticks = self.quiet_ticks = 0
+        if self.newest == worker.index:
+            self.newest = -1
+        self.send(worker, ("query", -1, "retire", None))  # its answer matches no question: dropped
+        self.gather(None, "serving", self.serving())
+
+    def serving(self) -> int:
+        """The workers that serve (or start to), not those that retire."""
+        return sum(not w.retiring for w in self.workers.values())
 
     def _worker_sockets(self) -> List[socket.socket]:
         return [sock for w in self.workers.values() for sock in (w.sock, w.connections)]
@@ -4737,7 +4832,7 @@ class Supervisor:
         for message in decode_messages(worker.buffer):
             if message[0] == "ask":
                 self.gather((worker.index, message[1]), message[2], message[3])
-            elif message[0] == "ready":
+            elif message[0] == "ready" and not worker.retiring:
                 worker.ready = True
                 if not self.announced and all(w.ready for w in self.workers.values()):
                     self.announced = True
@@ -4810,17 +4905,22 @@ class Supervisor:
             return False
 
     def lost(self, worker: _Worker) -> None:
-        """A worker closed its channel: it died (or is stopping).  Another takes its place, no
-        sooner than WORKER_RESTART_SECONDS after it started, so a crash loop does not spin."""
+        """A worker closed its channel: it retired, or it died (or is stopping).  Another takes a
+        dead one's place, no sooner than WORKER_RESTART_SECONDS after it started, so a crash loop
+        does not spin."""
+        if worker.retiring:
+            self.take_back(worker)  # the last it gave back
+            self.exporter.logger.log("info", "Worker process retired", worker=worker.index, pid=worker.pid)
+        else:
+            self.exporter.logger.log("warn", "Worker process exited; starting another", worker=worker.index, pid=worker.pid)
+            self.respawn_at[worker.index] = max(time.monotonic(), worker.started + WORKER_RESTART_SECONDS)
         worker.sock.close()
         worker.connections.close()
         del self.workers[worker.index]
-        self.exporter.logger.log("warn", "Worker process exited; starting another", worker=worker.index, pid=worker.pid)
         for number, gathering in list(self.gathers.items()):
             gathering.owing.discard(worker.index)
             self.settle(number)
-        self.gather(None, "serving", len(self.workers))
-        self.respawn_at[worker.index] = max(time.monotonic(), worker.started + WORKER_RESTART_SECONDS)
+        self.gather(None, "serving", self.serving())
 
     def reap(self) -> None:
         try:
@@ -4830,6 +4930,7 @@ class Supervisor:
             pass
 
     def stop(self, signum: int) -> int:
+        signal.set_wakeup_fd(-1)  # the pair may close before the process ends: later signals change nothing
         self.exporter.logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
         others = [w for w in self.workers.values() if not w.local]
         for worker in others:
@@ -4883,7 +4984,7 @@ def start_worker(exporter: "Exporter", web: Optional["WebConfig"], seat: WorkerS
     exporter.link = WorkerLink(seat.channel, exporter)
     exporter.link.start()
     server = ExporterServer(seat.address[:2], seat.address[2], exporter, web, handoff=seat.connections)
-    exporter.shed = server.shed
+    exporter.server = server
     seat.channel.sendall(encode_message(("ready",)))
     return server
 
@@ -4913,12 +5014,20 @@ def own_command(flags: Sequence[str]) -> List[str]:
     return [sys.executable] + interpreter_options() + program + list(flags)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """The user and system CPU seconds process ``pid`` has spent, from /proc; 0 where unreadable."""
+def thread_cpu_seconds(pid: int) -> Dict[str, float]:
+    """The user and system CPU seconds each thread of process ``pid`` has spent, by thread id,
+    from /proc; empty where unreadable, and without the threads that ended meanwhile."""
+    spent: Dict[str, float] = {}
     try:
-        return _cpu_seconds(_stat_fields(str(pid)))
-    except (OSError, IndexError, ValueError):
-        return 0.0
+        threads = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return spent
+    for tid in threads:
+        try:
+            spent[tid] = _cpu_seconds(_stat_fields("%d/task/%s" % (pid, tid)))
+        except (OSError, IndexError, ValueError):
+            continue
+    return spent
 
 
 # ==============================================================================================
@@ -5582,6 +5691,7 @@ def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> 
     """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP."""
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     signum = wait_for_stop(wakeup, exporter)
+    signal.set_wakeup_fd(-1)  # a later signal (a worker's link finds the supervisor gone) changes nothing
     level = "debug" if exporter.link is not None else "info"  # the supervisor says it for its workers
     exporter.logger.log(level, "Shutting down", signal=signal.Signals(signum).name if signum else "")
     server.shutdown()
