@@ -234,7 +234,7 @@ SUPERVISOR_TICK_SECONDS = 1.0  # the supervisor looks for exited and busy worker
 # connection loop) spent at least this share of a CPU over the last tick: it has no time left to
 # wait in, so requests queue.  Below that the loop still waits for the network, and another
 # process would cost CPU per probe (fewer events per wake-up, less shared cache) for nothing:
-# on two CPUs shared with a TLS server it serves wss:// at ~0.85 of a CPU, and 5 % fewer probes
+# on two CPUs shared with a TLS server it serves wss:// at ~0.85 of a CPU, and ~10 % fewer probes
 # per second once split over two processes.  A saturated loop measures 0.97-1.0.
 SCALE_UP_BUSY = 0.95
 SCALE_UP_TICKS = 2  # ticks in a row
