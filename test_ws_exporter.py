@@ -3461,6 +3461,45 @@ class TestWorkerPieces(unittest.TestCase):
         exporter.answer("serving", 1)  # the others died
         self.assertEqual((exporter.probe_limit, exporter.connection_limit), (512, 1024))
 
+    def test_workers_start_only_while_every_loop_is_saturated_and_retire_when_the_others_have_room(self) -> None:
+        exporter = wx.Exporter(wx.Settings(), wx.Logger("error", "logfmt", io.StringIO()))
+        supervisor = wx.Supervisor(exporter, None, None, 4, on_demand=True)  # type: ignore[arg-type]
+        started: List[int] = []
+        retired: List[int] = []
+        retire = supervisor.retire
+
+        def retiring(worker: _LoadedWorker) -> None:
+            retired.append(worker.index)
+            retire(worker)  # type: ignore[arg-type]
+
+        setattr(supervisor, "respawn", started.append)
+        setattr(supervisor, "retire", retiring)
+        setattr(supervisor, "send", lambda worker, message: True)  # the workers are not processes
+        setattr(supervisor, "gather", lambda asker, kind, arg: None)
+
+        def ticks(count: int, *shares: float) -> None:
+            supervisor.workers = {i: _LoadedWorker(i, share) for i, share in enumerate(shares)}  # type: ignore[misc]
+            for _ in range(count):
+                supervisor._ticked = time.monotonic() - wx.SUPERVISOR_TICK_SECONDS
+                supervisor.tick()
+
+        ticks(10, 0.90)  # busy, but waiting for the network now and then (wss:// on a shared host)
+        self.assertEqual(started, [])
+        ticks(1, 0.99)
+        self.assertEqual(started, [])  # one tick is not enough
+        ticks(1, 0.99)
+        self.assertEqual(started, [1])
+        ticks(wx.RETIRE_TICKS, 0.55, 0.52)  # the two need more than one process
+        self.assertEqual(retired, [])
+        ticks(wx.RETIRE_TICKS - 1, 0.45, 0.44)
+        ticks(1, 0.56, 0.50)  # a busier tick starts the count again
+        ticks(wx.RETIRE_TICKS - 1, 0.45, 0.44)
+        self.assertEqual(retired, [])
+        ticks(1, 0.45, 0.44)
+        self.assertEqual(retired, [1])
+        ticks(wx.RETIRE_TICKS, 0.6, 0.6, 0.6)  # of three, the newest goes: two have room
+        self.assertEqual(retired, [1, 2])
+
     def test_a_fresh_worker_runs_this_module_with_the_flags_the_exporter_parsed(self) -> None:
         command = wx.own_command(["--web.listen-address=:1", "--web.workers=0"])
         self.assertEqual(command[0], sys.executable)
@@ -3635,6 +3674,17 @@ class TestWorkersOnDemand(unittest.TestCase):
         self.assertEqual(proc.proc.wait(10), 0)
         watcher.join(10)  # the log read to its end
         self.assertFalse(broken.is_set(), "an exception in the log")
+
+
+class _LoadedWorker:
+    """A worker as Supervisor.tick sees it, with its busiest thread always at ``share``."""
+
+    def __init__(self, index: int, share: float) -> None:
+        self.index, self.share = index, share
+        self.local, self.ready, self.retiring = index == 0, True, False
+
+    def busiest(self, elapsed: float) -> float:
+        return self.share
 
 
 def watch_log(proc: ExporterProcess, seen: Dict[str, threading.Event]) -> None:
