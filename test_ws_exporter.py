@@ -905,6 +905,18 @@ class TestProbe(ProbeTestCase):
         self.assertEqual(outcomes, {"good": [1.0] * 5, "dead": [10.0] * 5})
 
 
+def tcp_aborts() -> Optional[int]:
+    """Resets this host's TCP sent for data that arrived at a socket closed, or closed unread
+    (TcpExt TCPAbortOnData and TCPAbortOnClose in /proc/net/netstat); None where unreadable."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = [line.split() for line in f if line.startswith("TcpExt:")]
+        figures = dict(zip(lines[0][1:], map(int, lines[1][1:])))
+        return figures["TCPAbortOnData"] + figures["TCPAbortOnClose"]
+    except (OSError, IndexError, KeyError, ValueError):
+        return None
+
+
 def good_server_after_head(sock: socket.socket, head: bytes) -> None:
     sock.sendall(switching_response(request_key(head)))
     opcode, payload, _ = read_client_frame(sock)
@@ -941,6 +953,30 @@ class TestProbeTLS(ProbeTestCase):
         self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
         self.assertLess(metrics['probe_websocket_duration_seconds{phase="tls"}'], 0.25)
         self.assertGreater(metrics["probe_duration_seconds"], 0.3)
+
+    def test_the_servers_close_notify_is_read_so_the_connection_ends_without_a_reset(self) -> None:
+        """RFC 6455 §7.1.1 (the server closes first) over TLS: a client that closed with the
+        server's close_notify unread, or arriving, would answer it with a reset."""
+        ended: List[bool] = []
+
+        def close_then_notify(sock: socket.socket) -> None:
+            good_server(sock)
+            assert isinstance(sock, ssl.SSLSocket)
+            with contextlib.suppress(ssl.SSLError, OSError):
+                sock.unwrap()  # our close_notify, after the close frame; then wait for the client's end
+            ended.append(True)
+
+        before = tcp_aborts()
+        with trusting(self.pki["ca.pem"]):
+            for _ in range(3):
+                metrics = self.probe_local(close_then_notify, "wss", tls=server_tls(self.pki, "good"))
+                self.assertEqual(metrics["probe_websocket_close_code"], 1000, failure_of(metrics))
+        deadline = time.monotonic() + 10
+        while len(ended) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server's thread notes the end after the probe's answer
+        self.assertEqual(len(ended), 3)
+        if before is not None:
+            self.assertEqual(tcp_aborts(), before, "connections reset on this host")
 
     def test_certificate_problems_are_tls_verify(self) -> None:
         with trusting(self.pki["ca.pem"]):

@@ -204,6 +204,7 @@ MAX_HANDSHAKE_BYTES = 65536  # the whole upgrade response head
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one (reassembled) message
 MAX_CLOSE_FRAMES = 1000  # frames we read while waiting for the server's close
 CLOSE_WAIT_SECONDS = 2.0  # how long a probe waits for the server to answer our close
+TLS_CLOSE_WAIT_SECONDS = 0.05  # then how long for its close_notify (see tls_closed)
 RECV_BYTES = 65536
 MAX_RESOLVER_THREADS = 64  # lookups running at once; a hung resolver cannot pile up threads
 RESOLVER_SLOT_PAUSE_SECONDS = 0.01  # how often a lookup waiting for a free thread looks again
@@ -1758,6 +1759,18 @@ def close_steps(conn: Connection, result: ProbeResult, log: ProbeLog) -> Steps[N
             return
     result.close_code = close.code
     log.log("debug", "Close answered", close_code=close.code)
+    if conn.tls is not None:
+        yield from tls_closed(conn)
+
+
+def tls_closed(conn: Connection) -> Steps[None]:
+    """RFC 6455 §7.1.1: after the closing handshake the server closes first, over TLS with a
+    close_notify alert (RFC 8446 §6.1).  It is read before the socket closes, briefly: a socket
+    closed with data unread ends in a reset, not a FIN."""
+    limit = time.monotonic() + TLS_CLOSE_WAIT_SECONDS
+    with contextlib.suppress(ProbeError, OSError):
+        while True:  # until "connection_closed", or the time is up
+            yield from conn.receiving(max(limit - time.monotonic(), 0.0))
 
 
 def wait_for_close(conn: Connection) -> Steps[Close]:
