@@ -3588,13 +3588,15 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         self.retiring = True
         if self.loop is not None:
             self.loop.retire()
-        self.release_connection(held=False)
+        self._stop_if_retired(self.connection_slots.held)
 
-    def release_connection(self, held: bool = True) -> None:
-        """A connection this server held is gone (or, not ``held``, look whether any is left):
-        a retiring worker with none left stops, as on SIGTERM."""
-        left = self.connection_slots.release() if held else self.connection_slots.held
-        if left == 0 and self.retiring:
+    def release_connection(self) -> None:
+        """A connection this server held is gone."""
+        self._stop_if_retired(self.connection_slots.release())
+
+    def _stop_if_retired(self, held: int) -> None:
+        """A retiring worker that holds no connection stops, as on SIGTERM."""
+        if held == 0 and self.retiring:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
@@ -4392,7 +4394,8 @@ class BasicAuth:
 # workers with 60% of a client's keep-alive connections.  Worker 0 runs in the supervisor's own
 # process, in threads; the others are processes of their own.  --web.workers=N forks them all at
 # start.  By default (0) the exporter serves from its one process, which is all most fleets need,
-# and starts another worker each time every process serving is busy, up to one per CPU: as a
+# starts another worker while every process serving is saturated, up to one per CPU, and retires
+# the newest when the others have room for its load (see SCALE_UP_BUSY).  A worker is started as a
 # fresh interpreter, since forking a process whose threads may hold locks (in OpenSSL, in the
 # resolver) could leave a child that deadlocks; a worker that dies is replaced the same way.
 # What a client may ask about the whole exporter (its counters, the recent probes, a probe's
@@ -5175,7 +5178,7 @@ FLAG_SPECS = (
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
     FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
-    FlagSpec("web.workers", "workers", "0", "Processes serving requests (Linux): 0 starts with one and adds more while all are busy, up to one per usable CPU (at most %d); N runs N from the start." % MAX_AUTO_WORKERS, _worker_count),
+    FlagSpec("web.workers", "workers", "0", "Processes serving requests (Linux): 0 starts with one, adds more while all are saturated and retires them when the load falls, up to one per usable CPU (at most %d); N runs N from the start." % MAX_AUTO_WORKERS, _worker_count),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
