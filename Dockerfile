@@ -2,16 +2,16 @@
 FROM gcr.io/distroless/python3-debian13:nonroot
 COPY ws_exporter.py /app/ws_exporter.py
 # Compiled once, at build time: compiling this file at every start leaves ~1.5 MB of the
-# compiler's garbage in each process.  The hash check keeps a ws_exporter.py mounted over this one
+# compiler's garbage in the process.  The hash check keeps a ws_exporter.py mounted over this one
 # from running as the stale bytecode.  The build needs root to write /app/__pycache__; the
 # exporter does not.
 USER 0
 RUN ["/usr/bin/python3", "-c", "import py_compile as c; c.compile('/app/ws_exporter.py', doraise=True, invalidation_mode=c.PycInvalidationMode.CHECKED_HASH)"]
 USER 65532:65532
 # Run as a module (-m), not as a script: CPython keeps a script's syntax tree in memory until the
-# script returns (ws_exporter.py run as a script replaces itself once to drop it); a module's is
-# freed once compiled, and a module can use the compiled file.  -S: the exporter needs nothing
-# from site-packages, and skipping site keeps any .pth hook out of every process.
+# script returns; a module's is freed once compiled, and a module can use the compiled file.
+# -S: the exporter needs nothing from site-packages, and skipping site keeps any .pth hook out of
+# the process.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/app
 EXPOSE 9095
 ENTRYPOINT ["/usr/bin/python3", "-S", "-m", "ws_exporter"]

@@ -1239,26 +1239,16 @@ class TestProgram(unittest.TestCase):
         self.assertIn(wx.__version__, result.stdout)
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
-    def test_a_script_relaunches_itself_once_keeping_its_pid_and_options(self) -> None:
+    def test_the_process_that_runs_is_the_one_started(self) -> None:
         script = os.path.join(HERE, "ws_exporter.py")
-        proc = subprocess.Popen([sys.executable, "-S", "-O", "-X", "utf8", script, "--web.listen-address=127.0.0.1:0",
-                                 "--web.workers=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})  # no -B, -W from it
-        self.addCleanup(stop, proc)  # type: ignore[arg-type]
-        assert proc.stderr is not None
-        self.addCleanup(proc.stderr.close)
-        port = int(re.search(r"address=127\.0\.0\.1:(\d+)", proc.stderr.readline()).group(1))  # type: ignore[union-attr]
-        with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+        proc = ExporterProcess()
+        self.addCleanup(proc.stop)
+        with open("/proc/%d/cmdline" % proc.proc.pid, "rb") as f:
             argv = f.read().decode().split("\0")[:-1]
-        self.assertEqual(argv[0], sys.executable)
-        self.assertEqual(argv[1:argv.index("-c")], ["-S", "-O", "-Xutf8"])
-        self.assertEqual(argv[argv.index("-c") + 1], wx.RELAUNCH)
-        self.assertTrue(argv[argv.index("-c") + 2].isdigit())  # the descriptor of the compiled code
-        self.assertEqual(argv[argv.index("-c") + 3:], [script, "--web.listen-address=127.0.0.1:0", "--web.workers=1"])
-        links = [os.readlink("/proc/%d/fd/%s" % (proc.pid, fd)) for fd in os.listdir("/proc/%d/fd" % proc.pid)]
-        self.assertEqual([link for link in links if link.startswith("/memfd:")], [])  # read and closed
-        self.assertEqual(len(children_of(proc.pid)), 0)  # relaunched in place, not as a child
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.assertEqual(argv, [sys.executable, script, "--web.listen-address=127.0.0.1:0"])
+        with open("/proc/%d/task/%d/children" % (proc.proc.pid, proc.proc.pid)) as f:
+            self.assertEqual(f.read(), "")  # no other process
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
         conn.request("GET", "/-/healthy")
         self.assertEqual(conn.getresponse().status, 200)
         conn.close()
@@ -1544,13 +1534,13 @@ class TestLoad(unittest.TestCase):
         held = [socket.create_connection(("127.0.0.1", fixture.port), timeout=5) for _ in range(2)]
         for conn in held:
             self.addCleanup(conn.close)
-        self.assertTrue(wait_until(lambda: fixture.server.connection_slots.held == 2))
+        self.assertTrue(wait_until(lambda: fixture.server.connections == 2))
         extra = socket.create_connection(("127.0.0.1", fixture.port), timeout=5)
         self.addCleanup(extra.close)
         self.assertTrue(extra.makefile("rb").readline().startswith(b"HTTP/1.1 503 "))
         for conn in held:
             conn.close()
-        self.assertTrue(wait_until(lambda: fixture.get("/-/healthy")[0] == 200))
+        self.assertTrue(wait_until(lambda: fixture.server.connections == 0))  # their threads saw them close
         metrics = parse_metrics(fixture.get("/metrics")[2])
         self.assertGreaterEqual(metrics['ws_exporter_requests_rejected_total{reason="connections"}'], 1)
 
@@ -2957,6 +2947,24 @@ def write_config(directory: str, config: object, name: str = "config.json") -> s
     return path
 
 
+class TestDeepJson(unittest.TestCase):
+    def test_a_deeply_nested_answer_fails_the_probe_and_the_exporter_lives(self) -> None:
+        """In the exporter as it runs (its thread stacks sized at start): Python 3.13's JSON
+        decoder recurses in C thousands of levels deep before it gives up."""
+        nested = server_frame(wx.Opcode.TEXT, b"[" * 100000 + b"]" * 100000)
+        rpc = LocalServer(rpc_server({"eth_chainId": lambda request: [nested]}))
+        self.addCleanup(rpc.close)
+        proc = ExporterProcess()
+        self.addCleanup(proc.stop)
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/probe?module=evm&target=ws://127.0.0.1:%d/" % rpc.port)
+        metrics = parse_metrics(conn.getresponse().read().decode())
+        self.assertEqual(failure_of(metrics), ("check", "bad_json"))
+        conn.request("GET", "/-/healthy")
+        self.assertEqual(conn.getresponse().read(), b"Healthy\n")
+
+
 class TestConfig(unittest.TestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="wsx-config-")
@@ -3364,420 +3372,13 @@ class TestBenchSmoke(unittest.TestCase):
         self.assertIn("spawn to first 200", result.stdout)
 
 
-class TestTurns(unittest.TestCase):
-    def test_only_the_holder_gives_and_waiting_takes_the_turn_back(self) -> None:
-        turns = wx.Turns()
-        self.assertFalse(turns.give())  # nobody holds it: a thread outside the scheme waits as before
-        taken = threading.Event()
-
-        def take_and_give() -> None:
-            with turns.held():
-                taken.set()
-
-        with turns.held():
-            other = threading.Thread(target=take_and_give)
-            other.start()
-            self.assertFalse(taken.wait(0.2))  # the turn is ours
-            with turns.waiting():
-                self.assertTrue(taken.wait(5), "the turn was not handed over while waiting")
-                other.join(5)
-            gave: List[bool] = []
-            thief = threading.Thread(target=lambda: gave.append(turns.give()))
-            thief.start()
-            thief.join(5)
-            self.assertEqual(gave, [False])  # another thread cannot give ours away
-            self.assertTrue(turns.give())
-        self.assertFalse(turns.give())
-
-
-class TestWorkerPieces(unittest.TestCase):
-    def test_control_messages_survive_any_split(self) -> None:
-        messages = [("ask", 1, "stats", None), ("reply", 1, [({"connect": 2}, {("connect", "timeout"): 1}, {}, 0)]),
-                    ("answer", 7, "x" * 70000)]
-        data = b"".join(wx.encode_message(m) for m in messages)
-        for cut in (1, 3, 5, 4096, len(data)):
-            buffer, got = bytearray(), []
-            for start in range(0, len(data), cut):
-                buffer += data[start : start + cut]
-                got += wx.decode_messages(buffer)
-            self.assertEqual(got, messages, cut)
-            self.assertEqual(buffer, b"")
-
-    def test_a_connection_handed_over_arrives_whole_with_its_address_and_time(self) -> None:
-        handing, taking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.addCleanup(handing.close)
-        self.addCleanup(taking.close)
-        taking.setblocking(False)
-        with self.assertRaises(BlockingIOError):
-            wx.receive_connection(taking)
-        client, accepted = socket.socketpair()
-        self.addCleanup(client.close)
-        wx.hand_over(handing, accepted, ("127.0.0.1", 4242), 12.5)
-        accepted.close()  # the receiver holds its own descriptor
-        sock, address, stamp = wx.receive_connection(taking)
-        self.addCleanup(sock.close)
-        self.assertEqual((address, stamp), (("127.0.0.1", 4242), 12.5))
-        client.sendall(b"ping")
-        self.assertEqual(sock.recv(4), b"ping")
-        handing.close()
-        with self.assertRaises(ConnectionAbortedError):  # the supervisor is gone
-            wx.receive_connection(taking)
-
-    def test_a_worker_that_stops_reading_is_stopped_rather_than_holding_up_the_supervisor(self) -> None:
-        stuck = subprocess.Popen(["sleep", "60"])  # stands in for a hung worker's process
-        self.addCleanup(stuck.wait, 10)
-        self.addCleanup(stuck.kill)
-        mine, theirs = socket.socketpair()  # nobody reads theirs
-        self.addCleanup(mine.close)
-        self.addCleanup(theirs.close)
-        mine.settimeout(0.2)
-        exporter = wx.Exporter(wx.Settings(), wx.Logger("error", "logfmt", io.StringIO()))
-        supervisor = wx.Supervisor(exporter, None, None, 1)  # type: ignore[arg-type]
-        worker = wx._Worker(0, stuck.pid, mine, theirs)
-        start = time.monotonic()
-        self.assertFalse(supervisor.send(worker, ("reply", 1, ["x" * 4 * 1024 * 1024])))
-        self.assertLess(time.monotonic() - start, 5)
-        self.assertEqual(stuck.wait(5), -signal.SIGKILL)
-
-    def test_a_part_that_fails_is_left_out_and_logged_not_a_failed_page(self) -> None:
-        fixture = ExporterFixture()
-        self.addCleanup(fixture.close)
-        with mock.patch.object(fixture.exporter, "_answer", side_effect=RuntimeError("bug")):
-            status, _, body = fixture.get("/")
-            self.assertEqual((status, "No probes yet." in body), (200, True))
-            status, _, body = fixture.get("/metrics")
-            self.assertEqual(status, 200)
-            self.assertIn("ws_exporter_build_info", body)
-            self.assertNotIn("process_cpu_seconds_total", body)  # only an answer carries it
-        self.assertIn("Could not answer for this process", fixture.log.getvalue())
-
-    def test_stats_and_process_figures_add_up(self) -> None:
-        a = wx.StatsSnapshot({"connect": 2}, {("connect", "timeout"): 1}, {"overloaded": 1, "connections": 0}, 1)
-        b = wx.StatsSnapshot({"connect": 3, "evm": 1}, {("connect", "timeout"): 2}, {"overloaded": 0, "connections": 4}, 2)
-        self.assertEqual(wx.StatsSnapshot.merged([a, b]), wx.StatsSnapshot(
-            {"connect": 5, "evm": 1}, {("connect", "timeout"): 3}, {"overloaded": 1, "connections": 4}, 3))
-        p = wx.ProcessFigures(1.5, 100, 10, 50.0, 7, 1024)
-        q = wx.ProcessFigures(0.5, 200, 20, 40.0, 3, 1024)
-        self.assertEqual(wx.ProcessFigures.merged([p, q]), wx.ProcessFigures(2.0, 300, 30, 40.0, 10, 1024))
-        self.assertIsNone(wx.ProcessFigures.merged([]))
-
-    def test_a_cgroup_cpu_quota_here_or_above_lowers_the_cpu_count(self) -> None:
-        root = tempfile.mkdtemp(prefix="wsx-cgroup-")
-        self.addCleanup(shutil.rmtree, root, True)
-
-        def write(path: str, text: str) -> None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(text)
-
-        cases = [  # (/proc/self/cgroup, files, CPUs)
-            ("0::/system.slice/ws.service\n", {"system.slice/ws.service/cpu.max": "150000 100000\n",
-                                               "system.slice/cpu.max": "max 100000\n"}, 2),
-            ("0::/a/b\n", {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000\n"}, 1),
-            # v1 in a container: its own cgroup is mounted at the controller's root
-            ("4:cpu,cpuacct:/docker/abc\n1:name=systemd:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n",
-                                                                "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 3),
-            ("0::/\n", {"cpu.max": "max 100000\n"}, 8),
-        ]
-        for index, (cgroup, files, cpus) in enumerate(cases):
-            base = os.path.join(root, str(index))
-            write(os.path.join(base, "self-cgroup"), cgroup)
-            for name, text in files.items():
-                write(os.path.join(base, "fs", name), text)
-            with self.subTest(cgroup=cgroup), mock.patch.object(wx, "CGROUP_ROOT", os.path.join(base, "fs")), \
-                    mock.patch.object(wx, "PROC_SELF_CGROUP", os.path.join(base, "self-cgroup")), \
-                    mock.patch.object(wx.os, "sched_getaffinity", lambda pid: set(range(8)), create=True):
-                self.assertEqual(wx.usable_cpus(), cpus)
-
-    def test_each_process_takes_its_share_of_the_limits_of_the_processes_serving_now(self) -> None:
-        exporter = wx.Exporter(wx.Settings(max_concurrent=512, max_connections=1024), wx.Logger("error", "logfmt", io.StringIO()))
-        self.assertEqual((exporter.probe_limit, exporter.connection_limit), (512, 1024))  # alone
-        exporter.answer("serving", 3)
-        self.assertEqual((exporter.probe_limit, exporter.connection_limit), (171, 342))
-        exporter.answer("serving", 1)  # the others died
-        self.assertEqual((exporter.probe_limit, exporter.connection_limit), (512, 1024))
-
-    def test_workers_start_only_while_every_loop_is_saturated_and_retire_when_the_others_have_room(self) -> None:
-        exporter = wx.Exporter(wx.Settings(), wx.Logger("error", "logfmt", io.StringIO()))
-        supervisor = wx.Supervisor(exporter, None, None, 4, on_demand=True)  # type: ignore[arg-type]
-        started: List[int] = []
-        retired: List[int] = []
-        retire = supervisor.retire
-
-        def retiring(worker: _LoadedWorker) -> None:
-            retired.append(worker.index)
-            retire(worker)  # type: ignore[arg-type]
-
-        setattr(supervisor, "respawn", started.append)
-        setattr(supervisor, "retire", retiring)
-        setattr(supervisor, "send", lambda worker, message: True)  # the workers are not processes
-        setattr(supervisor, "gather", lambda asker, kind, arg: None)
-
-        def ticks(count: int, *shares: float) -> None:
-            supervisor.workers = {i: _LoadedWorker(i, share) for i, share in enumerate(shares)}  # type: ignore[misc]
-            for _ in range(count):
-                supervisor._ticked = time.monotonic() - wx.SUPERVISOR_TICK_SECONDS
-                supervisor.tick()
-
-        ticks(10, 0.90)  # busy, but waiting for the network now and then (wss:// on a shared host)
-        self.assertEqual(started, [])
-        ticks(1, 0.99)
-        self.assertEqual(started, [])  # one tick is not enough
-        ticks(1, 0.99)
-        self.assertEqual(started, [1])
-        ticks(wx.RETIRE_TICKS, 0.55, 0.52)  # the two need more than one process
-        self.assertEqual(retired, [])
-        ticks(wx.RETIRE_TICKS - 1, 0.45, 0.44)
-        ticks(1, 0.56, 0.50)  # a busier tick starts the count again
-        ticks(wx.RETIRE_TICKS - 1, 0.45, 0.44)
-        self.assertEqual(retired, [])
-        ticks(1, 0.45, 0.44)
-        self.assertEqual(retired, [1])
-        ticks(wx.RETIRE_TICKS, 0.6, 0.6, 0.6)  # of three, the newest goes: two have room
-        self.assertEqual(retired, [1, 2])
-
-    def test_a_fresh_worker_runs_this_module_with_the_flags_the_exporter_parsed(self) -> None:
-        command = wx.own_command(["--web.listen-address=:1", "--web.workers=0"])
-        self.assertEqual(command[0], sys.executable)
-        self.assertEqual(command[-4:], ["-m", "ws_exporter", "--web.listen-address=:1", "--web.workers=0"])
-
-    def test_worker_count_and_shares(self) -> None:
-        self.assertGreaterEqual(wx.usable_cpus(), 1)
-        if sys.platform.startswith("linux"):
-            self.assertEqual(wx.worker_count(wx.Settings(workers=3)), 3)
-            self.assertEqual(wx.worker_count(wx.Settings()), min(wx.usable_cpus(), wx.MAX_AUTO_WORKERS))
-        self.assertEqual([wx.share(512, n) for n in (1, 2, 3, 1000)], [512, 256, 171, 1])
-        self.assertEqual(wx.parse_flags(["--web.workers=4"]).workers, 4)
-        for bad in ("-1", "65", "two"):
-            with self.assertRaises(wx.FlagError):
-                wx.parse_flags(["--web.workers=" + bad])
-
-
-def children_of(pid: int) -> List[int]:
-    """Live child processes of ``pid``, from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry, "rb") as f:
-                    fields = f.read().rpartition(b")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != b"Z":
-                out.append(int(entry))
-    return out
-
-
-@unittest.skipUnless(sys.platform.startswith("linux"), "worker processes share a port on Linux only")
-class TestWorkers(unittest.TestCase):
-    """Three workers, the first in the process started: whatever process a request lands in, it
-    answers for the exporter."""
-
-    WORKERS = 3
-
-    def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="wsx-workers-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.config = write_config(self.dir, {"modules": {"first": {}}})
-        self.proc = ExporterProcess("--web.workers=%d" % self.WORKERS, "--config.file=" + self.config)
-        self.addCleanup(self.proc.stop)
-        self.server = LocalServer(good_server)
-        self.addCleanup(self.server.close)
-
-    def get(self, path: str, method: str = "GET") -> Tuple[int, str]:
-        """Each request on a new connection, so that requests spread over the workers."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.proc.port, timeout=10)
-        try:
-            conn.request(method, path)
-            response = conn.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            conn.close()
-
-    def probe(self, module: str = "first") -> int:
-        return self.get("/probe?target=ws://127.0.0.1:%d/&module=%s" % (self.server.port, module))[0]
-
-    def test_starts_the_workers_and_stops_them_with_itself(self) -> None:
-        workers = children_of(self.proc.proc.pid)
-        self.assertEqual(len(workers), self.WORKERS - 1)
-        self.assertIn("workers=%d" % self.WORKERS, self.proc.first_line)
-        self.assertEqual(self.proc.stop(), 0)
-        self.assertEqual([pid for pid in workers if os.path.exists("/proc/%d" % pid)], [])
-
-    def test_counters_landing_page_and_logs_cover_every_worker(self) -> None:
-        probes = 12
-        self.assertEqual([self.probe() for _ in range(probes)], [200] * probes)
-        metrics = parse_metrics(self.get("/metrics")[1])
-        self.assertEqual(metrics['ws_exporter_probes_total{module="first"}'], probes)
-        self.assertEqual(metrics["ws_exporter_probes_in_flight"], 0)
-        self.assertGreater(metrics["process_resident_memory_bytes"], 0)
-        ids = [int(i) for i in re.findall(r"/logs\?id=(\d+)", self.get("/")[1])]
-        self.assertEqual(len(ids), probes)
-        # Connections go to the workers in turn, and each request here is a new connection.
-        self.assertEqual(sorted(i % self.WORKERS for i in ids), sorted(list(range(self.WORKERS)) * (probes // self.WORKERS)))
-        for probe_id in ids:
-            status, body = self.get("/logs?id=%d" % probe_id)
-            self.assertEqual(status, 200, probe_id)
-            self.assertIn("probe_success 1\n", body)
-
-    def test_a_reload_through_any_worker_reloads_all(self) -> None:
-        write_config(self.dir, {"modules": {"second": {}}})
-        self.assertEqual(self.get("/-/reload", "POST"), (200, "Config reloaded\n"))
-        self.assertEqual({self.probe("second") for _ in range(12)}, {200})
-        self.assertEqual({self.probe("first") for _ in range(4)}, {400})
-
-    def test_a_dead_worker_is_replaced_by_a_fresh_interpreter(self) -> None:
-        children_before = children_of(self.proc.proc.pid)
-        victim = children_before[0]
-        for pid in children_before:  # forked: started with the supervisor's own environment
-            with open("/proc/%d/environ" % pid, "rb") as f:
-                self.assertNotIn(wx.WORKER_ENV.encode() + b"=", f.read())
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        workers = children_of(self.proc.proc.pid)
-        while (victim in workers or len(workers) < self.WORKERS - 1) and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling /proc: no event tells a test that a process was started
-            workers = children_of(self.proc.proc.pid)
-        self.assertEqual(len(workers), self.WORKERS - 1)
-        self.assertNotIn(victim, workers)
-        fresh = [pid for pid in workers if pid not in children_before]
-        self.assertEqual(len(fresh), 1)
-        with open("/proc/%d/environ" % fresh[0], "rb") as f:  # as it was at exec, and a fork never execs
-            self.assertIn(wx.WORKER_ENV.encode() + b"=", f.read())
-        # New connections go to every worker in turn once it is ready: soon the new one too.
-        served: Set[int] = set()
-        while served != set(range(self.WORKERS)) and time.monotonic() < deadline + 10:
-            self.assertEqual(self.probe(), 200)
-            served = {int(i) % self.WORKERS for i in re.findall(r"/logs\?id=(\d+)", self.get("/")[1])[:3]}
-        self.assertEqual(served, set(range(self.WORKERS)))
-        self.assertEqual(self.proc.stop(), 0)
-
-
-@unittest.skipUnless(sys.platform.startswith("linux") and wx.usable_cpus() >= 2, "one process where one CPU is all there is")
-class TestWorkersOnDemand(unittest.TestCase):
-    def test_one_process_until_it_is_busy_then_another_takes_a_share_of_its_connections_until_it_retires(self) -> None:
-        proc = ExporterProcess()  # --web.workers=0
-        self.addCleanup(proc.stop)
-        limit = min(wx.usable_cpus(), wx.MAX_AUTO_WORKERS)
-        self.assertIn("workers=%d" % limit, proc.first_line)
-        self.assertEqual(children_of(proc.proc.pid), [])
-        started, retired, broken = threading.Event(), threading.Event(), threading.Event()
-        seen = {"Starting another worker": started, "Worker process retired": retired, "Traceback": broken, "Exception": broken}
-        watcher = threading.Thread(target=watch_log, args=(proc, seen), daemon=True)
-        watcher.start()
-        closed = socket.socket()  # bound, never listening: every probe is refused at once
-        self.addCleanup(closed.close)
-        closed.bind(("127.0.0.1", 0))
-        request = ("GET /probe?target=ws://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n\r\n" % closed.getsockname()[1]).encode()
-        clients = [socket.create_connection(("127.0.0.1", proc.port), timeout=10) for _ in range(8)]
-        for client in clients:
-            self.addCleanup(client.close)
-        answered = [0] * len(clients)  # a count per connection, each written by its own thread
-        stop = threading.Event()
-        pumps = [threading.Thread(target=pump, args=(c, request, stop, answered, i)) for i, c in enumerate(clients)]
-        for thread in pumps:
-            thread.start()
-        try:
-            self.assertTrue(started.wait(30), "no worker started under load")
-            # The first worker gives back a share of its connections, which the new one serves:
-            # probes with another worker's ids, on connections opened before it started.
-            deadline = time.monotonic() + 20
-            odd: List[int] = []
-            while not odd and time.monotonic() < deadline:
-                odd = [i for i in map(int, re.findall(r"/logs\?id=(\d+)", http_get(proc.port, "/"))) if i % limit]
-                time.sleep(0.2)  # polling the landing page: nothing else tells where a probe ran
-            self.assertTrue(odd, "no probe ran in the new worker")
-        finally:
-            stop.set()
-            for thread in pumps:
-                thread.join(20)
-        self.assertEqual(sum(1 for t in pumps if t.is_alive()), 0)
-        # Every request of every batch answered, on every connection: none was lost on the way.
-        self.assertEqual([count % 20 for count in answered], [0] * len(clients))
-        self.assertGreater(min(answered), 0)
-        # Idle now: the workers started under load retire, and their connections, open all along,
-        # are served by the first process again.
-        self.assertTrue(retired.wait(wx.RETIRE_TICKS * wx.SUPERVISOR_TICK_SECONDS + 20), "no worker retired")
-        deadline = time.monotonic() + 20
-        while children_of(proc.proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the supervisor's log says it retired once its channel closed: the process ends next
-        self.assertEqual(children_of(proc.proc.pid), [])
-        again = [0] * len(clients)
-        for i, client in enumerate(clients):
-            pump(client, request, threading.Event(), again, i, batches=1)
-        self.assertEqual(again, [20] * len(clients))
-        proc.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(proc.proc.wait(10), 0)
-        watcher.join(10)  # the log read to its end
-        self.assertFalse(broken.is_set(), "an exception in the log")
-
-
-class _LoadedWorker:
-    """A worker as Supervisor.tick sees it, with its busiest thread always at ``share``."""
-
-    def __init__(self, index: int, share: float) -> None:
-        self.index, self.share = index, share
-        self.local, self.ready, self.retiring = index == 0, True, False
-
-    def busiest(self, elapsed: float) -> float:
-        return self.share
-
-
-def watch_log(proc: ExporterProcess, seen: Dict[str, threading.Event]) -> None:
-    """Reads the exporter's log to its end, so that it never blocks on a full pipe; sets the
-    event of each text as a line carries it."""
-    assert proc.proc.stderr is not None
-    with contextlib.suppress(ValueError, OSError):  # closed by stop()
-        for line in proc.proc.stderr:
-            for text, event in seen.items():
-                if text in line:
-                    event.set()
-
-
-def pump(client: socket.socket, request: bytes, stop: threading.Event, answered: List[int], slot: int, batch: int = 20,
-         batches: int = -1) -> None:
-    """Pipelined probes on one keep-alive connection, a batch at a time, until ``stop`` (or as
-    many ``batches``); counts whole answers in ``answered[slot]``, and returns early, the count
-    off a multiple of ``batch``, if the connection ends."""
-    data = b""
-    while not stop.is_set() and batches != 0:
-        batches -= 1
-        client.sendall(request * batch)
-        for _ in range(batch):
-            while b"\r\n\r\n" not in data or len(data) < _response_end(data):
-                chunk = client.recv(65536)
-                if not chunk:
-                    answered[slot] += 1
-                    return
-                data += chunk
-            data = data[_response_end(data):]
-        answered[slot] += batch
-
-
-def _response_end(data: bytes) -> int:
-    """Where the first response in ``data`` (its head whole) ends."""
-    head, _, _ = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
-    return len(head) + 4 + length
-
-
-def http_get(port: int, path: str) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
-
-
-
 class TestOutOfDescriptors(unittest.TestCase):
     def test_the_accept_loop_pauses_instead_of_spinning_and_recovers(self) -> None:
         import resource
 
         limit = 48
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "ws_exporter.py"), "--web.listen-address=127.0.0.1:0", "--web.workers=1"],
+            [sys.executable, os.path.join(HERE, "ws_exporter.py"), "--web.listen-address=127.0.0.1:0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
         )
@@ -3830,13 +3431,10 @@ def probe_request_bytes(target: str, extra: str = "") -> bytes:
     return ("GET /probe?%s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (query, extra)).encode("ascii")
 
 
-class TestConnectionLoop(unittest.TestCase):
-    """Plain HTTP connections are served by the connection loop (Linux), probes included;
-    anything else moves the connection to a handler thread."""
+class TestKeepAlive(unittest.TestCase):
+    """A client connection carries request after request, pipelined or not, probes included."""
 
     def setUp(self) -> None:
-        if not wx.CAN_EPOLL:
-            self.skipTest("no epoll: every connection has a thread")
         self.exporter = ExporterFixture()
         self.addCleanup(self.exporter.close)
         self.server = LocalServer(good_server)
@@ -3856,18 +3454,7 @@ class TestConnectionLoop(unittest.TestCase):
         self.assertEqual(parse_metrics(first)["probe_success"], 1)
         self.assertEqual(failure_of(parse_metrics(second)), ("connect", "connect_refused"))
 
-    def test_a_connection_moves_to_a_thread_with_what_it_sent_ahead(self) -> None:
-        """A probe (the loop's), /-/healthy (a thread's) and a probe again, in one write."""
-        sock = self.connect()
-        sock.sendall(probe_request_bytes(self.good) + b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n" + probe_request_bytes(self.good))
-        answers = read_responses(sock, 3)
-        self.assertEqual([status for status, _ in answers], [200, 200, 200])
-        self.assertEqual(parse_metrics(answers[0][1])["probe_success"], 1)
-        self.assertEqual(answers[1][1], "Healthy\n")
-        self.assertEqual(parse_metrics(answers[2][1])["probe_success"], 1)
-        self.assertEqual(self.exporter.exporter.stats.probes.get("connect"), 2)
-
-    def test_a_module_with_checks_runs_in_the_loop(self) -> None:
+    def test_probes_with_checks_on_one_connection(self) -> None:
         rpc = LocalServer(rpc_server({"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies(
             {"number": "0x10", "timestamp": hex(int(time.time()))})}))
         self.addCleanup(rpc.close)
@@ -3877,9 +3464,6 @@ class TestConnectionLoop(unittest.TestCase):
             [(status, body)] = read_responses(sock, 1)
             metrics = parse_metrics(body)
             self.assertEqual((status, metrics["probe_success"], metrics["probe_chain_head_number"]), (200, 1, 16))
-        loop = self.exporter.server.loop
-        assert loop is not None
-        self.assertEqual(len(loop.connections), 1)  # still the loop's, not a thread's
 
     def test_rpc_durations_end_when_the_answer_arrived_not_when_it_was_read(self) -> None:
         """An exporter busy elsewhere reads an answer late; the duration is the server's."""
@@ -3899,7 +3483,7 @@ class TestConnectionLoop(unittest.TestCase):
         self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0.25)
 
     def test_a_remembered_request_follows_a_new_config(self) -> None:
-        """The loop remembers what a request head asks for; a reload changes what it means."""
+        """A reload changes what the next request on a kept-alive connection means."""
         sock = self.connect()
         request = probe_request_bytes(self.good).replace(b" HTTP", b"&module=m HTTP", 1)
         timeouts = []
@@ -3912,8 +3496,7 @@ class TestConnectionLoop(unittest.TestCase):
         self.assertEqual(timeouts, [3, 3, 4, 4])
 
     def test_many_pipelined_requests_answered_at_once(self) -> None:
-        """Probes that fail before any wait are answered at once, one after another, each
-        answer sent at once: a loop that recursed from one to the next would run out of stack."""
+        """Probes that fail before any wait, answered one after another."""
         sock = self.connect()
         count = 400
         sock.sendall(probe_request_bytes("ftp://x.example/") * count)
@@ -3961,21 +3544,6 @@ class TestConnectionLoop(unittest.TestCase):
         self.assertTrue(wait_until(lambda: fixture.get("/-/healthy")[0] == 200))
         self.assertEqual(fixture.exporter.stats.in_flight, 0)
 
-    def test_the_loop_ends_with_its_server(self) -> None:
-        fixture = ExporterFixture()
-        fixture.probe(self.good)
-        self.assertIsNotNone(fixture.server.loop)
-        sock = socket.create_connection(("127.0.0.1", fixture.port), timeout=10)
-        self.addCleanup(sock.close)
-        fixture.close()
-        self.assertFalse(fixture.server.loop.thread.is_alive())  # type: ignore[union-attr]
-        self.assertNotIn(fixture.server.loop.thread, threading.enumerate())  # type: ignore[union-attr]
-        try:
-            self.assertEqual(sock.recv(1), b"")  # its connections closed
-        except ConnectionResetError:
-            pass  # closed, too
-
-
 class TestResponseWriter(unittest.TestCase):
     def test_a_client_reading_slowly_cannot_stretch_a_response_past_the_write_timeout(self) -> None:
         """Over TLS too, where sendall would give every chunk the whole timeout again."""
@@ -3998,8 +3566,6 @@ class TestResponseWriter(unittest.TestCase):
                     handshake.join(5)
                     theirs = client[0]
                     self.addCleanup(theirs.close)
-                else:
-                    ours.settimeout(0.0)  # plain sockets are non-blocking and wait in poll()
                 stop = threading.Event()
 
                 def drip() -> None:  # 16 KB every 50 ms: progress all along, far too slow
@@ -4011,11 +3577,9 @@ class TestResponseWriter(unittest.TestCase):
 
                 reader = threading.Thread(target=drip)
                 reader.start()
-                writer = wx._SocketWriter(ours, polled=not tls)
-                writer.write(b"x" * (8 * 1024 * 1024))
                 start = time.monotonic()
-                with mock.patch.object(wx, "RESPONSE_WRITE_SECONDS", 0.5), self.assertRaises(socket.timeout):
-                    writer.flush()
+                with self.assertRaises(socket.timeout):
+                    wx.send_within(ours, b"x" * (8 * 1024 * 1024), 0.5)
                 stop.set()
                 reader.join(5)
                 self.assertLess(time.monotonic() - start, 3.0)

@@ -41,96 +41,29 @@ __all__ = [
     "main",
 ]
 
-# ==============================================================================================
-# Start-up as a script
-# ==============================================================================================
-# python3 ws_exporter.py: CPython keeps the syntax tree of the script it runs (~9 MB for this
-# file) until the script returns, and this one returns when the exporter stops.  So, before its
-# imports, the process writes its compiled code to an in-memory file and replaces itself (exec:
-# same pid, same interpreter options) with an interpreter that runs that code, as it would a
-# module's compiled file: the tree is gone, and the code is not compiled twice.  -c would put
-# the working directory first on sys.path, where a script has its own directory; the exporter
-# imports nothing from either, so that entry is dropped.
-
-import marshal
-import os
-import sys
-import types
-
-RELAUNCH = """import marshal, sys
-with open(int(sys.argv.pop(1)), "rb") as _compiled:
-    _code = marshal.loads(_compiled.read())
-del sys.argv[0], _compiled
-sys.path[:] = [entry for entry in sys.path if entry]
-RELAUNCHED = True
-__file__ = sys.argv[0]
-exec(_code)
-"""
-
-
-def started_as_script(namespace: Dict[str, object]) -> bool:
-    """Whether ``namespace`` (this module's globals, run as __main__) is a script's: run by path,
-    not with -m, not relaunched already, not interactive, not frozen into an executable, on
-    Linux (memfd_create) with CPython (sys._getframe)."""
-    return (namespace.get("__name__") == "__main__" and namespace.get("__spec__") is None
-            and not namespace.get("RELAUNCHED") and hasattr(os, "memfd_create") and hasattr(sys, "_getframe")
-            and bool(sys.executable) and not sys.flags.interactive and not getattr(sys, "frozen", False))
-
-
-def interpreter_options() -> List[str]:
-    """The options this interpreter was started with that change how it runs the exporter."""
-    switches = (("isolated", "-I"), ("ignore_environment", "-E"), ("no_user_site", "-s"), ("no_site", "-S"),
-                ("dont_write_bytecode", "-B"), ("safe_path", "-P"))
-    options = [option for flag, option in switches if getattr(sys.flags, flag, 0)]
-    options += ["-O"] * sys.flags.optimize + ["-W" + option for option in sys.warnoptions]
-    xoptions = getattr(sys, "_xoptions", {})  # CPython's -X options
-    return options + ["-X" + (key if value is True else "%s=%s" % (key, value)) for key, value in xoptions.items()]
-
-
-def relaunch(code: types.CodeType, argv: List[str]) -> None:
-    """Replace this process with one running ``code`` (this module's code object) through
-    RELAUNCH; return only if that failed, and then the exporter runs here, with the tree held."""
-    try:
-        fd = os.memfd_create("ws_exporter")
-    except OSError:  # an old kernel, or a sandbox that refuses it
-        return
-    try:
-        with open(fd, "wb", closefd=False) as compiled:
-            compiled.write(marshal.dumps(code))
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.set_inheritable(fd, True)
-        os.execv(sys.executable, [sys.executable] + interpreter_options() + ["-c", RELAUNCH, str(fd)] + argv)
-    except (OSError, ValueError):
-        os.close(fd)
-
-
-if started_as_script(globals()):
-    relaunch(sys._getframe().f_code, sys.argv)
-
-import array
 import base64
 import codecs
 import collections
 import contextlib
+import email.utils
 import enum
 import errno
 import fnmatch
 import functools
-import gc
 import hashlib
-import heapq
 import hmac
 import http
+import http.server
 import io
 import ipaddress
 import json
+import os
 import re
-import select
 import signal
-import socketserver
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -140,9 +73,7 @@ from typing import (
     Callable,
     Deque,
     Dict,
-    Generator,
     Iterable,
-    Iterator,
     List,
     NamedTuple,
     Optional,
@@ -207,7 +138,6 @@ CLOSE_WAIT_SECONDS = 2.0  # how long a probe waits for the server to answer our 
 TLS_CLOSE_WAIT_SECONDS = 0.05  # then how long for its close_notify (see tls_closed)
 RECV_BYTES = 65536
 MAX_RESOLVER_THREADS = 64  # lookups running at once; a hung resolver cannot pile up threads
-RESOLVER_SLOT_PAUSE_SECONDS = 0.01  # how often a lookup waiting for a free thread looks again
 # Linux socket(7) SO_TIMESTAMPNS (the socket module does not name it): the kernel stamps each
 # received segment, so a phase can end when the answer arrived rather than when a thread got the
 # GIL to read it.  The value is 35 on every architecture but alpha, mips, parisc and sparc.
@@ -221,37 +151,14 @@ KEEPALIVE_IDLE_SECONDS = 90.0  # an idle keep-alive connection is closed after t
 REQUEST_READ_SECONDS = 10.0  # a client must send a whole request within this
 RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
-ACCEPT_BATCH = 256  # connections accepted per wake-up of the accept loop
 ACCEPT_RETRY_SECONDS = 0.1  # the accept loop's pause when the process is out of descriptors
-LOOP_STOP_SECONDS = 2.0  # how long a server's close waits for its connection loop to end
-LOOP_SWEEP_SECONDS = 0.25  # how often the loop looks for connections past their time limit
-MAX_AUTO_WORKERS = 8  # processes --web.workers=0 serves with at most (one per usable CPU)
-MAX_WORKERS = 64
-GATHER_SECONDS = 1.0  # how long the supervisor waits for every worker's answer to a question
-WORKER_RESTART_SECONDS = 1.0  # a worker that died is replaced no sooner than this after it started
-WORKER_STOP_SECONDS = 5.0  # how long a stop waits for the workers before it kills them
-SUPERVISOR_TICK_SECONDS = 1.0  # the supervisor looks for exited and busy workers this often
-# --web.workers=0: another worker starts when, in every process serving, one thread (the
-# connection loop) spent at least this share of a CPU over the last tick: it has no time left to
-# wait in, so requests queue.  Below that the loop still waits for the network, and another
-# process would cost CPU per probe (fewer events per wake-up, less shared cache) for nothing:
-# on two CPUs shared with a TLS server it serves wss:// at ~0.85 of a CPU, and ~10 % fewer probes
-# per second once split over two processes.  A saturated loop measures 0.97-1.0.
-SCALE_UP_BUSY = 0.95
-SCALE_UP_TICKS = 2  # ticks in a row
-# ... and the newest worker retires (see ExporterServer.retire) when, for RETIRE_TICKS ticks in a
-# row, the busiest threads of all processes serving add up to at most this share of a CPU for
-# each process but one: the others could carry its load, which one process fewer serves with
-# less CPU per probe (a wss:// load split over two at ~0.45 each needs ~0.85 of one).
-RETIRE_BUSY = 0.95
-RETIRE_TICKS = 10
-RETIRING = 1 << 62  # EventLoop.shedding while a worker retires: every connection, now and later
-WORKER_ENV = "WS_EXPORTER_WORKER"  # the descriptors and place of a worker started afresh (see Supervisor)
+# A thread's stack is reserved address space; only the pages it touches are resident.  Python
+# 3.13's JSON decoder recurses up to 10,000 levels in C before it raises RecursionError: a
+# hostile node's nested message needs about 1.5 MB of stack to fail cleanly rather than crash.
+THREAD_STACK_BYTES = 2 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
-MAX_REQUEST_HEADER_LINE = 65536  # the limits http.client puts on a request head, kept as they were
-MAX_REQUEST_HEADERS = 100
 
 # TLS and basic auth on the exporter's own listener (--web.config.file).
 TLS_HANDSHAKE_SECONDS = 10.0  # a client must finish the TLS handshake within this
@@ -1097,12 +1004,13 @@ class _Phase:
 
 
 class Connection:
-    """An open socket with the frame reader that decodes what arrives on it.  The socket is
-    non-blocking: ``sending`` and ``receiving`` are steps that wait (see Wait).
+    """An open socket with the frame reader that decodes what arrives on it.  Every send and
+    receive waits at most until the probe's deadline: the socket's timeout is set from the time
+    left before each one.
 
     TLS (``start_tls``) runs through memory buffers: OpenSSL never touches the socket, so every
-    read is one recvmsg that takes all that has arrived, with its arrival stamp, rather than two
-    reads per TLS record, and the client's last handshake message leaves with the first request."""
+    read is one recvmsg that takes all that has arrived, with its kernel arrival stamp, and the
+    client's last handshake message leaves with the first request."""
 
     def __init__(self, sock: socket.socket, deadline: Deadline) -> None:
         self.sock = sock
@@ -1113,47 +1021,41 @@ class Connection:
         self.tls: Optional[ssl.SSLObject] = None
         self._incoming = ssl.MemoryBIO()  # TLS records received, for OpenSSL to decrypt
         self._outgoing = ssl.MemoryBIO()  # TLS records OpenSSL wrote, to send
-        if sock.gettimeout() != 0.0:  # connect_steps made it so already
-            sock.settimeout(0.0)
 
-    def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> Steps[None]:
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         """The TLS handshake, with SNI and the context's certificate checks, within the deadline."""
         tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
         while True:
             try:
-                with TURNS.waiting():  # OpenSSL does its arithmetic without the interpreter's lock
-                    tls.do_handshake()
+                tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                yield from self._send(self._outgoing.read())
-                data = yield from self._receive(self.deadline.remaining())
+                self._send(self._outgoing.read())
+                data = self._receive(self.deadline.remaining())
                 if data:
                     self._incoming.write(data)
                 else:  # the server closed: do_handshake raises SSLEOFError next
                     self._incoming.write_eof()
         self.tls = tls
 
-    def sending(self, data: bytes) -> Steps[None]:
+    def send(self, data: bytes) -> None:
         """All of ``data`` within the deadline, however slowly the peer reads."""
         self.send_started = time.perf_counter()
         if self.tls is not None:
             self.tls.write(data)
             data = self._outgoing.read()
-        yield from self._send(data)
+        self._send(data)
 
-    def receiving(self, limit: Optional[float] = None) -> Steps[bytes]:
+    def receive(self, limit: Optional[float] = None) -> bytes:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
         timeout = self.deadline.remaining()
         timeout = timeout if limit is None else min(timeout, limit)
-        if self.tls is None:
-            data = yield from self._receive(timeout)
-        else:
-            data = yield from self._receive_tls(time.monotonic() + timeout)
+        data = self._receive(timeout) if self.tls is None else self._receive_tls(time.monotonic() + timeout)
         if not data:
             raise ProbeError("connection_closed", "peer closed the connection")
         return data
 
-    def _receive_tls(self, until: float) -> Steps[bytes]:
+    def _receive_tls(self, until: float) -> bytes:
         assert self.tls is not None
         while True:
             try:
@@ -1163,189 +1065,31 @@ class Connection:
             except ssl.SSLZeroReturnError:  # the peer's close_notify
                 return b""
             if self._outgoing.pending:  # a handshake message still to go (TLS 1.3's Finished)
-                yield from self._send(self._outgoing.read())
-            data = yield from self._receive(until - time.monotonic())
+                self._send(self._outgoing.read())
+            data = self._receive(until - time.monotonic())
             if not data:
                 return b""
             self._incoming.write(data)
 
-    def _send(self, data: bytes) -> Steps[None]:
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-            except BlockingIOError:  # the send buffer is full: wait for room
-                yield from ready(self.sock, WRITABLE, self.deadline.remaining())
+    def _send(self, data: bytes) -> None:
+        self.sock.settimeout(self.deadline.remaining())
+        self.sock.sendall(data)
 
-    def _receive(self, timeout: float) -> Steps[bytes]:
+    def _receive(self, timeout: float) -> bytes:
         """One read of what has arrived (b"" at the end of the stream); sets ``arrived``."""
-        while True:
-            yield from ready(self.sock, READABLE, timeout)
-            try:
-                if not SO_TIMESTAMPNS:
-                    data = self.sock.recv(RECV_BYTES)
-                    self.arrived = time.perf_counter()
-                    return data
-                data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
-                self.arrived = arrival_time(ancillary)
-                return data
-            except BlockingIOError:  # woken for nothing: wait again
-                continue
+        if timeout <= 0:
+            raise socket.timeout("timed out")
+        self.sock.settimeout(timeout)
+        if not SO_TIMESTAMPNS:
+            data = self.sock.recv(RECV_BYTES)
+            self.arrived = time.perf_counter()
+            return data
+        data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
+        self.arrived = arrival_time(ancillary)
+        return data
 
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if SO_TIMESTAMPNS else 0
-CAN_POLL = hasattr(select, "poll")  # not on Windows, which waits in select()
-
-
-class Turns:
-    """Connection threads take turns: one runs exporter code at a time and hands over only where
-    it waits (for the network, a name lookup, a password hash).  Left alone, the interpreter
-    hands its lock to another thread at every system call, however short; with 16 probes at once
-    that was ~100 futex calls and context switches per probe, a third of its CPU time.
-
-    Only scheduling depends on it: shared state keeps its own locks, and a thread that waits
-    without handing over delays the others but cannot deadlock them (no one holding the turn
-    waits for a thread that needs it)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._holder = 0  # thread ident of the holder, 0 when free
-
-    def take(self) -> None:
-        self._lock.acquire()
-        self._holder = threading.get_ident()
-
-    def give(self) -> bool:
-        """Hand the turn over if this thread holds it; whether it did."""
-        if self._holder != threading.get_ident():
-            return False
-        self._holder = 0
-        self._lock.release()
-        return True
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.take()
-        try:
-            yield
-        finally:
-            self.give()
-
-    def waiting(self) -> "_Handover":
-        """Around a blocking call: others run meanwhile."""
-        return _Handover(self)
-
-
-class _Handover:
-    """Turns.waiting(): a class rather than a generator, since every wait of every probe uses it."""
-
-    __slots__ = ("turns", "gave")
-
-    def __init__(self, turns: Turns) -> None:
-        self.turns = turns
-        self.gave = False
-
-    def __enter__(self) -> None:
-        self.gave = self.turns.give()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.gave:
-            self.turns.take()
-
-
-TURNS = Turns()
-
-
-READABLE = 0x001  # POLLIN, and EPOLLIN alike
-WRITABLE = 0x004  # POLLOUT, and EPOLLOUT alike
-
-
-class Completion:
-    """Set once, by another thread (a name lookup's); what a Wait for it wakes up."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: List[Callable[[], None]] = []
-
-    def set(self) -> None:
-        with self._lock:
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
-
-    def wait(self, seconds: float) -> bool:
-        return self._event.wait(seconds)
-
-    def on_set(self, callback: Callable[[], None]) -> None:
-        """``callback`` once set: now if it is, else in the setting thread."""
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(callback)
-                return
-        callback()
-
-
-class Wait(NamedTuple):
-    """What a probe's steps wait for: ``sock`` to become ready for ``events`` (READABLE or
-    WRITABLE), or ``done`` to be set, or neither (a pause); at most ``seconds``.  Steps are
-    generators that yield Waits; whoever drives them sends back True when the wait ended by
-    the event, False when its time ran out.  ``drive`` runs them in the calling thread; the
-    connection loop (EventLoop) runs many at once in one."""
-
-    sock: Optional[socket.socket]
-    events: int
-    seconds: float
-    done: Optional[Completion] = None
-
-
-_T = TypeVar("_T")
-Steps = Generator[Wait, bool, _T]
-
-
-def ready(sock: socket.socket, events: int, seconds: float) -> Steps[None]:
-    """Until ``sock`` is ready for ``events``; socket.timeout after ``seconds``, as a socket with
-    that timeout would raise.  An error or hang-up also ends the wait: the read or write that
-    follows reports it."""
-    if not (yield Wait(sock, events, seconds)):
-        raise socket.timeout("timed out")
-
-
-def drive(steps: "Steps[_T]") -> _T:
-    """Run ``steps`` to the end in this thread, blocking at each wait."""
-    try:
-        wait = next(steps)
-        while True:
-            wait = steps.send(block(wait))
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-
-
-def block(wait: Wait) -> bool:
-    """One Wait, in this thread; others take their turns meanwhile."""
-    seconds = max(wait.seconds, 0.0)  # a negative timeout would wait for ever
-    with TURNS.waiting():
-        if wait.done is not None:
-            return wait.done.wait(seconds)
-        if wait.sock is None:
-            time.sleep(seconds)
-            return False
-        if CAN_POLL:
-            poller = select.poll()
-            poller.register(wait.sock, wait.events)
-            return bool(poller.poll(seconds * 1000))
-        watched = [wait.sock]  # no poll() (Windows)
-        readable, writable, failed = select.select(
-            watched if wait.events & READABLE else [], watched if wait.events & WRITABLE else [], watched, seconds
-        )
-        return bool(readable or writable or failed)
-
-
-def wait_ready(sock: socket.socket, events: int, seconds: float) -> None:
-    """``ready`` in this thread."""
-    if not block(Wait(sock, events, seconds)):
-        raise socket.timeout("timed out")
 
 
 def arrival_time(ancillary: List[Tuple[int, int, bytes]]) -> float:
@@ -1379,18 +1123,6 @@ def run_probe(
     log: ProbeLog,
     policy: TargetPolicy = TargetPolicy(),
 ) -> None:
-    """``probe_steps`` in this thread."""
-    drive(probe_steps(raw_target, module, deadline, result, log, policy))
-
-
-def probe_steps(
-    raw_target: str,
-    module: Module,
-    deadline: Deadline,
-    result: ProbeResult,
-    log: ProbeLog,
-    policy: TargetPolicy = TargetPolicy(),
-) -> Steps[None]:
     """Probe ``raw_target`` with ``module``, recording into ``result``.  Never raises: every
     failure ends up as ``result.failure``."""
     start = time.perf_counter()
@@ -1398,11 +1130,11 @@ def probe_steps(
     try:
         target = parse_target(raw_target)
         policy.check_host(target.host)
-        conn = yield from open_steps(target, module, deadline, result, log, policy)
+        conn = open_websocket(target, module, deadline, result, log, policy)
         sock = conn.sock
         if module.runs_checks():
-            yield from check_steps(conn, module, result, log)
-        yield from close_steps(conn, result, log)
+            run_checks(conn, module, result, log)
+        close_websocket(conn, result, log)
     except ProbeError as err:
         _record_failure(result, err, log)
     except (OSError, ValueError) as err:
@@ -1436,42 +1168,42 @@ def _classify_os_error(err: Exception) -> ProbeError:
     return ProbeError("connect_error", str(err) or type(err).__name__)
 
 
-def open_steps(
+def open_websocket(
     target: Target,
     module: Module,
     deadline: Deadline,
     result: ProbeResult,
     log: ProbeLog,
     policy: TargetPolicy = TargetPolicy(),
-) -> Steps[Connection]:
+) -> Connection:
     """Resolve, connect, negotiate TLS and upgrade; return the open WebSocket."""
     log.log("debug", "Beginning probe", timeout=deadline.seconds)
     proxy = proxy_for(target, module)
     host, port = (proxy.hostname or "", proxy.port or HTTP_PORT) if proxy else (target.host, target.port)
     with _Phase(result, "resolve"):
-        addresses = by_family((yield from resolve_steps(host, port, deadline)), module)
+        addresses = by_family(resolve(host, port, deadline), module)
         if proxy is None:
             policy.check_addresses(addresses)
         elif policy.deny_private:
             # The proxy resolves the target itself: check what the name means from here.
-            policy.check_addresses((yield from resolve_steps(target.host, target.port, deadline)))
+            policy.check_addresses(resolve(target.host, target.port, deadline))
     log.log("debug", "Resolved", addresses=len(addresses))
     if proxy:
         log.log("debug", "Connecting through a proxy", proxy=redact_proxy_url(proxy.geturl()))
     with _Phase(result, "connect"):
-        sock = yield from connect_steps(addresses, deadline, result)
+        sock = connect(addresses, deadline, result)
         if proxy:
-            yield from tunnel_steps(sock, target, proxy, deadline)
+            tunnel(sock, target, proxy, deadline)
     try:
         log.log("debug", "Connected", ip_protocol=result.ip_protocol)
         conn = Connection(sock, deadline)
         if target.secure:
             with _Phase(result, "tls") as phase:
-                yield from tls_steps(conn, target.host, result, module.tls_context, module.tls.server_name)
+                negotiate_tls(conn, target.host, result, module.tls_context, module.tls.server_name)
                 phase.end = conn.arrived  # when the server's last handshake message reached this host
             log.log("debug", "TLS established", version=result.tls_version, cipher=result.tls_cipher)
         with _Phase(result, "upgrade") as phase:
-            yield from upgrade_steps(conn, target, module, result)
+            upgrade(conn, target, module, result)
             # The span the server and the network took, not the moments this thread held the GIL.
             phase.start, phase.end = conn.send_started, conn.arrived
     except BaseException:
@@ -1486,10 +1218,6 @@ AddrInfo = Tuple[int, Tuple[object, ...]]  # (family, sockaddr)
 
 
 def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
-    return drive(resolve_steps(host, port, deadline))
-
-
-def resolve_steps(host: str, port: int, deadline: Deadline) -> Steps[List[AddrInfo]]:
     """getaddrinfo under the deadline: it has no timeout of its own, so a name (not an IP
     literal) is looked up in a helper thread that the probe stops waiting for."""
     try:
@@ -1497,7 +1225,7 @@ def resolve_steps(host: str, port: int, deadline: Deadline) -> Steps[List[AddrIn
     except ValueError:
         pass
     box: List[Union[List[AddrInfo], BaseException]] = []
-    done = Completion()
+    done = threading.Event()
 
     def lookup() -> None:
         try:
@@ -1506,19 +1234,16 @@ def resolve_steps(host: str, port: int, deadline: Deadline) -> Steps[List[AddrIn
             box.append(err)
         finally:
             _RESOLVER_SLOTS.release()
-        done.set()
+            done.set()
 
-    while not _RESOLVER_SLOTS.acquire(blocking=False):
-        left = deadline.expires - time.monotonic()
-        if left <= 0:
-            raise ProbeError("timeout", "every resolver thread is busy")
-        yield Wait(None, 0, min(left, RESOLVER_SLOT_PAUSE_SECONDS))
+    if not _RESOLVER_SLOTS.acquire(timeout=deadline.remaining()):
+        raise ProbeError("timeout", "every resolver thread is busy")
     try:
         threading.Thread(target=lookup, name="resolve", daemon=True).start()
     except BaseException:  # no thread (RuntimeError when the system refuses one): free its slot
         _RESOLVER_SLOTS.release()
         raise
-    if not (yield Wait(None, 0, deadline.remaining(), done)):
+    if not done.wait(deadline.remaining()):
         raise ProbeError("timeout", "name resolution did not finish before the deadline")
     outcome = box[0]
     if isinstance(outcome, socket.gaierror):
@@ -1563,7 +1288,7 @@ def bypasses_proxy(host: str) -> bool:
     return False
 
 
-def tunnel_steps(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult, deadline: Deadline) -> Steps[None]:
+def tunnel(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult, deadline: Deadline) -> None:
     """RFC 9110 §9.3.6: ask an HTTP proxy to CONNECT to the target; the socket is closed on failure."""
     lines = ["CONNECT %s HTTP/1.1" % target.host_port, "Host: %s" % target.host_port, "User-Agent: %s" % USER_AGENT]
     if proxy.username:
@@ -1571,8 +1296,8 @@ def tunnel_steps(sock: socket.socket, target: Target, proxy: urllib.parse.SplitR
         lines.append("Proxy-Authorization: Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii"))
     try:
         conn = Connection(sock, deadline)
-        yield from conn.sending(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
-        response = yield from response_head_steps(conn)
+        conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+        response = read_response_head(conn)
     except HandshakeError as err:
         sock.close()
         raise ProbeError("connect_error", "proxy: %s" % err.detail, "connect")
@@ -1610,42 +1335,25 @@ def _getaddrinfo(host: str, port: int, flags: int) -> List[AddrInfo]:
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-def connect_steps(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) -> Steps[socket.socket]:
+def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) -> socket.socket:
     """Try each address in turn within the deadline; the first that connects wins."""
     last: Optional[Exception] = None
     for family, sockaddr in addresses:
         result.ip_protocol = 6 if family == socket.AF_INET6 else 4
-        deadline.remaining()  # before the socket exists: a timeout here leaks nothing
-        sock = socket.socket(family, _NONBLOCKING_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            yield from connecting(sock, sockaddr, deadline)
+            sock.settimeout(deadline.remaining())
+            sock.connect(sockaddr)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             enable_arrival_stamps(sock)
             return sock
-        except OSError as err:
+        except (OSError, ProbeError) as err:
             sock.close()
             last = err
-            if isinstance(err, socket.timeout):
+            if isinstance(err, (socket.timeout, ProbeError)):
                 break
     assert last is not None
     raise last
-
-
-# Non-blocking from the start where the system allows it (Linux): a system call fewer per probe.
-_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
-
-
-def connecting(sock: socket.socket, sockaddr: Tuple[object, ...], deadline: Deadline) -> Steps[None]:
-    """A non-blocking connect, which leaves the socket non-blocking.  Raises what a blocking
-    connect would (ConnectionRefusedError and the like from the errno; socket.timeout)."""
-    if sock.gettimeout() != 0.0:
-        sock.setblocking(False)
-    err = sock.connect_ex(sockaddr)
-    if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-        yield from ready(sock, WRITABLE, deadline.remaining())
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, os.strerror(err))
 
 
 _TLS_CONTEXT: Optional[ssl.SSLContext] = None
@@ -1662,16 +1370,16 @@ def default_tls_context() -> ssl.SSLContext:
         return _TLS_CONTEXT
 
 
-def tls_steps(
+def negotiate_tls(
     conn: Connection,
     host: str,
     result: ProbeResult,
     context: Optional[ssl.SSLContext] = None,
     server_name: str = "",
-) -> Steps[None]:
+) -> None:
     """TLS on ``conn`` with SNI and certificate verification, within its deadline; ``context``
     and ``server_name`` come from a module's tls settings."""
-    yield from conn.start_tls(context or default_tls_context(), server_name or host)
+    conn.start_tls(context or default_tls_context(), server_name or host)
     assert conn.tls is not None
     result.tls_version = (conn.tls.version() or "").replace("TLSv", "TLS ")
     cipher = conn.tls.cipher()
@@ -1706,12 +1414,12 @@ def certificate_expiry(tls: ssl.SSLObject) -> Optional[float]:
     return expiry
 
 
-def upgrade_steps(conn: Connection, target: Target, module: Module, result: ProbeResult) -> Steps[None]:
+def upgrade(conn: Connection, target: Target, module: Module, result: ProbeResult) -> None:
     """RFC 6455 §4.1: send the opening handshake and validate the answer."""
     key = new_key()
-    yield from conn.sending(build_upgrade_request(target.host_header(), target.resource, key, upgrade_headers(target, module)))
+    conn.send(build_upgrade_request(target.host_header(), target.resource, key, upgrade_headers(target, module)))
     try:
-        response = yield from response_head_steps(conn)
+        response = read_response_head(conn)
     except ProbeError as err:
         if err.reason == "connection_closed":
             raise HandshakeError("connection_closed", "connection closed before the upgrade response")
@@ -1721,11 +1429,11 @@ def upgrade_steps(conn: Connection, target: Target, module: Module, result: Prob
     conn.reader.feed(response.rest)
 
 
-def response_head_steps(conn: Connection) -> Steps[HandshakeResponse]:
+def read_response_head(conn: Connection) -> HandshakeResponse:
     """An HTTP response head from the peer (a proxy or the WebSocket server), within the deadline."""
     parser = ResponseParser()
     while True:
-        response = parser.feed((yield from conn.receiving()))
+        response = parser.feed(conn.receive())
         if response is not None:
             return response
 
@@ -1742,13 +1450,13 @@ def upgrade_headers(target: Target, module: Module) -> List[Tuple[str, str]]:
     return headers
 
 
-def close_steps(conn: Connection, result: ProbeResult, log: ProbeLog) -> Steps[None]:
+def close_websocket(conn: Connection, result: ProbeResult, log: ProbeLog) -> None:
     """RFC 6455 §7.1.2: send close 1000 and wait a while for the server's close.  A server
     that never answers leaves close code 0 but does not fail the probe; a protocol error does."""
     with _Phase(result, "close"):
-        yield from conn.sending(encode_close(CloseCode.NORMAL))
+        conn.send(encode_close(CloseCode.NORMAL))
         try:
-            close = yield from wait_for_close(conn)
+            close = wait_for_close(conn)
         except ProbeError as err:
             if err.reason not in ("timeout", "connection_closed"):
                 raise
@@ -1760,27 +1468,27 @@ def close_steps(conn: Connection, result: ProbeResult, log: ProbeLog) -> Steps[N
     result.close_code = close.code
     log.log("debug", "Close answered", close_code=close.code)
     if conn.tls is not None:
-        yield from tls_closed(conn)
+        tls_closed(conn)
 
 
-def tls_closed(conn: Connection) -> Steps[None]:
+def tls_closed(conn: Connection) -> None:
     """RFC 6455 §7.1.1: after the closing handshake the server closes first, over TLS with a
     close_notify alert (RFC 8446 §6.1).  It is read before the socket closes, briefly: a socket
     closed with data unread ends in a reset, not a FIN."""
     limit = time.monotonic() + TLS_CLOSE_WAIT_SECONDS
     with contextlib.suppress(ProbeError, OSError):
         while True:  # until "connection_closed", or the time is up
-            yield from conn.receiving(max(limit - time.monotonic(), 0.0))
+            conn.receive(max(limit - time.monotonic(), 0.0))
 
 
-def wait_for_close(conn: Connection) -> Steps[Close]:
+def wait_for_close(conn: Connection) -> Close:
     limit = time.monotonic() + CLOSE_WAIT_SECONDS
     frames = 0
     while conn.reader.closed is None:
         left = limit - time.monotonic()
         if left <= 0:
             raise ProbeError("timeout", "no close frame within %gs" % CLOSE_WAIT_SECONDS)
-        frames += len(conn.reader.feed((yield from conn.receiving(left))))
+        frames += len(conn.reader.feed(conn.receive(left)))
         if frames > MAX_CLOSE_FRAMES:
             raise FrameError("more than %d frames after our close" % MAX_CLOSE_FRAMES)
     return conn.reader.closed
@@ -1819,13 +1527,13 @@ class RpcSession:
         # (perf_counter() when it reached this host, payload): see Connection.arrived
         self.notifications: List[Tuple[float, object]] = []
 
-    def next_event(self, expired: Expiry) -> Steps[Union[Message, Pong]]:
+    def next_event(self, expired: Expiry) -> Union[Message, Pong]:
         """The next message or pong; raises ``expired()`` when the check's time runs out."""
         while True:
             while self.events:
                 event = self.events.popleft()
                 if isinstance(event, Ping):
-                    yield from self.conn.sending(encode_pong(event))
+                    self.conn.send(encode_pong(event))
                 elif isinstance(event, Close):
                     raise CheckError("connection_closed", "server closed the connection (code %d)" % event.code)
                 else:
@@ -1834,7 +1542,7 @@ class RpcSession:
             if left <= 0:
                 raise expired()
             try:
-                self.events.extend(self.conn.reader.feed((yield from self.conn.receiving(left))))
+                self.events.extend(self.conn.reader.feed(self.conn.receive(left)))
             except socket.timeout:
                 continue
 
@@ -1844,31 +1552,31 @@ class RpcSession:
             raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
         return event
 
-    def next_json(self, expired: Expiry) -> Steps[JsonObject]:
+    def next_json(self, expired: Expiry) -> JsonObject:
         """The next data message, parsed as a JSON object."""
         while True:
-            event = yield from self.next_event(expired)
+            event = self.next_event(expired)
             if isinstance(event, Message):
                 return parse_json_object(event.data)
 
-    def receive(self, expired: Expiry) -> Steps[Optional[JsonObject]]:
+    def receive(self, expired: Expiry) -> Optional[JsonObject]:
         """The next JSON message, or None when it was a subscription event (set aside)."""
-        message = yield from self.next_json(expired)
+        message = self.next_json(expired)
         payload = self.is_event(message)
         if payload is None:
             return message
         self.notifications.append((self.conn.arrived, payload))
         return None
 
-    def send_text(self, text: str) -> Steps[None]:
-        yield from self.conn.sending(encode_frame(Opcode.TEXT, text.encode("utf-8")))
+    def send_text(self, text: str) -> None:
+        self.conn.send(encode_frame(Opcode.TEXT, text.encode("utf-8")))
 
-    def call(self, method: str, params: object) -> Steps[object]:
+    def call(self, method: str, params: object) -> object:
         """Send a request and return its result; an error answer, or an error without an id
         (JSON-RPC 2.0 §5: the server could not tell which request failed), raises."""
         self.next_id += 1
         request_id = self.next_id
-        yield from self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
+        self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
         # From the send to the answer's arrival (as the upgrade phase), not to when it was read.
         start = self.conn.send_started
 
@@ -1876,7 +1584,7 @@ class RpcSession:
             return CheckError("no_response", "no answer to %s" % method)
 
         while True:
-            message = yield from self.receive(expired)
+            message = self.receive(expired)
             if message is None:
                 continue
             answer_id = message.get("id")
@@ -1911,6 +1619,8 @@ def parse_json_object(data: bytes) -> JsonObject:
         value = json.loads(data.decode("utf-8"))
     except ValueError:  # UnicodeDecodeError is a ValueError too
         raise CheckError("bad_json", "a message that is not JSON")
+    except RecursionError:
+        raise CheckError("bad_json", "a JSON message nested too deeply")
     if not isinstance(value, dict):
         raise CheckError("bad_json", "a JSON message that is not an object")
     return value
@@ -2044,18 +1754,18 @@ def check_until(deadline: Deadline) -> float:
     return deadline.expires - min(CHECK_RESERVE_SECONDS, deadline.seconds * CHECK_RESERVE_SHARE)
 
 
-def check_steps(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> Steps[None]:
+def run_checks(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> None:
     """Run the module's checks in the check phase.  When one fails while the connection is
     still usable, the clean close runs before the failure is raised."""
     try:
         with _Phase(result, "check"):
             session = RpcSession(conn, result, log, check_until(conn.deadline))
-            yield from PRESETS[module.preset](session, module, result)
-            yield from run_steps(session, module.steps)
+            PRESETS[module.preset](session, module, result)
+            run_steps(session, module.steps)
     except (ProbeError, OSError) as err:
         failure = err if isinstance(err, ProbeError) else _classify_os_error(err)
         if conn.reader.closed is None and failure.reason not in _CONNECTION_LOST:
-            yield from close_after_failure(conn, result, log)
+            close_after_failure(conn, result, log)
         raise ProbeError(failure.reason, failure.detail, failure.phase or "check")
     log.log("debug", "Checks passed", preset=module.preset, steps=len(module.steps))
 
@@ -2063,33 +1773,31 @@ def check_steps(conn: Connection, module: Module, result: ProbeResult, log: Prob
 _CONNECTION_LOST = frozenset(("connection_closed", "protocol_error", "message_too_large", "timeout"))
 
 
-def close_after_failure(conn: Connection, result: ProbeResult, log: ProbeLog) -> Steps[None]:
+def close_after_failure(conn: Connection, result: ProbeResult, log: ProbeLog) -> None:
     try:
-        yield from close_steps(conn, result, log)
+        close_websocket(conn, result, log)
     except (ProbeError, OSError) as err:
         log.log("debug", "Close after a failed check failed too", err=type(err).__name__)
 
 
-def check_nothing(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
+def check_nothing(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """connect: the upgrade was the whole check."""
-    return
-    yield  # steps, as every check is
 
 
-def check_ping(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
+def check_ping(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """RFC 6455 §5.5.2-3: a ping with a random payload, answered by a pong echoing it."""
     payload = os.urandom(PING_PAYLOAD_BYTES)
-    yield from session.conn.sending(encode_frame(Opcode.PING, payload))
+    session.conn.send(encode_frame(Opcode.PING, payload))
     start = session.conn.send_started
     while True:
-        event = yield from session.next_event(lambda: CheckError("no_response", "no pong to our ping"))
+        event = session.next_event(lambda: CheckError("no_response", "no pong to our ping"))
         if isinstance(event, Pong) and event.payload == payload:
             result.ping_rtt = max(session.conn.arrived - start, 0.0)
             return
 
 
-def check_chain_id(session: RpcSession, method: str, module: Module, result: ProbeResult) -> Steps[None]:
-    result.chain_id = as_number((yield from session.call(method, [])), "chain id")
+def check_chain_id(session: RpcSession, method: str, module: Module, result: ProbeResult) -> None:
+    result.chain_id = as_number(session.call(method, []), "chain id")
     if module.expect_chain_id is not None and result.chain_id != module.expect_chain_id:
         raise CheckError("chain_id_mismatch", "chain id %d, expected %d" % (result.chain_id, module.expect_chain_id))
 
@@ -2104,32 +1812,32 @@ def record_head(head: Head, module: Module, result: ProbeResult) -> None:
         raise CheckError("head_too_old", "head is %.1fs old, over %gs" % (result.head_age, module.max_head_age))
 
 
-def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
+def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """The chain id, then the latest block's number and time."""
-    yield from check_chain_id(session, "eth_chainId", module, result)
-    record_head(evm_head((yield from session.call("eth_getBlockByNumber", ["latest", False]))), module, result)
+    check_chain_id(session, "eth_chainId", module, result)
+    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False])), module, result)
 
 
-def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> Steps[None]:
+def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """Subscribe, wait for min_notifications notifications, unsubscribe."""
     sub = SUBSCRIPTIONS[module.preset]
     if sub.chain_id_method:
-        yield from check_chain_id(session, sub.chain_id_method, module, result)
+        check_chain_id(session, sub.chain_id_method, module, result)
     session.is_event = sub.event
     start = time.perf_counter()
     try:
-        subscription = yield from session.call(sub.subscribe, sub.params)
-        yield from wait_for_notifications(session, module.min_notifications)
+        subscription = session.call(sub.subscribe, sub.params)
+        wait_for_notifications(session, module.min_notifications)
     finally:
         result.notifications = len(session.notifications)
         if session.notifications:
             result.first_notification = max(session.notifications[0][0] - start, 0.0)
     record_head(sub.head(session.notifications[-1][1]), module, result)
-    yield from session.call(sub.unsubscribe, sub.unsubscribe_params(subscription))
+    session.call(sub.unsubscribe, sub.unsubscribe_params(subscription))
     result.notifications = len(session.notifications)
 
 
-def wait_for_notifications(session: RpcSession, count: int) -> Steps[None]:
+def wait_for_notifications(session: RpcSession, count: int) -> None:
     def expired() -> CheckError:
         got = len(session.notifications)
         if not got:
@@ -2137,10 +1845,10 @@ def wait_for_notifications(session: RpcSession, count: int) -> Steps[None]:
         return CheckError("too_few_notifications", "%d of %d notifications" % (got, count))
 
     while len(session.notifications) < count:
-        yield from session.receive(expired)
+        session.receive(expired)
 
 
-PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], Steps[None]]] = {
+PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
     "connect": check_nothing,
     "ping": check_ping,
     "evm": check_evm,
@@ -2157,15 +1865,15 @@ CHAIN_ID_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s
 HEAD_TIME_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
 
 
-def run_steps(session: RpcSession, steps: Sequence[Step]) -> Steps[None]:
+def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
     for index, step in enumerate(steps):
         if step.send is not None:
-            yield from session.send_text(step.send)
+            session.send_text(step.send)
         else:
-            yield from expect(session, step, index)
+            expect(session, step, index)
 
 
-def expect(session: RpcSession, step: Step, index: int) -> Steps[None]:
+def expect(session: RpcSession, step: Step, index: int) -> None:
     """Wait for a message the step accepts.  Messages that do not match the regex, or lack the
     JSON path, are skipped; one that has the path with a wrong value fails at once."""
 
@@ -2173,7 +1881,7 @@ def expect(session: RpcSession, step: Step, index: int) -> Steps[None]:
         return CheckError("expectation_failed", "step %d: no matching message" % index)
 
     while True:
-        event = yield from session.next_event(expired)
+        event = session.next_event(expired)
         if not isinstance(event, Message):
             continue
         text = event.data.decode("utf-8", "replace")
@@ -2183,7 +1891,7 @@ def expect(session: RpcSession, step: Step, index: int) -> Steps[None]:
             continue
         try:
             value = json_at(json.loads(text), step.path)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, RecursionError):
             continue
         problem = mismatch(value, step)
         if problem:
@@ -2457,34 +2165,13 @@ class Stats:
         return self.snapshot().samples()
 
 
-_Key = TypeVar("_Key")
-
-
-def add_counts(total: Dict[_Key, int], counts: Dict[_Key, int]) -> None:
-    for key, count in counts.items():
-        total[key] = total.get(key, 0) + count
-
-
 class StatsSnapshot(NamedTuple):
-    """Stats at one moment; worker processes add theirs up (``merged``)."""
+    """Stats at one moment."""
 
     probes: Dict[str, int]
     failed: Dict[Tuple[str, str], int]
     rejected: Dict[str, int]
     in_flight: int
-
-    @staticmethod
-    def merged(snapshots: Iterable["StatsSnapshot"]) -> "StatsSnapshot":
-        probes: Dict[str, int] = {}
-        failed: Dict[Tuple[str, str], int] = {}
-        rejected: Dict[str, int] = {}
-        in_flight = 0
-        for snap in snapshots:
-            add_counts(probes, snap.probes)
-            add_counts(failed, snap.failed)
-            add_counts(rejected, snap.rejected)
-            in_flight += snap.in_flight
-        return StatsSnapshot(probes, failed, rejected, in_flight)
 
     def samples(self) -> List[Sample]:
         probes = sorted(self.probes.items())
@@ -2512,8 +2199,7 @@ def build_samples() -> List[Sample]:
 
 
 class ProcessFigures(NamedTuple):
-    """What process_* report, for one process or (``merged``) the exporter's processes together:
-    CPU, memory and descriptors add up, the start time is the first process's."""
+    """What process_* report."""
 
     cpu_seconds: float
     virtual_bytes: int
@@ -2521,19 +2207,6 @@ class ProcessFigures(NamedTuple):
     start_time: float
     open_fds: int
     max_fds: int
-
-    @staticmethod
-    def merged(figures: Sequence["ProcessFigures"]) -> Optional["ProcessFigures"]:
-        if not figures:
-            return None
-        return ProcessFigures(
-            sum(f.cpu_seconds for f in figures),
-            sum(f.virtual_bytes for f in figures),
-            sum(f.resident_bytes for f in figures),
-            min(f.start_time for f in figures),
-            sum(f.open_fds for f in figures),
-            max(f.max_fds for f in figures),
-        )
 
     def samples(self) -> List[Sample]:
         out = [
@@ -2548,12 +2221,12 @@ class ProcessFigures(NamedTuple):
         return out
 
 
-def process_figures(proportional: bool = False) -> Optional[ProcessFigures]:
-    """This process's figures from /proc where it exists (Linux); None elsewhere.  ``proportional``
-    counts its share of the pages it shares (PSS) as resident: forked workers share most of theirs,
-    and a sum of their RSS would count those once per process."""
+def process_figures() -> Optional[ProcessFigures]:
+    """This process's figures from /proc where it exists (Linux); None elsewhere.  The fields
+    of /proc/self/stat are counted after the command name, which may hold spaces and ")"."""
     try:
-        fields = _stat_fields("self")
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
         with open("/proc/stat", "rb") as f:
             boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
         open_fds = len(os.listdir("/proc/self/fd"))
@@ -2561,36 +2234,13 @@ def process_figures(proportional: bool = False) -> Optional[ProcessFigures]:
         return None
     ticks = float(os.sysconf("SC_CLK_TCK"))
     return ProcessFigures(
-        _cpu_seconds(fields),
+        (float(fields[11]) + float(fields[12])) / ticks,  # utime and stime
         int(fields[20]),
-        (proportional and _proportional_bytes()) or int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
+        int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
         boot + float(fields[19]) / ticks,
         open_fds,
         _max_fds(),
     )
-
-
-def _stat_fields(pid: str) -> List[bytes]:
-    """The fields of /proc/PID/stat after the command name, the process state first."""
-    with open("/proc/%s/stat" % pid, "rb") as f:
-        return f.read().rpartition(b")")[2].split()
-
-
-def _cpu_seconds(fields: List[bytes]) -> float:
-    """User and system CPU seconds from _stat_fields (utime and stime, in clock ticks)."""
-    return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _proportional_bytes() -> int:
-    """Pss from /proc/self/smaps_rollup (Linux 4.14+); 0 when unreadable."""
-    try:
-        with open("/proc/self/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def _max_fds() -> int:
@@ -2693,16 +2343,15 @@ class RecentProbe(NamedTuple):
 class RecentProbes:
     """The last RECENT_PROBES probes, newest first; thread-safe, bounded."""
 
-    def __init__(self, size: int = RECENT_PROBES, first_id: int = 0, id_step: int = 1) -> None:
+    def __init__(self, size: int = RECENT_PROBES) -> None:
         self._lock = threading.Lock()
         self._probes: "collections.deque[RecentProbe]" = collections.deque(maxlen=size)
-        self._next_id = first_id  # workers number their probes apart: worker i of n gives i, i + n, ...
-        self._id_step = id_step
+        self._next_id = 0
 
     def add(self, started: float, module: Module, target: str, result: ProbeResult, log: ProbeLog) -> int:
         with self._lock:
             probe = RecentProbe(self._next_id, started, module, target, result, log)
-            self._next_id += self._id_step
+            self._next_id += 1
             self._probes.appendleft(probe)
         return probe.id
 
@@ -2728,12 +2377,6 @@ class Exporter:
         self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
         self.recent = RecentProbes()
         self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
-        self.link: Optional[WorkerLink] = None  # in a worker: the way to the other processes
-        self.workers = 1  # processes that may serve (see Supervisor)
-        # This process's shares of --probe.max-concurrent and --web.max-connections, worked out
-        # again as workers join and leave (the supervisor's "serving" question), not per probe.
-        self.probe_limit, self.connection_limit = settings.max_concurrent, settings.max_connections
-        self.server: Optional["ExporterServer"] = None  # in a worker: its server, which gives connections back
 
     @property
     def modules(self) -> Dict[str, Module]:
@@ -2743,25 +2386,15 @@ class Exporter:
         """Load --config.file again; on error keep the old config and return why."""
         path = self.settings.config_file
         try:
-            config = load_config(path) if path else DEFAULT_CONFIG
+            self.config = load_config(path) if path else DEFAULT_CONFIG
         except ConfigError as err:
             self.last_reload = (False, self.last_reload[1])
-            error: Optional[str] = str(err)
-        else:
-            self.config = config
-            self.last_reload = (True, time.time())
-            error = None
-        if self.workers == 1:  # with workers, the supervisor logs once every process reloaded
-            self.log_reload(error)
-        return error
-
-    def log_reload(self, error: Optional[str]) -> None:
-        path = self.settings.config_file
-        if error is not None:
-            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=error)
-        else:
-            modules, targets = len(self.config.modules), len(self.config.targets)
-            self.logger.log("info", "Config loaded", file=path, modules=modules, targets=targets)
+            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
+            return str(err)
+        self.last_reload = (True, time.time())
+        modules, targets = len(self.config.modules), len(self.config.targets)
+        self.logger.log("info", "Config loaded", file=path, modules=modules, targets=targets)
+        return None
 
     def reload_samples(self) -> List[Sample]:
         successful, when = self.last_reload
@@ -2789,25 +2422,20 @@ class Exporter:
         """Run one probe whose deadline counts from ``start`` (when its request arrived);
         Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
         by ``alias`` when given (its URL may hold a token)."""
-        run = self.begin_probe(target, module, timeout, start, alias)
-        try:
-            drive(run.steps)
-        finally:
-            run.finish()
-        return run.result, run.log
-
-    def begin_probe(
-        self, target: str, module: Module, timeout: float, start: Optional[float] = None, alias: str = ""
-    ) -> "ProbeRun":
-        """A probe to drive (its ``steps``), then ``finish``; Overloaded as ``probe``."""
         result = ProbeResult(module.name, timeout)
         redacted = alias or _redact_raw_target(target)
         log = ProbeLog(self.logger, target, module=module.name, target=redacted)
-        # Nothing that can raise stands between taking the slot and the ProbeRun that frees it.
-        if not self.stats.begin(self.probe_limit):
+        if not self.stats.begin(self.settings.max_concurrent):
             raise Overloaded("Too many probes in flight")
-        steps = probe_steps(target, module, Deadline(timeout, start), result, log, self.policy)
-        return ProbeRun(self, module, redacted, result, log, steps)
+        started = time.time()
+        try:
+            run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
+        finally:
+            self.stats.end(result)
+        if result.success:
+            log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
+        self.recent.add(started, module, redacted, result, log)
+        return result, log
 
     def probe_request(self, query: str, scrape_timeout: Optional[str]) -> "ProbeRequest":
         """What a /probe query string asks for; BadRequest when it cannot be served."""
@@ -2825,71 +2453,10 @@ class Exporter:
         return render_samples(self.telemetry_samples())
 
     def telemetry_samples(self) -> List[Sample]:
-        stats, figures = [], []
-        for answer in self.gather("stats"):
-            if answer is None:
-                continue
-            snapshot, process = answer
-            stats.append(StatsSnapshot(*snapshot))
-            if process is not None:
-                figures.append(ProcessFigures(*process))
-        merged = ProcessFigures.merged(figures)
+        figures = process_figures()
         return (
-            build_samples()
-            + StatsSnapshot.merged(stats).samples()
-            + self.reload_samples()
-            + (merged.samples() if merged else [])
+            build_samples() + self.stats.samples() + self.reload_samples() + (figures.samples() if figures else [])
         )
-
-    def recent_rows(self) -> List[str]:
-        """The landing page's rows of the newest probes, of every process."""
-        rows: List[Tuple[float, int, str]] = []
-        for answer in self.gather("recent"):
-            rows.extend(answer or ())
-        return [row for _, _, row in sorted(rows, reverse=True)[:RECENT_PROBES]]
-
-    def debug_text(self, probe_id: int) -> Optional[str]:
-        """A recent probe's debug page, from whichever process ran it."""
-        return next((str(a) for a in self.gather("logs", probe_id) if a is not None), None)
-
-    def reload_everywhere(self) -> Optional[str]:
-        """Reload in every process; the first error, if any."""
-        return next((str(a) for a in self.gather("reload") if a is not None), None)
-
-    def gather(self, kind: str, arg: object = None) -> List[Any]:
-        """Every process's answer to a question (this one's alone when it is the only one)."""
-        answers = self.link.ask(kind, arg) if self.link is not None else None
-        return answers if answers is not None else [self.answer(kind, arg)]
-
-    def answer(self, kind: str, arg: object) -> object:
-        """This process's part of a gathered answer, as plain data (it may cross processes); None
-        when it has none, or when working it out failed (a bug, logged: the question still gets
-        the other processes' answers)."""
-        try:
-            return self._answer(kind, arg)
-        except Exception:
-            self.logger.log("error", "Could not answer for this process", kind=kind, traceback=format_exception())
-            return None
-
-    def _answer(self, kind: str, arg: object) -> object:
-        if kind == "stats":
-            figures = process_figures(proportional=self.workers > 1)
-            return (tuple(self.stats.snapshot()), tuple(figures) if figures else None)
-        if kind == "recent":
-            return [(p.started, p.id, _recent_probe_row(p)) for p in self.recent.newest_first()]
-        if kind == "logs":
-            probe = self.recent.get(arg) if isinstance(arg, int) else None
-            return probe.debug_text() if probe else None
-        if kind == "reload":
-            return self.reload()
-        if kind == "serving" and isinstance(arg, int):
-            self.probe_limit = share(self.settings.max_concurrent, arg)
-            self.connection_limit = share(self.settings.max_connections, arg)
-        if kind == "shed" and isinstance(arg, float) and self.server is not None:
-            self.server.shed(arg)
-        if kind == "retire" and self.server is not None:
-            self.server.retire()
-        return None
 
 
 class ProbeRequest(NamedTuple):
@@ -2898,28 +2465,6 @@ class ProbeRequest(NamedTuple):
     timeout: float
     debug: bool
     alias: str  # the alias name the request gave, "" for a URL
-
-
-class ProbeRun:
-    """One probe begun by Exporter.begin_probe: its steps to drive, then ``finish``, once."""
-
-    def __init__(
-        self, exporter: Exporter, module: Module, target: str, result: ProbeResult, log: ProbeLog, steps: Steps[None]
-    ) -> None:
-        self.exporter = exporter
-        self.module = module
-        self.target = target  # redacted, or an alias
-        self.result = result
-        self.log = log
-        self.steps = steps
-        self.started = time.time()
-
-    def finish(self) -> None:
-        """Frees the probe's slot and keeps it among the recent probes."""
-        self.exporter.stats.end(self.result)
-        if self.result.success:
-            self.log.log("debug", "Probe succeeded", duration_seconds=round(self.result.total, 6))
-        self.exporter.recent.add(self.started, self.module, self.target, self.result, self.log)
 
 
 def _redact_raw_target(raw: str) -> str:
@@ -3010,18 +2555,21 @@ def debug_page(log: ProbeLog, result: ProbeResult, module: Module) -> str:
 
 
 class _RequestReader(io.RawIOBase):
-    """The socket as the HTTP handler reads it.  An idle keep-alive connection may wait
-    KEEPALIVE_IDLE_SECONDS for its next request; once the first byte of a request arrives, the
-    rest must arrive within REQUEST_READ_SECONDS, however slowly it drips."""
+    """The socket as the handler reads it.  An idle keep-alive connection may wait
+    KEEPALIVE_IDLE_SECONDS for its next request; once a request's first byte arrives, the rest
+    of it must arrive within REQUEST_READ_SECONDS: a timeout per read alone would let a client
+    that sends a byte a second hold its thread for ever."""
 
-    def __init__(self, sock: socket.socket, accepted: float, polled: bool = False, early: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self.sock = sock
-        self.early = early  # what the connection loop read already: read first
-        self.polled = polled  # non-blocking, waits in poll(): no settimeout() call per read
         self.deadline: Optional[float] = None
-        self.accepted = accepted  # when the connection was accepted, until its first request
-        self.started = 0.0  # when the current request arrived
+        self.started = 0.0  # time.monotonic() when the current request arrived
+
+    def next_request(self) -> None:
+        """Before a request is read.  One already buffered (pipelined) arrives now."""
+        self.deadline = None
+        self.started = time.monotonic()
 
     def readable(self) -> bool:
         return True
@@ -3033,119 +2581,20 @@ class _RequestReader(io.RawIOBase):
             timeout = self.deadline - time.monotonic()
             if timeout <= 0:
                 raise socket.timeout("request not received within %gs" % REQUEST_READ_SECONDS)
-        if self.early:
-            count = min(len(buffer), len(self.early))
-            buffer[:count], self.early = self.early[:count], self.early[count:]
-        elif self.polled:
-            wait_ready(self.sock, READABLE, timeout)
-            count = self.sock.recv_into(buffer)
-        else:
-            self.sock.settimeout(timeout)
-            with TURNS.waiting():
-                count = self.sock.recv_into(buffer)
+        self.sock.settimeout(timeout)
+        count = self.sock.recv_into(buffer)
         if count and self.deadline is None:
-            # A new connection's first request was sent when it connected, however long the
-            # exporter took to get a thread to it; a later request arrives as it is read.
-            self.started = self.accepted or time.monotonic()
-            self.accepted = 0.0
+            self.started = time.monotonic()
             self.deadline = self.started + REQUEST_READ_SECONDS
         return count
-
-
-class _SocketWriter(io.BufferedIOBase):
-    """Collects a response and sends it whole when the handler flushes: head and body in separate
-    segments would meet Nagle's algorithm and the client's delayed ACK, and every keep-alive
-    response would wait ~40 ms."""
-
-    def __init__(self, sock: socket.socket, polled: bool = False) -> None:
-        super().__init__()
-        self.sock = sock
-        self.polled = polled  # as _RequestReader's
-        self.pending: List[bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: "bytes | bytearray | memoryview") -> int:  # type: ignore[override]
-        self.pending.append(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        """All of the response within RESPONSE_WRITE_SECONDS (socket.timeout after), however
-        slowly the client reads: one deadline for the response, kept here for either kind of
-        socket rather than left to what each one's send does with a timeout."""
-        if not self.pending:
-            return
-        data, self.pending = b"".join(self.pending), []
-        view, end = memoryview(data), time.monotonic() + RESPONSE_WRITE_SECONDS
-        while view:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("response not taken within %gs" % RESPONSE_WRITE_SECONDS)
-            if not self.polled:  # TLS: a blocking send under the time left
-                self.sock.settimeout(left)
-                with TURNS.waiting():
-                    view = view[self.sock.send(view) :]
-                continue
-            try:
-                view = view[self.sock.send(view) :]
-            except BlockingIOError:  # the send buffer is full: wait for room
-                wait_ready(self.sock, WRITABLE, left)
-
-
-class RequestHeaders:
-    """A request's header fields by case-insensitive name, the first of repeated ones: what the
-    handlers read from ``self.headers`` (``get`` only)."""
-
-    def __init__(self, fields: Dict[str, str]) -> None:
-        self._fields = fields  # lower-cased name -> value
-
-    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        return self._fields.get(name.lower(), default)
-
-
-class HeadTooLarge(Exception):
-    """A request head over MAX_REQUEST_HEADER_LINE or MAX_REQUEST_HEADERS; answered with 431."""
-
-
-def read_request_headers(rfile: io.BufferedIOBase) -> RequestHeaders:
-    """RFC 7230 §3.2: header fields up to the empty line.  Whitespace around a value is dropped,
-    an obsolete folded line joins the value before it with a space (§3.2.4), a line without a
-    colon is ignored."""
-    fields: Dict[str, str] = {}
-    last = ""
-    for _ in range(MAX_REQUEST_HEADERS + 1):
-        line = rfile.readline(MAX_REQUEST_HEADER_LINE + 1)
-        if len(line) > MAX_REQUEST_HEADER_LINE:
-            raise HeadTooLarge("Line too long")
-        if line in (b"\r\n", b"\n", b""):
-            return RequestHeaders(fields)
-        text = line.decode("iso-8859-1")
-        if text[0] in " \t" and last:
-            fields[last] += " " + text.strip()
-            continue
-        name, colon, value = text.partition(":")
-        if colon:
-            last = name.strip().lower()
-            fields.setdefault(last, value.strip())
-    raise HeadTooLarge("Too many headers")
 
 
 # From the first "?" to the end: a malformed request line quoted in a log message may hold a
 # query with spaces, and every word of it may be part of a target.
 _QUERY_IN_TEXT = re.compile(r"\?.*", re.DOTALL)
-_HTTP_VERSION = re.compile(r"HTTP/(\d+)\.(\d+)")
-_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-@functools.lru_cache(maxsize=2)  # responses within one second share it
-def http_date(second: int) -> str:
-    """RFC 7231 §7.1.1.1 IMF-fixdate, without the locale strftime would consult."""
-    t = time.gmtime(second)
-    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
-        _WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec
-    )
+SERVER_HEADER = "%s/%s" % (EXPORTER_NAME, __version__)
+OVERLOADED_HEADERS = (("Retry-After", "1"),)
+ALLOWED_METHODS = frozenset(("GET", "HEAD", "POST"))
 
 
 def reason_phrase(status: int) -> str:
@@ -3155,125 +2604,74 @@ def reason_phrase(status: int) -> str:
         return ""
 
 
-SERVER_HEADER = "%s/%s" % (EXPORTER_NAME, __version__)
-OVERLOADED_HEADERS = (("Retry-After", "1"),)
-
-
-def response_bytes(
-    status: int, body: str, content_type: str, headers: Sequence[Tuple[str, str]], close: bool, head_only: bool = False
-) -> bytes:
-    """A whole HTTP/1.1 response, head and body in one piece (see _SocketWriter)."""
+def response_bytes(status: int, body: str, content_type: str, headers: Sequence[Tuple[str, str]], close: bool) -> bytes:
+    """A whole HTTP/1.1 response, head and body in one piece: sent in two, the body would meet
+    Nagle's algorithm and the client's delayed ACK."""
     data = body.encode("utf-8")
     lines = [
         "HTTP/1.1 %d %s" % (status, reason_phrase(status)),
         "Server: " + SERVER_HEADER,
-        "Date: " + http_date(int(time.time())),
+        "Date: " + email.utils.formatdate(usegmt=True),
         "Content-Type: " + content_type,
         "Content-Length: %d" % len(data),
     ]
     lines.extend("%s: %s" % header for header in headers)
     if close:
         lines.append("Connection: close")  # RFC 7230 §6.6
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1")
-    return head if head_only else head + data
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1") + data
 
 
-def log_request(logger: Logger, method: str, path: str, code: int) -> None:
-    # The query carries targets: never logged.
-    logger.log("debug", "HTTP request", method=method, path=path.partition("?")[0], code=str(code))
+def send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
+    """All of ``data`` within ``seconds``, however slowly the peer reads (socket.timeout after):
+    an SSLSocket's sendall would give every chunk the whole timeout again."""
+    view, end = memoryview(data), time.monotonic() + seconds
+    while view:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("not taken within %gs" % seconds)
+        sock.settimeout(left)
+        view = view[sock.send(view) :]
 
 
-def split_request_line(line: bytes) -> Optional[Tuple[str, str, str, str]]:
-    """RFC 7230 §3.1.1: (method, target, version, major version) of a request line; None when
-    it has not three words or the last is no HTTP version."""
-    words = line.decode("iso-8859-1").split()
-    version = _HTTP_VERSION.fullmatch(words[-1]) if len(words) == 3 else None
-    if version is None:
-        return None
-    return words[0], words[1], words[2], version.group(1)
-
-
-class Handler(socketserver.BaseRequestHandler):
-    """HTTP/1.1 on one client connection (RFC 7230): requests read one after another while the
-    connection is kept alive (§6.3), each answered whole.  /probe, the telemetry path, /, /logs
-    and /-/healthy by GET or HEAD; /-/reload by POST; any other method is 405."""
+class Handler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive on one client connection: http.server reads each request and
+    enforces its limits; the handler routes it and answers, each answer whole in one write.
+    /probe, the telemetry path, /, /logs and /-/healthy by GET or HEAD; /-/reload by POST;
+    any other method is 405."""
 
     server: "ExporterServer"
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
-        self.connection = self.request
-        polled = CAN_POLL and not isinstance(self.connection, ssl.SSLSocket)
-        if polled:
-            self.connection.settimeout(0.0)
-        fd = self.connection.fileno()
-        self._reader = _RequestReader(self.connection, self.server.accepted.pop(fd, 0.0), polled, self.server.early.pop(fd, b""))
-        self.rfile = io.BufferedReader(self._reader)
-        self.wfile = _SocketWriter(self.connection, polled)
-        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.command = ""
-        self.path = ""
-        self.request_version = "HTTP/1.1"
-        self.headers = RequestHeaders({})
-        self.close_connection = True
-
-    def handle(self) -> None:
-        self.close_connection = False
-        while not self.close_connection:
-            self.handle_one_request()
+        super().setup()
+        self.rfile.close()  # replaced by a reader that keeps the request's deadline
+        self.reader = _RequestReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
 
     def handle_one_request(self) -> None:
-        self._reader.deadline = None
-        self.close_connection = True  # until the request says otherwise
-        self.command, self.path = "", ""
-        try:
-            line = self.rfile.readline(MAX_REQUEST_HEADER_LINE + 1)
-            if not line:
-                return
-            if len(line) > MAX_REQUEST_HEADER_LINE:
-                self.send_error(414, "Request line too long")
-            elif self.parse_request(line):
-                method = {"GET": self.do_GET, "HEAD": self.do_HEAD, "POST": self.do_POST}.get(self.command)
-                (method or self._method_not_allowed)()
-            self.wfile.flush()
-        except socket.timeout as err:
-            self.log_message("Request timed out: %r", err)
-            self.close_connection = True
+        self.reader.next_request()
+        super().handle_one_request()
 
-    def parse_request(self, line: bytes) -> bool:
-        """The request line (RFC 7230 §3.1.1) and header fields; False after answering an error."""
-        if not line.split():
+    def parse_request(self) -> bool:
+        if not super().parse_request():
             return False
-        parts = split_request_line(line)
-        if parts is None:
-            self.send_error(400, "Bad request syntax (%r)" % line.decode("iso-8859-1").rstrip("\r\n"))
+        self.path = "/" + self.path.lstrip("/")  # never a scheme-relative URL
+        if self.command not in ALLOWED_METHODS:
+            self.method_not_allowed()
             return False
-        self.command, path, self.request_version, major = parts
-        if major != "1":
-            self.send_error(505, "Invalid HTTP version (%s)" % self.request_version)
-            return False
-        self.path = "/" + path.lstrip("/") if path.startswith("//") else path  # never a scheme-relative URL
-        try:
-            self.headers = read_request_headers(self.rfile)
-        except HeadTooLarge as err:
-            self.send_error(431, str(err))
-            return False
-        connection = (self.headers.get("Connection") or "").lower()
-        old = self.request_version == "HTTP/1.0"
-        self.close_connection = connection == "close" or (old and connection != "keep-alive") or self.server.retiring
-        if (self.headers.get("Expect") or "").lower() == "100-continue" and not old:
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # §5.1.1 of RFC 7231
-            self.wfile.flush()
         return True
 
-    def send_error(self, status: int, message: str) -> None:
-        """An error the request itself caused; the connection closes after it."""
-        self.log_message("code %d, message %s", status, message)
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """An error in the request itself (http.server's 400, 414, 431, 505); the connection
+        closes after it."""
+        text = message or reason_phrase(code)
+        self.log_message("code %d, message %s", code, text)
         self.close_connection = True
-        self.respond(status, "%s\n" % _QUERY_IN_TEXT.sub("?<redacted>", message))
+        self.respond(code, "%s\n" % _QUERY_IN_TEXT.sub("?<redacted>", text))
 
-    def _method_not_allowed(self) -> None:
-        self.respond(405, "Method Not Allowed\n", headers=(("Allow", "GET, HEAD"),))
+    def method_not_allowed(self, allow: str = "GET, HEAD") -> None:
+        self.respond(405, "Method Not Allowed\n", headers=(("Allow", allow),))
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -3287,6 +2685,19 @@ class Handler(socketserver.BaseRequestHandler):
             self.respond(404, "Not Found\n")
             return
         route(self, url.query)
+
+    def do_POST(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        if path != "/-/reload":
+            self.method_not_allowed()
+            return
+        if not self.discard_body() or not self.authorized(path):
+            return
+        error = self.server.exporter.reload()
+        if error is None:
+            self.respond(200, "Config reloaded\n")
+        else:
+            self.respond(500, "Config reload failed: %s\n" % error)
 
     def authorized(self, path: str) -> bool:
         """Basic auth, when configured, before any route; answers 401 or 429 itself."""
@@ -3312,10 +2723,9 @@ class Handler(socketserver.BaseRequestHandler):
             return
         try:
             # The deadline counts from the request's arrival: time it waited here is the scraper's too.
-            result, log = exporter.probe(
-                request.target, request.module, request.timeout, self._reader.started, request.alias
-            )
+            result, log = exporter.probe(request.target, request.module, request.timeout, self.reader.started, request.alias)
         except Overloaded as err:
+            self.close_connection = True
             self.respond(503, "%s\n" % err, headers=OVERLOADED_HEADERS)
             return
         if request.debug:
@@ -3333,19 +2743,19 @@ class Handler(socketserver.BaseRequestHandler):
         except (BadRequest, ValueError):
             self.respond(400, "Parameter id must be a probe number\n")
             return
-        text = self.server.exporter.debug_text(probe_id)
-        if text is None:
+        probe = self.server.exporter.recent.get(probe_id)
+        if probe is None:
             self.respond(404, "Probe %d is not among the recent probes\n" % probe_id)
             return
-        self.respond(200, text)
+        self.respond(200, probe.debug_text())
 
     def serve_landing(self, query: str) -> None:
-        settings = self.server.exporter.settings
+        exporter = self.server.exporter
         page = LANDING_PAGE % {
             "version": __version__,
-            "metrics": settings.telemetry_path,
-            "probe": settings.probe_path,
-            "recent": recent_probes_table(self.server.exporter.recent_rows()),
+            "metrics": exporter.settings.telemetry_path,
+            "probe": exporter.settings.probe_path,
+            "recent": recent_probes_table([_recent_probe_row(p) for p in exporter.recent.newest_first()]),
         }
         self.respond(200, page, "text/html; charset=utf-8")
 
@@ -3353,20 +2763,7 @@ class Handler(socketserver.BaseRequestHandler):
         self.respond(200, "Healthy\n")
 
     def serve_reload_get(self, query: str) -> None:
-        self.respond(405, "Method Not Allowed\n", headers=(("Allow", "POST"),))
-
-    def do_POST(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        if path != "/-/reload":
-            self._method_not_allowed()
-            return
-        if not self.discard_body() or not self.authorized(path):
-            return
-        error = self.server.exporter.reload_everywhere()
-        if error is None:
-            self.respond(200, "Config reloaded\n")
-        else:
-            self.respond(500, "Config reload failed: %s\n" % error)
+        self.method_not_allowed("POST")
 
     def discard_body(self) -> bool:
         """Read and drop a small request body so the connection can carry the next request."""
@@ -3393,60 +2790,40 @@ class Handler(socketserver.BaseRequestHandler):
         content_type: str = "text/plain; charset=utf-8",
         headers: Sequence[Tuple[str, str]] = (),
     ) -> None:
-        self.wfile.write(response_bytes(status, body, content_type, headers, self.close_connection, self.command == "HEAD"))
-        log_request(self.server.exporter.logger, self.command, self.path, status)
+        data = response_bytes(status, body, content_type, headers, self.close_connection)
+        if self.command == "HEAD":
+            data = data[: data.index(b"\r\n\r\n") + 4]
+        send_within(self.connection, data, RESPONSE_WRITE_SECONDS)
+        path = (self.path or "").partition("?")[0]  # the query carries targets: never logged
+        self.server.exporter.logger.log("debug", "HTTP request", method=self.command or "", path=path, code=str(status))
 
     def log_message(self, format: str, *args: object) -> None:
         detail = _QUERY_IN_TEXT.sub("?<redacted>", format % args)
         self.server.exporter.logger.log("debug", "HTTP server", detail=detail)
 
 
-class Slots:
-    """Connections held, against a limit given at each take: a worker's share of
-    --web.max-connections changes as workers come and go."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.held = 0
-
-    def acquire(self, limit: int) -> bool:
-        with self._lock:
-            if self.held >= limit:
-                return False
-            self.held += 1
-            return True
-
-    def release(self) -> int:
-        """One given back; how many are still held."""
-        with self._lock:
-            self.held -= 1
-            return self.held
+_OVERLOADED_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\nToo many connections\n"
+)
 
 
-class ExporterServer(socketserver.ThreadingTCPServer):
-    """Accepts connections for the connection loop, or for a thread each (see process_request);
-    handler threads never keep the process alive."""
+class ExporterServer(http.server.ThreadingHTTPServer):
+    """A thread per client connection, up to --web.max-connections (then a quick 503); the
+    threads never keep the process alive.  With TLS on the listener, the handshake runs in the
+    connection's own thread, never in the one that accepts."""
 
     daemon_threads = True
-    allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(
-        self,
-        address: Tuple[str, int],
-        family: int,
-        exporter: Exporter,
-        web: Optional[WebConfig] = None,
-        handoff: Optional[socket.socket] = None,
-    ) -> None:
-        """A server listening on ``address``; or, in a worker process, one that takes the
-        connections its supervisor accepted on ``address`` from ``handoff`` (see Supervisor)."""
+    def __init__(self, address: Tuple[str, int], family: int, exporter: Exporter, web: Optional[WebConfig] = None) -> None:
         self.address_family = family
-        self.handoff = handoff
         self.exporter = exporter
-        self.connection_slots = Slots()
-        self.retiring = False  # see retire
-        self.accepted: Dict[int, float] = {}  # descriptor -> time.monotonic() of accept
+        self.web = web if web is not None else WebConfig()
+        self.auth = BasicAuth(self.web.users) if self.web.users else None
+        self.tls = ServerTLS(self.web.tls, exporter.logger) if self.web.tls is not None else None
+        self.connections = 0
+        self._lock = threading.Lock()
         self.out_of_descriptors = False  # logged once until an accept succeeds again
         settings = exporter.settings
         self.routes: Dict[str, Callable[[Handler, str], None]] = {  # GET and HEAD
@@ -3457,50 +2834,25 @@ class ExporterServer(socketserver.ThreadingTCPServer):
             "/logs": Handler.serve_logs,
             "/-/reload": Handler.serve_reload_get,
         }
-        web = web if web is not None else WebConfig()
-        self.web = web
-        self.auth = BasicAuth(web.users) if web.users else None
-        self.tls = ServerTLS(web.tls, exporter.logger) if web.tls is not None else None
-        # Plain HTTP connections go to the connection loop (see serve_forever); with TLS or
-        # passwords on, each has a thread.
-        self.loop: Optional[EventLoop] = None
-        self.early: Dict[int, bytes] = {}  # descriptor -> bytes the loop read before handing it over
-        super().__init__(address, Handler, handoff is None)
-        if handoff is not None:
-            self.socket.close()
-            self.socket = handoff
-            self.server_address = address
-            handoff.setblocking(False)
+        super().__init__(address, Handler)
 
-    def get_request(self) -> Tuple[socket.socket, object]:
-        if self.handoff is not None:
-            sock, address, accepted = receive_connection(self.handoff)
-        else:
-            (sock, address), accepted = self.socket.accept(), time.monotonic()
-        self.accepted[sock.fileno()] = accepted
-        return sock, address
+    def server_bind(self) -> None:
+        """As TCPServer's: HTTPServer's would also look up the host's name, which may hang."""
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            # ":port" means every interface, IPv4 too: clear V6ONLY where the host allows it.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
-    def _handle_request_noblock(self) -> None:
-        """Accept every waiting connection (stamping each) before starting their threads: under
-        load a thread start takes milliseconds, and a burst of scrapes should not spend its
-        deadlines queued behind them.  Each connection is then handled as socketserver would."""
-        batch = []
-        for _ in range(ACCEPT_BATCH):
-            try:
-                batch.append(self.get_request())
-            except BlockingIOError:  # nobody else is waiting
-                break
-            except OSError as err:
-                self.accept_failed(err)
-                break
-        if batch:
-            self.out_of_descriptors = False
-        for request, address in batch:
-            try:
-                self.process_request(request, address)
-            except Exception:
-                self.handle_error(request, address)
-                self.shutdown_request(request)
+    def get_request(self) -> Tuple[socket.socket, Any]:
+        try:
+            connection = self.socket.accept()
+        except OSError as err:
+            self.accept_failed(err)
+            raise
+        self.out_of_descriptors = False
+        return connection
 
     def accept_failed(self, err: OSError) -> None:
         """Out of descriptors (or memory), the waiting connection stays queued and the listening
@@ -3512,112 +2864,37 @@ class ExporterServer(socketserver.ThreadingTCPServer):
             self.exporter.logger.log("warn", "Cannot accept connections, pausing the accept loop", err=str(err))
         time.sleep(ACCEPT_RETRY_SECONDS)
 
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        """To the connection loop when there is one, else to a thread of its own, up to
-        --web.max-connections; past that a quick 503.  A retiring worker hands it back."""
-        if self.retiring and self.hand_back(request, client_address, self.accepted.pop(request.fileno(), MIGRATED)):
-            return
-        if not self.connection_slots.acquire(self.exporter.connection_limit):
-            self.refuse(request)
-        elif self.loop is not None:
-            self.loop.adopt(request, client_address, self.accepted.pop(request.fileno(), 0.0) or time.monotonic())
-        else:
-            self.serve_in_thread(request, client_address)
-
-    def refuse(self, request: socket.socket) -> None:
-        """503 and close, counted: no connection slot, or no thread, for it."""
-        self.exporter.stats.reject("connections")
-        self.accepted.pop(request.fileno(), None)
-        self.early.pop(request.fileno(), None)
-        _refuse_connection(request)
-        self.shutdown_request(request)
-
-    def serve_in_thread(self, request: socket.socket, client_address: object, early: bytes = b"", started: float = 0.0) -> None:
-        """A handler thread for the connection, which holds a connection slot already; ``early``
-        is what arrived of its next request, since ``started``."""
-        if started:
-            self.accepted[request.fileno()] = started
-        if early:
-            self.early[request.fileno()] = early
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, up to --web.max-connections; past that, or when the
+        system refuses a thread, a quick 503."""
+        with self._lock:
+            admitted = self.connections < self.exporter.settings.max_connections
+            self.connections += admitted
         try:
-            super().process_request(request, client_address)
+            if admitted:
+                super().process_request(request, client_address)
+                return
         except RuntimeError:  # the system refused another thread
             self.release_connection()
-            self.refuse(request)
-
-    def serve_forever(self, poll_interval: float = 0.2) -> None:
-        """Accept connections until shutdown(); the connection loop starts here, in the process
-        that serves them (not in a supervisor, which only accepts)."""
-        if CAN_EPOLL and self.tls is None and self.auth is None and self.loop is None:
-            self.loop = EventLoop(self)
-        super().serve_forever(poll_interval)
-
-    def server_close(self) -> None:
-        while self.retiring and self.handoff is not None:  # handed over, not taken yet: back they go
-            try:
-                sock, address, accepted = receive_connection(self.handoff)
-            except OSError:
-                break
-            if not self.hand_back(sock, address, accepted):
-                sock.close()
-        super().server_close()
-        if self.loop is not None:
-            self.loop.stop()
-
-    def hand_back(self, sock: socket.socket, address: object, accepted: float) -> bool:
-        """A connection back to the supervisor, which passes it to another worker; whether it went."""
-        if self.handoff is None:
-            return False
-        try:
-            hand_over(self.handoff, sock, address, accepted)
+        self.exporter.stats.reject("connections")
+        try:  # never blocking: this runs in the thread that accepts
+            request.setblocking(False)
+            request.send(_OVERLOADED_RESPONSE)
         except OSError:
-            return False
-        sock.close()
-        return True
+            pass
+        self.shutdown_request(request)
 
-    def shed(self, fraction: float) -> None:
-        """See EventLoop.shed; a connection in a thread of its own stays there."""
-        if self.loop is not None:
-            self.loop.shed(fraction)
-
-    def retire(self) -> None:
-        """This worker takes no more connections (the supervisor hands it none): the loop gives
-        each of its connections back once it waits for its next request, a handler thread closes
-        its connection after the answer it is writing ("Connection: close"), and the process
-        stops once it holds none."""
-        self.retiring = True
-        if self.loop is not None:
-            self.loop.retire()
-        self._stop_if_retired(self.connection_slots.held)
-
-    def release_connection(self) -> None:
-        """A connection this server held is gone."""
-        self._stop_if_retired(self.connection_slots.release())
-
-    def _stop_if_retired(self, held: int) -> None:
-        """A retiring worker that holds no connection stops, as on SIGTERM."""
-        if held == 0 and self.retiring:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            with TURNS.held():
-                super().process_request_thread(request, client_address)
+            super().process_request_thread(request, client_address)
         finally:
             self.release_connection()
 
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            # ":port" means every interface, IPv4 too: clear V6ONLY where the host allows it.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-        self.socket.setblocking(False)  # accept() in batches until nobody is waiting
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        self.exporter.logger.log("debug", "HTTP connection error", traceback=format_exception())
+    def release_connection(self) -> None:
+        with self._lock:
+            self.connections -= 1
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        # Runs in the connection's own thread, so a slow TLS handshake never holds up accept().
         if self.tls is None:
             super().finish_request(request, client_address)
             return
@@ -3629,504 +2906,8 @@ class ExporterServer(socketserver.ThreadingTCPServer):
         finally:
             self.shutdown_request(tls)
 
-
-_OVERLOADED_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\nToo many connections\n"
-)
-
-
-def _refuse_connection(sock: socket.socket) -> None:
-    """Best effort and never blocking: this runs in the accept loop."""
-    try:
-        sock.setblocking(False)
-        sock.send(_OVERLOADED_RESPONSE)
-    except OSError:
-        pass
-
-
-# ----------------------------------------------------------------------------------------------
-# The connection loop: plain HTTP connections and their probes, many at once in one thread
-# ----------------------------------------------------------------------------------------------
-
-CAN_EPOLL = hasattr(select, "epoll")  # Linux
-_ONESHOT = getattr(select, "EPOLLONESHOT", 0)
-MAX_LOOP_HEAD_BYTES = 16384  # a longer request head goes to a handler thread, which knows every limit
-MAX_STALE_TIMERS = 1024  # cancelled timers kept in the heap before it is rebuilt without them
-TIMER_SLACK_SECONDS = 0.001  # a wait due this close to the running timer keeps it
-MAX_REMEMBERED_HEADS = 4096  # request heads whose meaning the loop remembers (then it starts over)
-MAX_REMEMBERED_HEAD_BYTES = 2048  # and the longest it remembers
-
-
-class _Timer:
-    __slots__ = ("when", "callback", "cancelled")
-
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when  # time.monotonic() when it is due
-        self.callback = callback
-        self.cancelled = False
-
-
-ProbeAsked = Tuple[ProbeRequest, Optional[str], bool]  # and the Accept header, and whether to close after
-
-
-def probe_asked(head: bytes, exporter: Exporter) -> Optional[ProbeAsked]:
-    """The probe a request head asks for, with its Accept header and whether the connection
-    closes after the answer; None for any other request."""
-    line, _, fields = head.partition(b"\r\n")
-    parts = split_request_line(line)
-    if parts is None or parts[0] != "GET" or parts[3] != "1" or parts[1].startswith("//"):
-        return None
-    url = urllib.parse.urlsplit(parts[1])
-    if url.path != exporter.settings.probe_path:
-        return None
-    try:
-        headers = read_request_headers(io.BytesIO(fields))
-        request = exporter.probe_request(url.query, headers.get(SCRAPE_TIMEOUT_HEADER))
-    except (HeadTooLarge, BadRequest):
-        return None
-    if request.debug or headers.get("Expect") is not None:
-        return None
-    connection = (headers.get("Connection") or "").lower()
-    close_after = connection == "close" or (parts[2] == "HTTP/1.0" and connection != "keep-alive")
-    return request, headers.get("Accept"), close_after
-
-
-class EventLoop:
-    """One thread that serves plain HTTP connections: it reads their requests and drives the
-    steps of their probes, all at once, waking only when a socket is ready or a time is up.
-    With a thread per connection, a third of a probe's CPU time went on handing the interpreter
-    from thread to thread and on waking threads.  Whatever the loop does not serve itself (any
-    request but a GET of a probe without debug=true) it hands, with its connection, to a
-    handler thread for good.  Other threads reach it only through ``call_soon``: the accept
-    thread's ``adopt``, ``stop``, a finished name lookup."""
-
-    def __init__(self, server: "ExporterServer") -> None:
-        self.server = server
-        self.logger = server.exporter.logger
-        self.poller = select.epoll()
-        self.watched: Dict[int, Callable[[], None]] = {}  # descriptor -> what to call when it is ready
-        self.masks: Dict[int, int] = {}  # descriptor -> the events it is registered for
-        self.timers: List[Tuple[float, int, _Timer]] = []  # a heap
-        self.timer_count = 0  # tie-breaker for timers due at once
-        self.stale_timers = 0
-        self.connections: Set["_LoopConnection"] = set()
-        self.heads: Dict[bytes, Tuple[Config, Optional[ProbeAsked]]] = {}  # see probe_asked
-        self.calls: Deque[Callable[[], None]] = collections.deque()  # from other threads
-        self.calls_lock = threading.Lock()
-        self.next: Deque[Callable[[], None]] = collections.deque()  # from this thread, before the next wait
-        self.wakeup, self.waker = socket.socketpair()
-        self.wakeup.setblocking(False)
-        self.waker.setblocking(False)
-        self.watch(self.wakeup.fileno(), READABLE, self._woken, oneshot=False)
-        self.stopping = False
-        self.shedding = 0  # connections still to give back to the supervisor (see shed)
-        self.call_later(LOOP_SWEEP_SECONDS, self._sweep)
-        self.thread = threading.Thread(target=self.run, name="loop", daemon=True)
-        self.thread.start()
-
-    # -- used from other threads
-
-    def adopt(self, sock: socket.socket, address: object, accepted: float) -> None:
-        """A connection the accept thread took, accepted at ``accepted`` (time.monotonic())."""
-        self.call_soon(lambda: _LoopConnection(self, sock, address, accepted).begin())
-
-    def call_soon(self, call: Callable[[], None]) -> None:
-        with self.calls_lock:
-            self.calls.append(call)
-            first = len(self.calls) == 1
-        if first:  # later ones find the loop woken already
-            with contextlib.suppress(OSError):  # a full buffer wakes it too; a closed one: it ended
-                self.waker.send(b"\0")
-
-    def shed(self, fraction: float) -> None:
-        """Give back ``fraction`` of this worker's connections to the supervisor, each once it
-        waits for its next request, for a worker that started since (see Supervisor)."""
-        self.call_soon(lambda: self._shed(fraction))
-
-    def retire(self) -> None:
-        """Give back every connection (see ExporterServer.retire)."""
-        self.call_soon(lambda: self._give_back_waiting(RETIRING))
-
-    def stop(self) -> None:
-        """Closes every connection and the probes running for them; returns once the loop ended."""
-        self.call_soon(self._stop)
-        self.thread.join(LOOP_STOP_SECONDS)
-
-    # -- in the loop's thread
-
-    def run(self) -> None:
-        while not self.stopping:
-            timeout = self._fire_timers()
-            while self.next:
-                self.call(self.next.popleft())
-                timeout = 0.0
-            for fd, _ in self.poller.poll(timeout):
-                callback = self.watched.get(fd)
-                if callback is not None:
-                    self.call(callback)
-        self.poller.close()
-        self.wakeup.close()
-        self.waker.close()
-
-    def call(self, callback: Callable[[], None]) -> None:
-        """A callback that fails (a bug) is logged; the loop goes on."""
-        try:
-            callback()
-        except Exception:
-            self.logger.log("error", "Connection loop callback failed", traceback=format_exception())
-
-    def watch(self, fd: int, events: int, callback: Callable[[], None], oneshot: bool = True) -> None:
-        """Calls ``callback`` when ``fd`` is ready for ``events``: once (then watch it again), or
-        every time it is (then the same events again cost no system call)."""
-        events |= _ONESHOT if oneshot else 0
-        self.watched[fd] = callback
-        mask = self.masks.get(fd)
-        if mask is not None:
-            if mask == events and not oneshot:
-                return
-            try:
-                self.poller.modify(fd, events)
-                self.masks[fd] = events
-                return
-            except FileNotFoundError:  # closed meanwhile; the number was given to a new socket
-                pass
-        self.poller.register(fd, events)
-        self.masks[fd] = events
-
-    def forget(self, fd: int, closed: bool = False) -> None:
-        """Stop watching ``fd``: before its socket closes; or after, ``closed`` (then the system
-        forgot it already)."""
-        self.watched.pop(fd, None)
-        if self.masks.pop(fd, None) is not None and not closed:
-            with contextlib.suppress(OSError, ValueError):
-                self.poller.unregister(fd)
-
-    def probe_asked(self, head: bytes) -> Optional[ProbeAsked]:
-        """``probe_asked``, remembered: a scraper sends the same request head for a target
-        scrape after scrape, and parsing it cost as much as rendering the answer."""
-        config = self.server.exporter.config
-        known = self.heads.get(head)
-        if known is not None and known[0] is config:  # a reload forgets what it knew
-            return known[1]
-        asked = probe_asked(head, self.server.exporter)
-        if len(head) <= MAX_REMEMBERED_HEAD_BYTES:
-            if len(self.heads) >= MAX_REMEMBERED_HEADS:
-                self.heads.clear()
-            self.heads[head] = (config, asked)
-        return asked
-
-    def soon(self, callback: Callable[[], None]) -> None:
-        """``callback`` after the callbacks running now: what would otherwise call itself over
-        and over (a client's pipelined requests answered at once) takes turns with the rest."""
-        self.next.append(callback)
-
-    def call_later(self, seconds: float, callback: Callable[[], None]) -> _Timer:
-        timer = _Timer(time.monotonic() + max(seconds, 0.0), callback)
-        self.timer_count += 1
-        heapq.heappush(self.timers, (timer.when, self.timer_count, timer))
-        return timer
-
-    def cancel(self, timer: Optional[_Timer]) -> None:
-        if timer is None or timer.cancelled:
-            return
-        timer.cancelled = True
-        self.stale_timers += 1
-        if self.stale_timers > MAX_STALE_TIMERS and self.stale_timers > len(self.timers) // 2:
-            self.timers = [entry for entry in self.timers if not entry[2].cancelled]
-            heapq.heapify(self.timers)
-            self.stale_timers = 0
-
-    def _fire_timers(self) -> float:
-        """Calls what is due; the seconds until the next timer, -1 for none."""
-        now = time.monotonic()
-        while self.timers:
-            when, _, timer = self.timers[0]
-            if timer.cancelled:
-                heapq.heappop(self.timers)
-                self.stale_timers = max(self.stale_timers - 1, 0)
-            elif when <= now:
-                heapq.heappop(self.timers)
-                timer.cancelled = True  # fired: cancelling it later changes nothing
-                self.call(timer.callback)
-            else:
-                return when - now
-        return -1.0
-
-    def _woken(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while self.wakeup.recv(RECV_BYTES):
-                pass
-        with self.calls_lock:
-            calls, self.calls = self.calls, collections.deque()
-        for call in calls:
-            self.call(call)
-
-    def _sweep(self) -> None:
-        """Closes the connections past their time limit: a heap entry per request for limits
-        that are seconds long would cost more than looking at each connection a few times a
-        second."""
-        now = time.monotonic()
-        for connection in [c for c in self.connections if 0.0 < c.expires <= now]:
-            connection.close()
-        self.call_later(LOOP_SWEEP_SECONDS, self._sweep)
-
-    def _shed(self, fraction: float) -> None:
-        if self.server.handoff is None:
-            return
-        self._give_back_waiting(int(len(self.connections) * fraction))
-
-    def _give_back_waiting(self, count: int) -> None:
-        """Give back ``count`` connections: those waiting now, then others as they come to wait."""
-        self.shedding = count
-        for connection in list(self.connections):
-            if connection.waiting() and not self.give_back(connection):
-                break
-
-    def give_back(self, connection: "_LoopConnection") -> bool:
-        """Hand a connection that waits for a request back to the supervisor, if some are still to
-        go; whether it went."""
-        if self.shedding <= 0 or self.server.handoff is None:
-            return False
-        try:
-            hand_over(self.server.handoff, connection.sock, connection.address, MIGRATED)
-        except OSError:  # the supervisor's queue is full: this one stays (retiring: until it waits again)
-            if not self.server.retiring:
-                self.shedding = 0
-            return False
-        self.shedding -= 1
-        connection.leave_for_good()
-        return True
-
-    def _stop(self) -> None:
-        self.stopping = True
-        for connection in list(self.connections):
-            connection.close()
-
-
-class _LoopTask:
-    """Steps driven by the loop: each Wait becomes a watched socket, a Completion's callback or
-    a pause, with a timer for its time; ``finished`` is called when the steps end."""
-
-    def __init__(self, loop: EventLoop, steps: Steps[None], finished: Callable[[], None]) -> None:
-        self.loop = loop
-        self.steps = steps
-        self.finished = finished
-        self.sock: Optional[socket.socket] = None  # the socket watched for the steps
-        self.fd = -1  # its descriptor, -1 for none
-        self.on_socket = False  # whether the current wait is for that socket
-        self.timer: Optional[_Timer] = None  # when the current wait's time is up
-        self.waits = 0  # counts waits: a Completion's callback for an earlier one is ignored
-
-    def advance(self, answer: Optional[bool] = None) -> None:
-        """Runs the steps to their next wait; ``answer`` to the last (None for the first)."""
-        self.on_socket = False
-        self.waits += 1
-        try:
-            wait = next(self.steps) if answer is None else self.steps.send(answer)
-        except StopIteration:
-            self.end(closed=True)
-            return
-        except Exception:  # probe_steps reports its failures itself: a bug
-            self.loop.logger.log("error", "Probe steps failed", traceback=format_exception())
-            self.end(closed=False)
-            return
-        if wait.sock is not self.sock:
-            # Another socket object, maybe with the number of one closed meanwhile (a connect to
-            # the next address): watched afresh.
-            if self.fd >= 0:
-                self.loop.forget(self.fd)
-            self.sock = wait.sock
-            self.fd = wait.sock.fileno() if wait.sock is not None else -1
-        fd = self.fd
-        if fd >= 0:
-            self.on_socket = True
-            # Every time: a probe's socket has nothing unread between its waits.
-            self.loop.watch(fd, wait.events, self._ready, oneshot=False)
-        elif wait.done is not None:
-            count = self.waits
-            wait.done.on_set(lambda: self.loop.call_soon(lambda: self._answer(count)))
-        self._time(wait.seconds)
-
-    def _time(self, seconds: float) -> None:
-        """Most waits of a probe end at its deadline: one timer serves them all."""
-        due = time.monotonic() + seconds
-        if self.timer is not None and not self.timer.cancelled and abs(self.timer.when - due) < TIMER_SLACK_SECONDS:
-            return
-        self.loop.cancel(self.timer)
-        self.timer = self.loop.call_later(seconds, self._expired)
-
-    def cancel(self) -> None:
-        """Ends the steps where they wait (their sockets close)."""
-        self.steps.close()
-        self.end(closed=True)
-
-    def end(self, closed: bool) -> None:
-        """``closed``: the steps closed their socket, which the system stopped watching then."""
-        self.loop.cancel(self.timer)
-        if self.fd >= 0:
-            self.loop.forget(self.fd, closed)
-            self.sock, self.fd = None, -1
-        finished, self.finished = self.finished, _nothing
-        finished()
-
-    def _ready(self) -> None:
-        if self.on_socket:
-            self.advance(True)
-
-    def _expired(self) -> None:
-        self.advance(False)
-
-    def _answer(self, count: int) -> None:
-        if count == self.waits:
-            self.advance(True)
-
-
-def _nothing() -> None:
-    pass
-
-
-class _LoopConnection:
-    """One plain HTTP/1.1 connection served by the loop: read a request, probe, answer, again."""
-
-    def __init__(self, loop: EventLoop, sock: socket.socket, address: object, accepted: float) -> None:
-        self.loop = loop
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.address = address
-        self.accepted = max(accepted, 0.0)  # until its first request arrives; 0: not known
-        self.started = 0.0  # when the request being read or served arrived
-        self.buffer = b""  # received, not yet served
-        self.out = memoryview(b"")  # the answer being sent
-        self.close_after = False
-        self.expires = 0.0  # time.monotonic() by which the client must go on, 0 while probing (see _sweep)
-        self.task: Optional[_LoopTask] = None
-
-    def begin(self) -> None:
-        self.loop.connections.add(self)
-        try:
-            if self.sock.family in (socket.AF_INET, socket.AF_INET6):
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.setblocking(False)
-        except OSError:  # the client left already
-            self.close()
-            return
-        self._await_request()
-
-    def _await_request(self) -> None:
-        if self.loop.shedding and self.loop.give_back(self):
-            return
-        self.expires = time.monotonic() + KEEPALIVE_IDLE_SECONDS
-        self.loop.watch(self.fd, READABLE, self._read)
-
-    def waiting(self) -> bool:
-        """Between requests: nothing of one read, being served or being answered."""
-        return self.task is None and not self.buffer and not self.out and self.expires > 0
-
-    def _read(self) -> None:
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except BlockingIOError:
-            self.loop.watch(self.fd, READABLE, self._read)
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            return
-        if not self.buffer:
-            # A new connection's first request was sent when it connected; a later one now.
-            self.started, self.accepted = self.accepted or time.monotonic(), 0.0
-            self.expires = self.started + REQUEST_READ_SECONDS
-        self.buffer += data
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        """Serves the request at the head of the buffer once it is whole."""
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buffer) > MAX_LOOP_HEAD_BYTES or b"\n\n" in self.buffer:
-                self._to_thread()
-            else:
-                self.loop.watch(self.fd, READABLE, self._read)
-            return
-        asked = self.loop.probe_asked(self.buffer[: end + 2])
-        if asked is None:
-            self._to_thread()
-            return
-        request, accept, self.close_after = asked
-        self.buffer = self.buffer[end + 4 :]
-        exporter = self.loop.server.exporter
-        try:
-            run = exporter.begin_probe(request.target, request.module, request.timeout, self.started, request.alias)
-        except Overloaded as err:
-            self._respond(503, "%s\n" % err, "text/plain; charset=utf-8", OVERLOADED_HEADERS)
-            return
-        self.expires = 0.0  # the probe's deadline bounds it now
-        self.task = _LoopTask(self.loop, run.steps, lambda: self._probed(run, accept))
-        self.task.advance()
-
-    def _dispatch_next(self) -> None:
-        if self in self.loop.connections:  # not closed meanwhile
-            self._dispatch()
-
-    def _probed(self, run: ProbeRun, accept: Optional[str]) -> None:
-        self.task = None
-        run.finish()
-        if self not in self.loop.connections:  # closed while the probe ran
-            return
-        fmt = negotiate_format(accept)
-        self._respond(200, fmt.render(probe_samples(run.result)), fmt.content_type)
-
-    def _respond(self, status: int, body: str, content_type: str, headers: Sequence[Tuple[str, str]] = ()) -> None:
-        self.out = memoryview(response_bytes(status, body, content_type, headers, self.close_after))
-        log_request(self.loop.logger, "GET", self.loop.server.exporter.settings.probe_path, status)
-        self.expires = time.monotonic() + RESPONSE_WRITE_SECONDS
-        self._write()
-
-    def _write(self) -> None:
-        try:
-            self.out = self.out[self.sock.send(self.out) :]
-        except BlockingIOError:
-            pass
-        except OSError:
-            self.close()
-            return
-        if self.out:
-            self.loop.watch(self.fd, WRITABLE, self._write)
-        elif self.close_after:
-            self.close()
-        elif self.buffer:  # the next request came along with the last one
-            self.started = time.monotonic()
-            self.expires = self.started + REQUEST_READ_SECONDS
-            self.loop.soon(self._dispatch_next)
-        else:
-            self._await_request()
-
-    def _to_thread(self) -> None:
-        """The rest of this connection is a handler thread's, with what arrived so far."""
-        self._leave()
-        self.loop.server.serve_in_thread(self.sock, self.address, self.buffer, self.started or self.accepted)
-
-    def _leave(self) -> None:
-        self.loop.forget(self.fd)
-        self.loop.connections.discard(self)
-
-    def close(self) -> None:
-        if self not in self.loop.connections:
-            return
-        self._leave()
-        if self.task is not None:
-            task, self.task = self.task, None
-            task.cancel()
-        self.loop.server.shutdown_request(self.sock)
-        self.loop.server.release_connection()
-
-    def leave_for_good(self) -> None:
-        """Another process holds the connection now: only this one's descriptor closes."""
-        self._leave()
-        self.sock.close()
-        self.loop.server.release_connection()
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.exporter.logger.log("debug", "HTTP connection error", traceback=format_exception())
 
 
 def split_listen_address(value: str) -> Tuple[str, int]:
@@ -4267,9 +3048,8 @@ class ServerTLS:
             self.logger.log("debug", "TLS handshake failed", client=format_address(client), err=str(err))
             return None
         try:
-            tls.settimeout(TLS_HANDSHAKE_SECONDS)
-            with TURNS.waiting():
-                tls.do_handshake()
+            tls.settimeout(TLS_HANDSHAKE_SECONDS)  # for the whole handshake, not for each read
+            tls.do_handshake()
         except OSError as err:  # ssl.SSLError and socket.timeout among them
             tls.close()
             self.logger.log("debug", "TLS handshake failed", client=format_address(client), err=str(err))
@@ -4362,15 +3142,12 @@ class BasicAuth:
         digest = hmac.new(self._key, ("%s:%s" % credentials).encode("utf-8"), hashlib.sha256).digest()
         if self._remembered(digest):
             return AuthOutcome.ALLOWED
-        with TURNS.waiting():
-            slot = self._slots.acquire(timeout=AUTH_HASH_WAIT_SECONDS)
-        if not slot:
+        if not self._slots.acquire(timeout=AUTH_HASH_WAIT_SECONDS):
             return AuthOutcome.BUSY
         try:
             if self._remembered(digest):  # verified by another request while this one waited
                 return AuthOutcome.ALLOWED
-            with TURNS.waiting():  # scrypt runs without the interpreter's lock
-                valid = verify_password(password, self._users.get(user, self._decoy)) and user in self._users
+            valid = verify_password(password, self._users.get(user, self._decoy)) and user in self._users
         finally:
             self._slots.release()
         if not valid:
@@ -4384,666 +3161,6 @@ class BasicAuth:
     def _remembered(self, digest: bytes) -> bool:
         with self._lock:
             return digest in self._verified
-
-
-# ----------------------------------------------------------------------------------------------
-# Worker processes: one interpreter runs Python on one core at a time, so on a machine with more
-# the exporter serves from several processes.  The process started is the supervisor: its main
-# thread listens and accepts, and hands each connection to the workers in turn (the descriptor
-# passed over a Unix socket): an even spread, where SO_REUSEPORT's hashing left one of two
-# workers with 60% of a client's keep-alive connections.  Worker 0 runs in the supervisor's own
-# process, in threads; the others are processes of their own.  --web.workers=N forks them all at
-# start.  By default (0) the exporter serves from its one process, which is all most fleets need,
-# starts another worker while every process serving is saturated, up to one per CPU, and retires
-# the newest when the others have room for its load (see SCALE_UP_BUSY).  A worker is started as a
-# fresh interpreter, since forking a process whose threads may hold locks (in OpenSSL, in the
-# resolver) could leave a child that deadlocks; a worker that dies is replaced the same way.
-# What a client may ask about the whole exporter (its counters, the recent probes, a probe's
-# logs, a reload) is asked of every process through the supervisor and answered from all of them.
-# ----------------------------------------------------------------------------------------------
-
-_MESSAGE_LENGTH = struct.Struct("!I")
-_DESCRIPTOR = array.array("i", [0]).itemsize
-# The accept stamp of a connection handed over again, between requests: when its next request
-# comes is not known, so its arrival is taken as read.
-MIGRATED = -1.0
-
-
-def hand_over(channel: socket.socket, sock: socket.socket, address: Any, accepted: float) -> None:
-    """Pass an accepted connection (its descriptor, its peer's address, when it was accepted) to
-    a worker over a SOCK_SEQPACKET pair: one message each, never merged with the next."""
-    payload = marshal.dumps((address, accepted))
-    channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
-
-
-def receive_connection(channel: socket.socket) -> Tuple[socket.socket, object, float]:
-    """The next connection handed over (BlockingIOError when none waits)."""
-    data, ancillary, flags, _ = channel.recvmsg(4096, socket.CMSG_SPACE(_DESCRIPTOR))
-    descriptors = array.array("i")
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            descriptors.frombytes(payload[: len(payload) - len(payload) % _DESCRIPTOR])
-    if not data or len(descriptors) != 1:  # the supervisor is gone, or the worker had no descriptor free
-        for descriptor in descriptors:
-            os.close(descriptor)
-        raise ConnectionAbortedError("no connection in the hand-over")
-    address, accepted = marshal.loads(data)
-    return socket.socket(fileno=descriptors[0]), address, accepted
-
-
-def encode_message(message: Any) -> bytes:
-    """A control message (plain tuples, dicts, strings, numbers) with its length in front."""
-    data = marshal.dumps(message)
-    return _MESSAGE_LENGTH.pack(len(data)) + data
-
-
-def decode_messages(buffer: bytearray) -> List[Any]:
-    """The complete messages at the front of ``buffer``, taken off it."""
-    out = []
-    while len(buffer) >= _MESSAGE_LENGTH.size:
-        (size,) = _MESSAGE_LENGTH.unpack_from(buffer)
-        end = _MESSAGE_LENGTH.size + size
-        if len(buffer) < end:
-            break
-        out.append(marshal.loads(bytes(buffer[_MESSAGE_LENGTH.size : end])))
-        del buffer[:end]
-    return out
-
-
-class WorkerLink:
-    """A worker's end of its channel to the supervisor.  Messages are tuples:
-    worker -> supervisor ("ask", n, kind, arg) and ("answer", n, answer);
-    supervisor -> worker ("query", n, kind, arg) and ("reply", n, [answer, ...])."""
-
-    def __init__(self, sock: socket.socket, exporter: "Exporter") -> None:
-        self.sock = sock
-        self.exporter = exporter
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._waiting: Dict[int, Tuple[threading.Event, List[List[object]]]] = {}
-        self._next = 0
-
-    def start(self) -> None:
-        threading.Thread(target=self._serve, name="worker-link", daemon=True).start()
-
-    def ask(self, kind: str, arg: object = None) -> Optional[List[object]]:
-        """Every process's answer, or None when the supervisor did not reply in time."""
-        done, box = threading.Event(), []  # type: Tuple[threading.Event, List[List[object]]]
-        with self._lock:
-            number, self._next = self._next, self._next + 1
-            self._waiting[number] = (done, box)
-        try:
-            self._send(("ask", number, kind, arg))
-            with TURNS.waiting():
-                done.wait(GATHER_SECONDS * 2)
-        except OSError:
-            pass
-        finally:
-            with self._lock:
-                self._waiting.pop(number, None)
-        return box[0] if box else None
-
-    def _send(self, message: object) -> None:
-        data = encode_message(message)
-        with self._send_lock:
-            self.sock.sendall(data)
-
-    def _serve(self) -> None:
-        buffer = bytearray()
-        while True:
-            try:
-                data = self.sock.recv(RECV_BYTES)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            buffer += data
-            try:
-                messages = decode_messages(buffer)
-            except (ValueError, EOFError, TypeError):  # not what the supervisor writes: the channel is broken
-                break
-            for message in messages:
-                self._dispatch(message)
-        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor is gone: stop as if it said so
-
-    def _dispatch(self, message: Tuple[Any, ...]) -> None:
-        if message[0] == "reply":
-            with self._lock:
-                waiter = self._waiting.get(message[1])
-            if waiter is not None:
-                waiter[1].append(message[2])
-                waiter[0].set()
-        elif message[0] == "query":
-            self._send(("answer", message[1], self.exporter.answer(message[2], message[3])))
-
-
-class _Worker:
-    """The supervisor's record of one worker."""
-
-    def __init__(self, index: int, pid: int, sock: socket.socket, connections: socket.socket) -> None:
-        self.index = index
-        self.pid = pid  # the supervisor's own for worker 0
-        self.local = pid == os.getpid()
-        self.sock = sock  # questions and answers
-        self.connections = connections  # accepted connections handed over
-        self.buffer = bytearray()
-        self.started = time.monotonic()
-        self.ready = False  # listening
-        self.retiring = False  # told to give its connections back and stop (see Supervisor.retire)
-        self.cpu: Dict[str, float] = {}  # CPU seconds each of its threads had spent at the last look
-
-    def busiest(self, elapsed: float) -> float:
-        """The largest share of a CPU one of its threads spent over the ``elapsed`` seconds since
-        the last look (0 at the first)."""
-        spent = thread_cpu_seconds(self.pid)
-        most = max((spent[t] - self.cpu[t] for t in spent if t in self.cpu), default=0.0)
-        self.cpu = spent
-        return most / elapsed
-
-
-class _Gather:
-    """A question put to every process: who still owes an answer, and who asked."""
-
-    def __init__(self, kind: str, asker: Optional[Tuple[int, int]], owing: Set[int], first: object) -> None:
-        self.kind = kind
-        self.asker = asker  # (worker index, its ask number); None for the supervisor's own
-        self.owing = owing  # worker indexes
-        self.answers = [first]  # the supervisor's own answer comes first
-        self.expires = time.monotonic() + GATHER_SECONDS
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, lowered to the CPU quota of its cgroup or
-    any cgroup above it (what a container's CPU limit or systemd's CPUQuota= sets), rounded up."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        count = os.cpu_count() or 1
-    for quota, period in cgroup_cpu_quotas():
-        if quota > 0 and period > 0:
-            count = min(count, -(-quota // period))
-    return max(1, count)
-
-
-CGROUP_ROOT = "/sys/fs/cgroup"
-PROC_SELF_CGROUP = "/proc/self/cgroup"
-
-
-def cgroup_cpu_quotas() -> List[Tuple[int, int]]:
-    """(quota, period) of every CPU-limited cgroup from this process's up to the root, as
-    /proc/self/cgroup names them: cgroup v2 "cpu.max", v1 "cpu.cfs_quota_us" (-1: none)."""
-    try:
-        with open(PROC_SELF_CGROUP) as f:
-            entries = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        if len(entry) != 3:
-            continue
-        _, controllers, path = entry
-        if controllers == "":  # v2: the unified hierarchy
-            found += _quotas_upward(CGROUP_ROOT, path, _v2_quota)
-        elif "cpu" in controllers.split(","):
-            found += _quotas_upward(os.path.join(CGROUP_ROOT, controllers), path, _v1_quota)
-    return found
-
-
-def _quotas_upward(base: str, path: str, read: Callable[[str], Tuple[int, int]]) -> List[Tuple[int, int]]:
-    """The quotas of ``base``/``path`` and each directory above it up to ``base``; a container's
-    own cgroup may be mounted at ``base`` itself, so a path that is not there is skipped."""
-    found = []
-    parts = [p for p in path.split("/") if p]
-    for depth in range(len(parts), -1, -1):
-        directory = os.path.join(base, *parts[:depth])
-        try:
-            found.append(read(directory))
-        except (OSError, ValueError, IndexError):
-            continue  # absent, or "max": no quota there
-    return found
-
-
-def _v2_quota(directory: str) -> Tuple[int, int]:
-    with open(os.path.join(directory, "cpu.max")) as f:
-        quota, period = f.read().split()[:2]
-    return int(quota), int(period)
-
-
-def _v1_quota(directory: str) -> Tuple[int, int]:
-    with open(os.path.join(directory, "cpu.cfs_quota_us")) as f, open(os.path.join(directory, "cpu.cfs_period_us")) as g:
-        return int(f.read()), int(g.read())
-
-
-def worker_count(settings: "Settings") -> int:
-    """The most processes to serve from: --web.workers, or (0) one per usable CPU up to
-    MAX_AUTO_WORKERS, on Linux (fork, and descriptors passed over SOCK_SEQPACKET); elsewhere one."""
-    if not hasattr(os, "fork") or not hasattr(socket, "SOCK_SEQPACKET") or not sys.platform.startswith("linux"):
-        return 1
-    return settings.workers or min(usable_cpus(), MAX_AUTO_WORKERS)
-
-
-def share(total: int, workers: int) -> int:
-    """One worker's part of a limit set for the whole exporter."""
-    return max(1, -(-total // workers))
-
-
-class Supervisor:
-    """Accepts and hands connections to the workers, starts them (see above), restarts one that
-    dies, relays the questions every process answers, and passes SIGHUP (reload) and
-    SIGTERM/SIGINT (stop) on."""
-
-    def __init__(
-        self,
-        exporter: "Exporter",
-        listener: "ExporterServer",
-        web: Optional["WebConfig"],
-        count: int,
-        on_demand: bool = False,
-        flags: Sequence[str] = (),
-    ) -> None:
-        self.exporter = exporter  # worker 0's as well: one process, one answer
-        self.listener = listener  # accepts; the workers serve
-        self._turn = 0  # the worker the next connection goes to, in index order
-        self.web = web
-        self.count = count  # workers at most
-        self.on_demand = on_demand  # start workers past the first only when the others are busy
-        self.flags = flags  # the command line's, which a worker started afresh is given too
-        self.workers: Dict[int, _Worker] = {}
-        self.gathers: Dict[int, _Gather] = {}
-        self._next_gather = 0
-        self.respawn_at: Dict[int, float] = {}
-        self.announced = False  # "Listening" is logged once the first workers all take connections
-        self._closing: List[socket.socket] = []  # sockets the child must not keep
-        self.local: Optional["ExporterServer"] = None  # worker 0's server
-        self.newest = -1  # the worker that started last: connections given back go to it
-        self._ticked = time.monotonic()
-        self.busy_ticks = 0  # ticks in a row every process serving was busy (see tick)
-        self.quiet_ticks = 0  # ticks in a row the processes serving had room for one fewer
-
-    def run(self, wakeup: socket.socket, sender: socket.socket) -> int:
-        self._closing = [wakeup, sender]
-        for index in range(1, 1 if self.on_demand else self.count):
-            self.spawn(index)  # forked while this process has one thread
-        self.start_local()
-        while True:
-            socks = [w.sock for w in self.workers.values()]
-            returned = [w.connections for w in self.workers.values() if w.ready or w.retiring]
-            serving = [self.listener.socket] if any(w.ready for w in self.workers.values()) else []
-            ready, _, _ = select.select([wakeup] + serving + socks + returned, [], [], self._next_timeout())
-            if serving and serving[0] in ready:
-                self.accept()
-            if wakeup in ready:
-                signum = wakeup.recv(1)
-                if not signum or signum[0] not in RELOAD_SIGNALS:
-                    return self.stop(signum[0] if signum else 0)
-                self.gather(None, "reload", None)
-            for worker in list(self.workers.values()):
-                if worker.sock in ready:
-                    self.read(worker)
-                if worker.connections in ready and worker.index in self.workers:
-                    self.take_back(worker)
-            self.expire()
-            self.reap()
-            self.tick()
-
-    def start_local(self) -> None:
-        """Worker 0, in this process's threads."""
-        mine, theirs = socket.socketpair()
-        handing, taking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        handing.setblocking(False)
-        mine.settimeout(GATHER_SECONDS)
-        self.workers[0] = _Worker(0, os.getpid(), mine, handing)
-        self.gather(None, "serving", self.serving())
-        self.local = start_worker(self.exporter, self.web, WorkerSeat(theirs, taking, 0, self.count, self._address()))
-        threading.Thread(target=self.local.serve_forever, name="http", daemon=True).start()
-
-    def _next_timeout(self) -> float:
-        soonest = [g.expires for g in self.gathers.values()] + list(self.respawn_at.values())
-        return max(0.0, min(soonest + [self._ticked + SUPERVISOR_TICK_SECONDS]) - time.monotonic())
-
-    def spawn(self, index: int, fresh: bool = False) -> None:
-        """Fork worker ``index``, or with ``fresh`` start it as a new interpreter."""
-        mine, theirs = socket.socketpair()
-        handing, taking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = self._start_fresh(theirs, taking, index) if fresh else self._fork(mine, handing, theirs, taking, index)
-        except OSError:
-            for sock in (mine, handing):
-                sock.close()
-            raise
-        finally:
-            theirs.close()
-            taking.close()
-        mine.settimeout(GATHER_SECONDS)  # a worker that stopped reading cannot hold the supervisor up
-        handing.setblocking(False)
-        self.workers[index] = _Worker(index, pid, mine, handing)
-        self.respawn_at.pop(index, None)
-        self.busy_ticks = self.quiet_ticks = 0
-        self.gather(None, "serving", self.serving())
-
-    def _fork(self, mine: socket.socket, handing: socket.socket, theirs: socket.socket, taking: socket.socket, index: int) -> int:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                for sock in [mine, handing, self.listener.socket] + self._closing + self._worker_sockets():
-                    sock.close()
-                code = run_worker(self.exporter, self.web, WorkerSeat(theirs, taking, index, self.count, self._address()))
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        return pid
-
-    def _start_fresh(self, theirs: socket.socket, taking: socket.socket, index: int) -> int:
-        """A new interpreter running this program with the same options and flags; WORKER_ENV
-        tells it which worker it is and the descriptors of its two channels, the only ones it
-        inherits."""
-        host, port, family = self._address()
-        place = "%d %d %d %d %d %d %s" % (theirs.fileno(), taking.fileno(), index, self.count, family, port, host)
-        for sock in (theirs, taking):
-            sock.set_inheritable(True)
-        environment = dict(os.environ)
-        environment[WORKER_ENV] = place
-        return os.posix_spawn(sys.executable, own_command(self.flags), environment)
-
-    def _address(self) -> Tuple[str, int, int]:
-        """The listener's host, port and address family, for a worker's logs."""
-        return str(self.listener.server_address[0]), int(self.listener.server_address[1]), int(self.listener.address_family)
-
-    def tick(self) -> None:
-        """Once a tick, with on_demand: another worker when every process serving was busy for
-        SCALE_UP_TICKS ticks; the newest retired when the others had room for its load for
-        RETIRE_TICKS ticks (see SCALE_UP_BUSY)."""
-        now = time.monotonic()
-        if now - self._ticked < SUPERVISOR_TICK_SECONDS or not self.on_demand:
-            return
-        elapsed, self._ticked = now - self._ticked, now
-        serving = [w for w in self.workers.values() if not w.retiring]
-        shares = [w.busiest(elapsed) for w in serving]
-        busy = bool(shares) and all(w.ready for w in serving) and min(shares) >= SCALE_UP_BUSY
-        self.busy_ticks = self.busy_ticks + 1 if busy else 0
-        quiet = len(serving) > 1 and sum(shares) <= RETIRE_BUSY * (len(serving) - 1)
-        self.quiet_ticks = self.quiet_ticks + 1 if quiet else 0
-        spare = [i for i in range(self.count) if i not in self.workers and i not in self.respawn_at]
-        if self.busy_ticks >= SCALE_UP_TICKS and spare:
-            self.exporter.logger.log("info", "Starting another worker: every process is busy", worker=spare[0])
-            self.respawn(spare[0])
-        elif self.quiet_ticks >= RETIRE_TICKS:
-            self.retire(max((w for w in serving if not w.local), key=lambda w: w.index))
-
-    def retire(self, worker: _Worker) -> None:
-        """``worker`` gets no more connections, gives back those it has and stops (see
-        ExporterServer.retire); the others take them."""
-        self.exporter.logger.log("info", "Retiring a worker: the others have room for its load", worker=worker.index)
-        worker.retiring, worker.ready = True, False
-        self.busy_ticks = self.quiet_ticks = 0
-        if self.newest == worker.index:
-            self.newest = -1
-        self.send(worker, ("query", -1, "retire", None))  # its answer matches no question: dropped
-        self.gather(None, "serving", self.serving())
-
-    def serving(self) -> int:
-        """The workers that serve (or start to), not those that retire."""
-        return sum(not w.retiring for w in self.workers.values())
-
-    def _worker_sockets(self) -> List[socket.socket]:
-        return [sock for w in self.workers.values() for sock in (w.sock, w.connections)]
-
-    def accept(self) -> None:
-        """Accept every waiting connection and hand each to the next worker that listens."""
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, address = self.listener.socket.accept()
-            except BlockingIOError:
-                return
-            except OSError as err:
-                self.listener.accept_failed(err)
-                return
-            try:
-                self.hand(sock, address, time.monotonic())
-            finally:
-                sock.close()  # the worker holds its own descriptor now
-
-    def take_back(self, worker: _Worker) -> None:
-        """Connections ``worker`` gave back (see EventLoop.shed), to the newest worker."""
-        while True:
-            try:
-                sock, address, accepted = receive_connection(worker.connections)
-            except OSError:  # none left (BlockingIOError), or the worker is gone
-                return
-            newest = self.workers.get(self.newest)
-            try:
-                if newest is not None and newest.ready and newest is not worker:
-                    hand_over(newest.connections, sock, address, accepted)
-                else:
-                    self.hand(sock, address, accepted)
-            except OSError:  # the newest worker's queue is full, or it is gone: any other
-                self.hand(sock, address, accepted)
-            finally:
-                sock.close()
-
-    def hand(self, sock: socket.socket, address: Any, accepted: float) -> None:
-        order = sorted(i for i, w in self.workers.items() if w.ready)
-        for step in range(len(order)):
-            worker = self.workers[order[(self._turn + step) % len(order)]]
-            try:
-                hand_over(worker.connections, sock, address, accepted)
-            except OSError:  # its queue is full, or it is gone: the next one
-                continue
-            self._turn = (self._turn + step + 1) % len(order)
-            return
-        _refuse_connection(sock)
-        self.exporter.stats.reject("connections")
-
-    def read(self, worker: _Worker) -> None:
-        try:
-            data = worker.sock.recv(RECV_BYTES)
-        except OSError:
-            data = b""
-        if not data:
-            self.lost(worker)
-            return
-        worker.buffer += data
-        for message in decode_messages(worker.buffer):
-            if message[0] == "ask":
-                self.gather((worker.index, message[1]), message[2], message[3])
-            elif message[0] == "ready" and not worker.retiring:
-                worker.ready = True
-                if not self.announced and all(w.ready for w in self.workers.values()):
-                    self.announced = True
-                    log_listening(self.listener, self.exporter)
-                elif self.announced:  # a worker added or replaced: the others give it a share
-                    self.newest = worker.index
-                    self.gather(None, "shed", 1.0 / sum(w.ready for w in self.workers.values()))
-            elif message[0] == "answer":
-                self.answered(worker.index, message[1], message[2])
-
-    def gather(self, asker: Optional[Tuple[int, int]], kind: str, arg: object) -> None:
-        number, self._next_gather = self._next_gather, self._next_gather + 1
-        # The supervisor answers for its own process, worker 0's: its counters, CPU and memory,
-        # its reload (which a worker forked later also carries).
-        gathering = _Gather(kind, asker, set(), self.exporter.answer(kind, arg))
-        self.gathers[number] = gathering
-        for worker in list(self.workers.values()):
-            if not worker.local and self.send(worker, ("query", number, kind, arg)):
-                gathering.owing.add(worker.index)
-        self.settle(number)
-
-    def answered(self, index: int, number: int, answer: object) -> None:
-        gathering = self.gathers.get(number)
-        if gathering is not None and index in gathering.owing:
-            gathering.owing.discard(index)
-            gathering.answers.append(answer)
-            self.settle(number)
-
-    def settle(self, number: int, force: bool = False) -> None:
-        gathering = self.gathers[number]
-        if gathering.owing and not force:
-            return
-        del self.gathers[number]
-        if gathering.kind == "reload":
-            self.exporter.log_reload(next((str(e) for e in gathering.answers if e is not None), None))
-        worker = self.workers.get(gathering.asker[0]) if gathering.asker else None
-        if worker is not None and gathering.asker is not None:
-            self.send(worker, ("reply", gathering.asker[1], gathering.answers))
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        for number, gathering in list(self.gathers.items()):
-            if gathering.expires <= now:
-                self.settle(number, force=True)
-        for index, when in list(self.respawn_at.items()):
-            if when <= now:
-                self.respawn(index)
-
-    def respawn(self, index: int) -> None:
-        try:
-            self.spawn(index, fresh=True)
-        except OSError as err:  # no process or socket to be had now (EAGAIN, EMFILE): try again later
-            self.exporter.logger.log("error", "Cannot start a worker process", worker=index, err=str(err))
-            self.respawn_at[index] = time.monotonic() + WORKER_RESTART_SECONDS
-
-    def send(self, worker: _Worker, message: object) -> bool:
-        try:
-            worker.sock.sendall(encode_message(message))
-            return True
-        except socket.timeout:
-            # It stopped reading, and its channel now ends mid-message: it is replaced once its
-            # channel closes (see lost).
-            if worker.local:  # a thread of this process that stopped reading: a bug, logged
-                self.exporter.logger.log("error", "Worker 0 not responding", worker=worker.index)
-                return False
-            self.exporter.logger.log("error", "Worker process not responding; stopping it", worker=worker.index, pid=worker.pid)
-            os.kill(worker.pid, signal.SIGKILL)
-            return False
-        except OSError:  # it is gone; its channel's end is read next
-            return False
-
-    def lost(self, worker: _Worker) -> None:
-        """A worker closed its channel: it retired, or it died (or is stopping).  Another takes a
-        dead one's place, no sooner than WORKER_RESTART_SECONDS after it started, so a crash loop
-        does not spin."""
-        if worker.retiring:
-            self.take_back(worker)  # the last it gave back
-            self.exporter.logger.log("info", "Worker process retired", worker=worker.index, pid=worker.pid)
-        else:
-            self.exporter.logger.log("warn", "Worker process exited; starting another", worker=worker.index, pid=worker.pid)
-            self.respawn_at[worker.index] = max(time.monotonic(), worker.started + WORKER_RESTART_SECONDS)
-        worker.sock.close()
-        worker.connections.close()
-        del self.workers[worker.index]
-        for number, gathering in list(self.gathers.items()):
-            gathering.owing.discard(worker.index)
-            self.settle(number)
-        self.gather(None, "serving", self.serving())
-
-    def reap(self) -> None:
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
-        except ChildProcessError:
-            pass
-
-    def stop(self, signum: int) -> int:
-        signal.set_wakeup_fd(-1)  # the pair may close before the process ends: later signals change nothing
-        self.exporter.logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
-        others = [w for w in self.workers.values() if not w.local]
-        for worker in others:
-            try:
-                os.kill(worker.pid, signal.SIGTERM)
-            except OSError:
-                pass
-        if self.local is not None:
-            self.local.shutdown()
-            self.local.server_close()
-        deadline = time.monotonic() + WORKER_STOP_SECONDS
-        pending = {w.sock: w for w in others}
-        while pending and time.monotonic() < deadline:
-            ready, _, _ = select.select(list(pending), [], [], deadline - time.monotonic())
-            for sock in ready:
-                try:
-                    data = sock.recv(RECV_BYTES)
-                except OSError:
-                    data = b""
-                if not data:
-                    del pending[sock]
-        for worker in pending.values():
-            try:
-                os.kill(worker.pid, signal.SIGKILL)
-            except OSError:
-                pass
-        for worker in others:
-            try:
-                os.waitpid(worker.pid, 0)
-            except ChildProcessError:
-                pass
-        self.listener.server_close()
-        return 0
-
-
-class WorkerSeat(NamedTuple):
-    """What a worker is given: its channels to the supervisor, for questions and answers and for
-    the connections handed over; its number (index); the most workers; the listener's (host,
-    port, family), for its logs."""
-
-    channel: socket.socket
-    connections: socket.socket
-    number: int
-    workers: int
-    address: Tuple[str, int, int]
-
-
-def start_worker(exporter: "Exporter", web: Optional["WebConfig"], seat: WorkerSeat) -> "ExporterServer":
-    """A worker's server, serving what the supervisor hands over once the caller starts it."""
-    exporter.recent = RecentProbes(first_id=seat.number, id_step=seat.workers)
-    exporter.link = WorkerLink(seat.channel, exporter)
-    exporter.link.start()
-    server = ExporterServer(seat.address[:2], seat.address[2], exporter, web, handoff=seat.connections)
-    exporter.server = server
-    seat.channel.sendall(encode_message(("ready",)))
-    return server
-
-
-def run_worker(exporter: "Exporter", web: Optional["WebConfig"], seat: WorkerSeat) -> int:
-    """A worker in a process of its own, until the supervisor stops it."""
-    wakeup, _sender = install_stop_signals()
-    # A terminal's Ctrl-C reaches every process of the group: the supervisor stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exporter.workers = seat.workers
-    return serve(start_worker(exporter, web, seat), exporter, wakeup)
-
-
-def run_fresh_worker(exporter: "Exporter", web: Optional["WebConfig"], place: str) -> int:
-    """A worker the supervisor started as a new interpreter, with WORKER_ENV set to ``place``."""
-    channel, connections, index, count, family, port, host = place.split(" ", 6)
-    seat = WorkerSeat(socket.socket(fileno=int(channel)), socket.socket(fileno=int(connections)), int(index),
-                      int(count), (host, int(port), int(family)))
-    return run_worker(exporter, web, seat)
-
-
-def own_command(flags: Sequence[str]) -> List[str]:
-    """A command that starts this program again: the same interpreter and options, this file
-    (as a module, if that is how it was run) and ``flags``."""
-    spec = globals().get("__spec__")
-    program = ["-m", spec.name] if spec is not None else [sys.argv[0]]
-    return [sys.executable] + interpreter_options() + program + list(flags)
-
-
-def thread_cpu_seconds(pid: int) -> Dict[str, float]:
-    """The user and system CPU seconds each thread of process ``pid`` has spent, by thread id,
-    from /proc; empty where unreadable, and without the threads that ended meanwhile."""
-    spent: Dict[str, float] = {}
-    try:
-        threads = os.listdir("/proc/%d/task" % pid)
-    except OSError:
-        return spent
-    for tid in threads:
-        try:
-            spent[tid] = _cpu_seconds(_stat_fields("%d/task/%s" % (pid, tid)))
-        except (OSError, IndexError, ValueError):
-            continue
-    return spent
 
 
 # ==============================================================================================
@@ -5120,13 +3237,6 @@ def _choice(options: Iterable[str]) -> Callable[[str], str]:
     return convert
 
 
-def _worker_count(text: str) -> int:
-    count = int(text)
-    if not 0 <= count <= MAX_WORKERS:
-        raise ValueError("want 0 (one per CPU) to %d" % MAX_WORKERS)
-    return count
-
-
 def _host_pattern(text: str) -> str:
     if not text or _CONTROL_CHARS.search(text) or "/" in text:
         raise ValueError("want a host name or pattern such as *.example.net")
@@ -5149,7 +3259,6 @@ class Settings(NamedTuple):
     deny_private: bool = False
     max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    workers: int = 0  # 0: one per usable CPU
     show_help: bool = False
     show_version: bool = False
     config_file: str = ""
@@ -5178,7 +3287,6 @@ FLAG_SPECS = (
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
     FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
-    FlagSpec("web.workers", "workers", "0", "Processes serving requests (Linux): 0 starts with one, adds more while all are saturated and retires them when the load falls, up to one per usable CPU (at most %d); N runs N from the start." % MAX_AUTO_WORKERS, _worker_count),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
@@ -5638,22 +3746,9 @@ def usage_error(message: str) -> int:
     return 2
 
 
-def release_freed_memory() -> None:
-    """Hand the heap pages freed since start back to the system.  Compiling this file as __main__
-    frees several MB of parser memory that glibc would otherwise keep resident for good."""
-    try:
-        import ctypes  # only here: nothing else needs it
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError, TypeError):
-        pass  # not glibc (musl, macOS): nothing to release this way
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    place = os.environ.pop(WORKER_ENV, None)  # a worker's, for it alone (see Supervisor)
-    flags = list(sys.argv[1:] if argv is None else argv)
     try:
-        settings = parse_flags(flags)
+        settings = parse_flags(sys.argv[1:] if argv is None else argv)
     except FlagError as err:
         return usage_error(str(err))
     if settings.show_help:
@@ -5678,38 +3773,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             exporter.config = load_config(settings.config_file)
         except ConfigError as err:
             return usage_error("config file %s: %s" % (settings.config_file, err))
-    if place is not None:
-        gc.freeze()  # the program's own objects stay out of every garbage collection, as below
-        return run_fresh_worker(exporter, web, place)
-    workers = worker_count(settings)
     try:
         server = make_server(exporter, web)
     except OSError as err:
         logger.log("error", "Cannot listen", address=settings.listen_address, err=str(err))
         return 1
-    wakeup, sender = install_stop_signals()
-    release_freed_memory()
-    exporter.workers = workers
-    if workers > 1:
-        gc.freeze()  # what exists now stays shared with the workers instead of being copied
-        return Supervisor(exporter, server, web, workers, not settings.workers, flags).run(wakeup, sender)
-    log_listening(server, exporter)
+    wakeup, _ = install_stop_signals()
+    threading.stack_size(THREAD_STACK_BYTES)
+    logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
+               tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower())
     return serve(server, exporter, wakeup)
-
-
-def log_listening(server: ExporterServer, exporter: Exporter) -> None:
-    exporter.logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
-                        tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower(),
-                        workers=exporter.workers)
 
 
 def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:
     """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP."""
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     signum = wait_for_stop(wakeup, exporter)
-    signal.set_wakeup_fd(-1)  # a later signal (a worker's link finds the supervisor gone) changes nothing
-    level = "debug" if exporter.link is not None else "info"  # the supervisor says it for its workers
-    exporter.logger.log(level, "Shutting down", signal=signal.Signals(signum).name if signum else "")
+    exporter.logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
     server.shutdown()
     server.server_close()
     return 0

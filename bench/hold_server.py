@@ -1,6 +1,6 @@
 """A WebSocket server that holds its 101 for a fixed delay, for timing-truth measurements.
 
-    python3 hold_server.py DELAY_SECONDS [CERT_FILE KEY_FILE]
+    python3 hold_server.py DELAY_SECONDS|never [CERT_FILE KEY_FILE]
 
 Prints its port (127.0.0.1, port 0) as the first stdout line, then one line per upgrade it
 answered: ``RESOURCE DELAY_NS``, where DELAY_NS is the time from the moment the last bytes of the request
@@ -12,6 +12,9 @@ so its own clock reads are not delayed by other threads.  Exits when stdin close
 With a certificate and key it serves wss:// instead: TLS through memory buffers, so the request
 head's arrival is still the kernel's stamp of the read that completed it, and the 101 counts as
 sent once its encrypted record was handed to the kernel.
+
+With ``never`` for the delay it is a silent server: it accepts and reads, never answers, and
+keeps each connection until the client closes it.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def accept_value(head: bytes) -> Tuple[str, str]:
 
 
 def main() -> None:
-    delay_ns = int(float(sys.argv[1]) * 1e9)
+    delay_ns = -1 if sys.argv[1] == "never" else int(float(sys.argv[1]) * 1e9)
     context = None
     if len(sys.argv) > 3:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -170,6 +173,8 @@ def on_readable(conns: Dict[int, Conn], fd: int, sel: selectors.BaseSelector, du
                 pass
             drop(conns, fd, sel)
         return
+    if delay_ns < 0:  # silent
+        return
     conn.buf += data
     end = conn.buf.find(b"\r\n\r\n")
     if end < 0:
@@ -191,7 +196,7 @@ def arrival_ns(ancillary: list) -> int:  # type: ignore[type-arg]
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= TIMESPEC.size:
             seconds, nanoseconds = TIMESPEC.unpack_from(payload)
-            return now - (time.time_ns() - (seconds * 1_000_000_000 + nanoseconds))
+            return now - (time.time_ns() - (int(seconds) * 1_000_000_000 + int(nanoseconds)))
     return now
 
 

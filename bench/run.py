@@ -7,14 +7,17 @@ Starts a node ``ws`` server (plain and TLS, certificates from the openssl CLI in
 ws_exporter.py and blackbox_exporter (a ``tcp`` module that sends the upgrade request and expects
 ``^HTTP/1.1 101``; its http prober cannot, it waits for a body after the 101), then loads each
 exporter with wrk over keep-alive connections, alternating A B A B, and reports medians:
-probes/s, latency p50/p99, CPU seconds per 1,000 probes, peak memory.  Then timing truth (the
-``upgrade`` phase against a server that holds its 101 for exactly 50 ms), memory idle and with
-256 probes in flight, and the time from spawn to the first answered request.
+probes/s, latency p50/p99, exporter CPU per probe, peak RSS.  Then timing truth (the ``upgrade``
+phase against a server that holds its 101 for exactly 50 ms), RSS idle and with 256 probes in
+flight, 1,000 probes at once to a silent target (one that accepts and never answers) under a 2 s
+scrape timeout, and the time from spawn to the first answered request.  Each figure with a floor
+is marked ok or MISSED; the exit status reports errors (failed probes, non-2xx answers under
+load), not missed floors.
 
-Ours runs as the container image runs it (``python3 -S -m ws_exporter``), and may start workers
-under load: CPU and memory cover each exporter's process group, the spawned process and its
-descendants, found again at every sample.  Memory counts the pages its processes share once, as
-their cgroup would be charged (see GroupMemory).
+Ours is started as users start it, ``python3 ws_exporter.py ARGS`` in its own directory, and is
+one process: RSS is VmRSS of /proc/PID/status, peak RSS its VmHWM (reset at the start of each
+case through /proc/PID/clear_refs) or the largest VmRSS sampled, threads its Threads, CPU the
+utime + stime of /proc/PID/stat.  blackbox_exporter is measured the same way.
 
 Installs nothing: every peer comes from the WS_* environment variables of .cache/peers/env.sh.
 """
@@ -22,15 +25,17 @@ Installs nothing: every peer comes from the WS_* environment variables of .cache
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import errno
 import http.client
 import os
-import py_compile
 import re
+import resource
 import select
+import selectors
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,23 +43,44 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from types import TracebackType
+from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Type
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EXPORTER = os.path.join(ROOT, "ws_exporter.py")
 EXPORTER_ARGS: List[str] = []  # --exporter-arg, appended to our exporter's command line
-APP_DIR = ""  # where install_like_image put the exporter, as /app in the image
 HOLD_SERVER = os.path.join(HERE, "hold_server.py")
+METRICS_POLLER = os.path.join(HERE, "metrics_poller.py")
+NODE_ECHO_SERVER = os.path.join(HERE, "node_echo_server.js")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0
+NAN = float("nan")
 
 TIMING_DELAY = 0.050
 HOLD_DELAY = 2.0
 IN_FLIGHT = 256
 WARMUP_SECONDS = 2  # of load through each exporter before each case's measured rounds (--smoke: 1; wrk wants whole seconds)
 
-NODE_ECHO_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_echo_server.js")
+# The silent case: SILENT_PROBES scrapes of /probe at once, each with a scrape timeout of
+# SILENT_SCRAPE_TIMEOUT s (a probe deadline of 1.5 s after the default --timeout-offset), to a
+# target that accepts and never answers; ours started with SILENT_ARGS.
+SILENT_PROBES = 1000
+SILENT_PROBES_SMOKE = 100
+SILENT_SCRAPE_TIMEOUT = 2.0
+SILENT_ARGS = ["--probe.max-concurrent=1100", "--web.max-connections=1200"]
+SILENT_THREADS_WAIT = 3.0  # s after the last answer for the exporter's threads to be back to their count before
+
+# Floors (ours, or ours against blackbox_exporter); see the table the bench prints.
+FLOOR_WS_RATE = 0.8  # ws:// probes/s, c=16 and c=64, >= this times blackbox's
+FLOOR_WSS_RATE = 0.85  # wss:// probes/s, c=16
+FLOOR_WSS_CPU = 1.25  # wss:// exporter CPU per probe, <= this times blackbox's
+FLOOR_UPGRADE_P99_MS = 2.0  # upgrade-phase error p99, c=64
+FLOOR_SILENT_LAST_S = 2.3
+FLOOR_SILENT_METRICS_S = 0.2
+FLOOR_SILENT_RSS_MB = 150.0
+FLOOR_IDLE_RSS_MB = 32.0
+FLOOR_START_MS = 200.0
 
 # blackbox's tcp prober writes each `send` followed by "\n": the request ends in "\r" so that
 # every line ends in CRLF.
@@ -96,6 +122,109 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def raise_nofile_limit() -> int:
+    """Raises this process's RLIMIT_NOFILE to its hard limit, and returns the new soft limit.
+    Every child started afterwards (the exporters, the servers, wrk) inherits it: a thousand
+    probes at once take a thousand client sockets here, and two descriptors each in an exporter."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit cannot be the soft one
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# One process's figures, from /proc
+# ----------------------------------------------------------------------------------------------
+
+
+class Status(NamedTuple):
+    rss_mb: float  # VmRSS
+    hwm_mb: float  # VmHWM: the peak RSS since start, or since the last reset_peak
+    threads: int
+
+
+def status(pid: int) -> Status:
+    """/proc/PID/status; raises OSError once the process is gone."""
+    found: Dict[str, int] = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "Threads"):
+                found[key] = int(value.split()[0])
+    return Status(found.get("VmRSS", 0) / 1024, found.get("VmHWM", 0) / 1024, found.get("Threads", 0))
+
+
+def stat_fields(pid: int) -> List[bytes]:
+    """/proc/PID/stat after the command name: index 0 is the state (field 3), 1 the ppid."""
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        return f.read().rpartition(b")")[2].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process, all its threads."""
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def reset_peak(pid: int) -> bool:
+    """Sets the process's VmHWM back to its current RSS (clear_refs 5, Linux 4.0+); False where
+    that is not allowed, and VmHWM is the peak since start."""
+    try:
+        with open("/proc/%d/clear_refs" % pid, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_pids(pid: int) -> List[int]:
+    """Processes whose parent is ``pid``: ours is measured as one process, and should start none."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):  # exited meanwhile
+                if int(stat_fields(int(name))[1]) == pid:
+                    found.append(int(name))
+    return found
+
+
+class Peaks:
+    """The peak RSS and thread count of one process while a ``with`` block runs: its VmHWM, reset
+    on entry, and VmRSS and Threads sampled every ``interval`` s (the samples alone give the
+    RSS peak where the reset is not allowed)."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.rss_mb = 0.0
+        self.threads = 0
+        self._exact = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Peaks":
+        self._exact = reset_peak(self.pid)
+        self._take()
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._take()
+
+    def _take(self) -> None:
+        with contextlib.suppress(OSError):
+            now = status(self.pid)
+            self.rss_mb = max(self.rss_mb, now.rss_mb, now.hwm_mb if self._exact else 0.0)
+            self.threads = max(self.threads, now.threads)
+
+
 # ----------------------------------------------------------------------------------------------
 # Processes
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +255,7 @@ def start_node(tls: Optional[Tuple[str, str]]) -> Peer:
     return peer
 
 
-def _drain(stream: Optional["IO[bytes]"]) -> None:  # type: ignore[name-defined]
+def _drain(stream: Optional[IO[bytes]]) -> None:
     try:
         while stream is not None and stream.read(65536):
             pass
@@ -135,11 +264,12 @@ def _drain(stream: Optional["IO[bytes]"]) -> None:  # type: ignore[name-defined]
 
 
 class HoldServer:
-    """hold_server.py in a child process; collects its (resource, delay) records."""
+    """hold_server.py in a child process; collects its (resource, delay) records.  ``delay``
+    "never": a silent server, it accepts and reads, and never answers."""
 
-    def __init__(self, delay: float, cert_and_key: Tuple[str, ...] = ()) -> None:
+    def __init__(self, delay: str, cert_and_key: Tuple[str, ...] = ()) -> None:
         self.tls = bool(cert_and_key)  # wss://
-        self.peer = spawn_port_printer([sys.executable, HOLD_SERVER, str(delay), *cert_and_key], {})
+        self.peer = spawn_port_printer([sys.executable, HOLD_SERVER, delay, *cert_and_key], {})
         self.port = self.peer.port
         self.records: Dict[str, float] = {}  # resource -> real delay (s), the last one per resource
         self.delays: List[float] = []  # every real delay, in order
@@ -150,9 +280,9 @@ class HoldServer:
     def _read(self) -> None:
         assert self.peer.proc.stdout is not None
         for raw in self.peer.proc.stdout:
-            resource, _, ns = raw.decode().strip().partition(" ")
+            resource_name, _, ns = raw.decode().strip().partition(" ")
             with self._lock:
-                self.records[resource] = int(ns) / 1e9
+                self.records[resource_name] = int(ns) / 1e9
                 self.delays.append(int(ns) / 1e9)
                 self._done.notify_all()
 
@@ -166,7 +296,6 @@ class HoldServer:
 
 def stop(proc: "subprocess.Popen[bytes]") -> None:
     if proc.poll() is None:
-        descendants = identities(group_pids(proc.pid)[1:])
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
@@ -176,109 +305,60 @@ def stop(proc: "subprocess.Popen[bytes]") -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        kill_strays(descendants)
-
-
-def identities(pids: Sequence[int]) -> List[Tuple[int, bytes]]:
-    """(pid, start time) of each running pid: the start time tells a reused pid from the
-    original; zombies are left out, they hold nothing and only their parent can clear them."""
-    found = []
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError):
-            fields = stat_fields(pid)
-            if fields[0] != b"Z":
-                found.append((pid, fields[19]))
-    return found
-
-
-def kill_strays(members: Sequence[Tuple[int, bytes]], grace: float = 2.0) -> None:
-    """SIGKILLs the workers still running ``grace`` seconds after their parent exited (a parent
-    killed after its stop timeout leaves them behind), so none outlives the bench."""
-    deadline = time.monotonic() + grace
-    while members and time.monotonic() < deadline:
-        time.sleep(0.05)
-        running = set(identities([pid for pid, _ in members]))
-        members = [m for m in members if m in running]  # exited, or its pid reused: dropped
-    for pid, _ in members:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
-class GroupPeak:
-    """The field-wise peak of every memory sample taken of one exporter's group."""
-
-    def __init__(self) -> None:
-        self.value = GroupMemory(0.0, 0, 0.0, 0.0)
 
 
 class Exporter(NamedTuple):
     name: str
-    proc: "subprocess.Popen[bytes]"  # the spawned process: the root of the measured group
+    proc: "subprocess.Popen[bytes]"
     port: int
     spawned: float  # time.monotonic() just before Popen
     probe_url: Callable[[str, int, bool], str]  # (resource, server port, tls) -> request path
-    seen: GroupPeak
+    stderr: str  # the file its standard error goes to
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def url(self, path: str) -> str:
         return "http://127.0.0.1:%d%s" % (self.port, path)
 
-    def sample(self) -> GroupMemory:
-        """The group's memory now, also folded into ``seen``."""
-        now = group_memory(self.proc.pid)
-        self.seen.value = self.seen.value.peak(now)
-        return now
+
+def ours_probe_path(resource_name: str, port: int, tls: bool) -> str:
+    return "/probe?target=%s://127.0.0.1:%d%s" % ("wss" if tls else "ws", port, resource_name)
 
 
-def ours_probe_path(resource: str, port: int, tls: bool) -> str:
-    return "/probe?target=%s://127.0.0.1:%d%s" % ("wss" if tls else "ws", port, resource)
-
-
-def blackbox_probe_path(resource: str, port: int, tls: bool) -> str:
+def blackbox_probe_path(resource_name: str, port: int, tls: bool) -> str:
     # The tcp module's request line is fixed ("GET /"): the resource cannot vary per probe.
     return "/probe?target=127.0.0.1:%d&module=%s" % (port, "wss" if tls else "ws")
 
 
-def install_like_image(directory: str) -> str:
-    """Copy the exporter into ``directory`` and compile it there as the Dockerfile does in /app."""
-    os.makedirs(directory)
-    target = os.path.join(directory, os.path.basename(EXPORTER))
-    shutil.copyfile(EXPORTER, target)
-    py_compile.compile(target, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
-    return directory
+def ours_argv(port: int, extra: Sequence[str] = ()) -> List[str]:
+    """``python3 ws_exporter.py ARGS``, run in the exporter's directory."""
+    return ([sys.executable, os.path.basename(EXPORTER), "--web.listen-address=127.0.0.1:%d" % port,
+             "--log.level=warn"] + list(extra) + EXPORTER_ARGS)
 
 
-def ours_command(script: bool = False) -> Tuple[List[str], Dict[str, str]]:
-    """The interpreter part of our argv, and its environment.  By default as the container image
-    runs it: a module from APP_DIR, compiled ahead, with the Dockerfile's environment, and -S: the
-    image has no site-packages, while this host's carry a .pth that imports certifi (~5 MB) into
-    every interpreter.  ``script``: ``python3 ws_exporter.py``, site on, for comparison."""
-    if script:
-        return [sys.executable, EXPORTER], {}
-    module = os.path.splitext(os.path.basename(EXPORTER))[0]
-    return [sys.executable, "-S", "-m", module], {
-        "PYTHONPATH": APP_DIR, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def start_ours(ca: str, script: bool = False) -> Exporter:
+def start_ours(ca: str, tmp: str, extra: Sequence[str] = ()) -> Exporter:
+    """``ca``: trusted for wss:// probes (SSL_CERT_FILE), "" for the system's store."""
     port = free_port()
-    command, extra_env = ours_command(script)
-    argv = command + ["--web.listen-address=127.0.0.1:%d" % port, "--log.level=warn"] + EXPORTER_ARGS
-    spawned = time.monotonic()
-    # cwd: -m puts the current directory first on sys.path, ahead of PYTHONPATH; started from
-    # elsewhere, another ws_exporter.py there would be the one measured.
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, SSL_CERT_FILE=ca, **extra_env),
-                            cwd=APP_DIR if not script else os.path.dirname(EXPORTER))
-    return Exporter("ours", proc, port, spawned, ours_probe_path, GroupPeak())
+    fd, log = tempfile.mkstemp(prefix="ours-", suffix=".log", dir=tmp)
+    with os.fdopen(fd, "wb") as stderr:
+        spawned = time.monotonic()
+        proc = subprocess.Popen(ours_argv(port, extra), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=stderr, env=dict(os.environ, **({"SSL_CERT_FILE": ca} if ca else {})),
+                                cwd=os.path.dirname(EXPORTER))
+    return Exporter("ours", proc, port, spawned, ours_probe_path, log)
 
 
-def start_blackbox(config: str) -> Exporter:
+def start_blackbox(config: str, tmp: str) -> Exporter:
     port = free_port()
     argv = [env("WS_BLACKBOX_EXPORTER"), "--config.file=" + config, "--web.listen-address=127.0.0.1:%d" % port,
             "--log.level=warn"]
-    spawned = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return Exporter("blackbox", proc, port, spawned, blackbox_probe_path, GroupPeak())
+    fd, log = tempfile.mkstemp(prefix="blackbox-", suffix=".log", dir=tmp)
+    with os.fdopen(fd, "wb") as stderr:
+        spawned = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    return Exporter("blackbox", proc, port, spawned, blackbox_probe_path, log)
 
 
 def wait_healthy(exporter: Exporter) -> float:
@@ -297,136 +377,15 @@ def wait_healthy(exporter: Exporter) -> float:
         if exporter.proc.poll() is not None:
             break
         time.sleep(0.002)
-    sys.exit("bench: %s did not become healthy" % exporter.name)
+    with open(exporter.stderr, errors="replace") as f:
+        tail = f.read()[-2000:]
+    sys.exit("bench: %s did not become healthy; its stderr ends:\n%s" % (exporter.name, tail))
 
 
-# ----------------------------------------------------------------------------------------------
-# /proc readings, over a process group: the spawned pid and its live descendants
-# ----------------------------------------------------------------------------------------------
-
-
-def stat_fields(pid: int) -> List[bytes]:
-    """/proc/PID/stat after the command name: index 0 is the state (field 3), 1 the ppid."""
-    with open("/proc/%d/stat" % pid, "rb") as f:
-        return f.read().rpartition(b")")[2].split()
-
-
-def group_pids(root: int) -> List[int]:
-    """root and its live descendants, found afresh on every call: workers fork after start and
-    may be respawned.  Walks the ppid of every /proc/*/stat (/proc/PID/task/TID/children needs
-    CONFIG_PROC_CHILDREN, which this kind of host lacks); empty once root has exited."""
-    children: Dict[int, List[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):  # it exited meanwhile
-                children.setdefault(int(stat_fields(int(name))[1]), []).append(int(name))
-    if not os.path.exists("/proc/%d" % root):
-        return []
-    group, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        group.append(pid)
-        todo.extend(children.get(pid, ()))
-    return group
-
-
-def cpu_seconds(root: int) -> float:
-    """CPU seconds of the group: utime+stime of each live member, plus its cutime+cstime, the
-    time of the children it has reaped (a worker that exited and was waited for keeps counting
-    that way; one not reaped by a member loses its ticks)."""
-    ticks = 0
-    for pid in group_pids(root):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ticks += sum(int(n) for n in stat_fields(pid)[11:15])
-    return ticks / CLK_TCK
-
-
-def kb_fields(path: str, keys: Sequence[str]) -> Dict[str, int]:
-    """The ``Key:  123 kB`` lines of a /proc file whose key is one of ``keys``."""
-    with open(path) as f:
-        return {key: int(value.split()[0]) for key, _, value in (line.partition(":") for line in f) if key in keys}
-
-
-class MemberMemory(NamedTuple):  # one process, in MB
-    anon_pss: float  # anonymous pages, each split between the processes that share it
-    file_rss: float  # file-backed and shmem pages, in full
-    rss: float
-    pss: float
-
-
-def member_memory(pid: int) -> MemberMemory:
-    """Anonymous pages come from smaps_rollup's Pss_Anon; where that is unreadable, RssAnon
-    counts them in full (an overestimate for forked workers, never an underestimate)."""
-    status = kb_fields("/proc/%d/status" % pid, ("VmRSS", "RssAnon", "RssFile", "RssShmem"))
-    try:
-        rollup = kb_fields("/proc/%d/smaps_rollup" % pid, ("Pss", "Pss_Anon"))
-    except OSError:
-        rollup = {}
-    rss = status.get("VmRSS", 0)  # a zombie has none
-    anon = rollup.get("Pss_Anon", status.get("RssAnon", rss))
-    return MemberMemory(anon / 1024, (status.get("RssFile", 0) + status.get("RssShmem", 0)) / 1024, rss / 1024,
-                        rollup.get("Pss", rss) / 1024)
-
-
-class GroupMemory(NamedTuple):
-    # What a cgroup holding only the group would be charged.  Anonymous pages are shared only
-    # through fork, so within the group: the sum of their PSS counts each once.  File-backed pages
-    # (the interpreter, libc, extension modules) are also split by PSS with every unrelated
-    # process mapping them, here the bench's own Python helpers: 17 MB became 14 MB for an
-    # unchanged exporter when three more interpreters started.  So they count in full, once: the
-    # largest member's, as forked workers map the same files.  One process: exactly its RSS.
-    mb: float
-    processes: int
-    largest_rss_mb: float  # the largest single member's RSS
-    pss_mb: float  # plain sum of PSS, for reference
-
-    def peak(self, other: "GroupMemory") -> "GroupMemory":
-        """Field-wise maximum."""
-        return GroupMemory(max(self.mb, other.mb), max(self.processes, other.processes),
-                           max(self.largest_rss_mb, other.largest_rss_mb), max(self.pss_mb, other.pss_mb))
-
-
-def group_memory(root: int) -> GroupMemory:
-    members = []
-    for pid in group_pids(root):
-        with contextlib.suppress(OSError):  # it exited meanwhile
-            members.append(member_memory(pid))
-    return GroupMemory(sum(m.anon_pss for m in members) + max((m.file_rss for m in members), default=0.0),
-                       len(members), max((m.rss for m in members), default=0.0), sum(m.pss for m in members))
-
-
-def settle(root: int, quiet: float = 0.5, timeout: float = 5.0) -> None:
-    """Waits until the group's membership has not changed for ``quiet`` seconds: workers may fork
-    a few hundred ms after the first answer, and idle memory must include them."""
-    deadline = time.monotonic() + timeout
-    members, since = sorted(group_pids(root)), time.monotonic()
-    while time.monotonic() - since < quiet and time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = sorted(group_pids(root))
-        if now != members:
-            members, since = now, time.monotonic()
-
-
-@contextlib.contextmanager
-def peak_memory(exporter: "Exporter", out: List[GroupMemory], interval: float = 0.05) -> Iterator[None]:
-    """Samples the group's memory while the block runs; appends the field-wise peak to ``out``.
-
-    One sample scans all of /proc (~2 ms): every 50 ms keeps that off the two cores under load."""
-    stop_event = threading.Event()
-    peak = [exporter.sample()]
-
-    def sample() -> None:
-        while not stop_event.wait(interval):
-            peak[0] = peak[0].peak(exporter.sample())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop_event.set()
-        thread.join()
-        out.append(peak[0].peak(exporter.sample()))
+def idle_status(exporter: Exporter, quiet: float = 0.5) -> Status:
+    """The process's figures ``quiet`` s after its first answer."""
+    time.sleep(quiet)
+    return status(exporter.pid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,10 +397,10 @@ class LoadResult(NamedTuple):
     rate: float  # probes/s
     p50_ms: float
     p99_ms: float
-    cpu_per_1k: float  # CPU seconds of the exporter's process group per 1,000 probes
-    peak_mb: float  # the group's memory, see GroupMemory
+    cpu_ms: float  # the exporter's CPU ms per probe
+    peak_rss_mb: float
     errors: int  # non-2xx answers and socket errors
-    server_cpu_per_1k: float  # CPU seconds of the probed node ws server per 1,000 probes
+    server_cpu_ms: float  # the probed node ws server's CPU ms per probe
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -455,16 +414,23 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def _search(pattern: str, text: str) -> str:
+    match = re.search(pattern, text, re.M)
+    if match is None:
+        sys.exit("bench: no %r in wrk's output:\n%s" % (pattern, text))
+    return match.group(1)
+
+
 def run_wrk(url: str, connections: int, duration: float, threads: int = 2) -> Tuple[int, float, float, float, int]:
     """(requests, requests/s, p50 ms, p99 ms, errors) of one wrk run."""
     argv = [env("WS_WRK"), "-t%d" % min(threads, connections), "-c%d" % connections, "-d%gs" % duration,
             "--timeout", "10s", "--latency", url]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
                          env=dict(os.environ, LD_LIBRARY_PATH=env("WS_WRK_LD_LIBRARY_PATH"))).stdout
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    requests = int(_search(r"(\d+) requests in", out))
+    rate = float(_search(r"Requests/sec:\s+([0-9.]+)", out))
+    p50 = _ms(_search(r"^\s+50%\s+(\S+)", out))
+    p99 = _ms(_search(r"^\s+99%\s+(\S+)", out))
     errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if socket_errors:
@@ -473,16 +439,14 @@ def run_wrk(url: str, connections: int, duration: float, threads: int = 2) -> Tu
 
 
 def load(exporter: Exporter, path: str, connections: int, duration: float, server: int) -> LoadResult:
-    """One wrk run; ``server`` is the probed server's pid: the machine's two cores are shared by
+    """One wrk run; ``server`` is the probed server's pid: the machine's cores are shared by
     wrk, the exporter and the server, so what a probe costs the server counts too."""
-    pid = exporter.proc.pid
-    peaks: List[GroupMemory] = []
-    before, server_before = cpu_seconds(pid), cpu_seconds(server)
-    with peak_memory(exporter, peaks):
+    before, server_before = cpu_seconds(exporter.pid), cpu_seconds(server)
+    with Peaks(exporter.pid, 0.05) as peaks:
         requests, rate, p50, p99, errors = run_wrk(exporter.url(path), connections, duration)
-    used, server_used = cpu_seconds(pid) - before, cpu_seconds(server) - server_before
-    per_1k = 1000 / max(requests, 1)
-    return LoadResult(rate, p50, p99, used * per_1k, peaks[0].mb, errors, server_used * per_1k)
+    used, server_used = cpu_seconds(exporter.pid) - before, cpu_seconds(server) - server_before
+    per_probe_ms = 1000 / max(requests, 1)
+    return LoadResult(rate, p50, p99, used * per_probe_ms, peaks.rss_mb, errors, server_used * per_probe_ms)
 
 
 def check_probe(exporter: Exporter, path: str) -> bool:
@@ -529,7 +493,7 @@ def timing_errors(exporter: Exporter, server: HoldServer, concurrency: int, per_
     start_count = len(server.delays)
 
     def client(index: int) -> None:
-        paths = [exporter.probe_url(resource, server.port, server.tls) for resource in plans[index]]
+        paths = [exporter.probe_url(resource_name, server.port, server.tls) for resource_name in plans[index]]
         results[index] = dict(zip(plans[index], scrape_many(exporter, paths).values()))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
@@ -541,9 +505,9 @@ def timing_errors(exporter: Exporter, server: HoldServer, concurrency: int, per_
     errors = []
     real_median = statistics.median(server.delays[start_count:] or [TIMING_DELAY])
     for bodies in results:
-        for resource, body in bodies.items():
+        for resource_name, body in bodies.items():
             if exporter.name == "ours":
-                match, real = _UPGRADE.search(body), server.records.get(resource)
+                match, real = _UPGRADE.search(body), server.records.get(resource_name)
             else:
                 match, real = _DURATION.search(body), real_median
             if match is not None and real is not None:
@@ -551,13 +515,189 @@ def timing_errors(exporter: Exporter, server: HoldServer, concurrency: int, per_
     return errors
 
 
-def in_flight_memory(exporter: Exporter, server: HoldServer) -> float:
-    """The group's peak memory (MB) while IN_FLIGHT probes wait for a 101 that takes HOLD_DELAY s."""
-    peaks: List[GroupMemory] = []
+def in_flight_rss(exporter: Exporter, server: HoldServer) -> float:
+    """The peak RSS (MB) while IN_FLIGHT probes wait for a 101 that takes HOLD_DELAY s."""
     url = exporter.url(exporter.probe_url("/hold", server.port, False))
-    with peak_memory(exporter, peaks, 0.02):
+    with Peaks(exporter.pid) as peaks:
         run_wrk(url, IN_FLIGHT, HOLD_DELAY + 1.0, threads=2)
-    return peaks[0].mb
+    return peaks.rss_mb
+
+
+# ----------------------------------------------------------------------------------------------
+# Many probes at once to a silent target
+# ----------------------------------------------------------------------------------------------
+
+
+class Answer(NamedTuple):
+    status: int  # 0: no complete answer (refused, reset, or still open at the bench's own timeout)
+    seconds: float  # from the burst's first connect to the answer's last byte, or to the failure
+    body: bytes
+    sent_s: float  # from the burst's first connect to sending this request; nan: never sent
+
+
+def _parse_answer(data: bytes, eof: bool) -> Optional[Tuple[int, bytes]]:
+    """(status, body) once ``data`` holds a whole HTTP/1.1 answer; None while it does not.  At
+    ``eof`` an answer without Content-Length ends there, an incomplete one counts as status 0."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end >= 0:
+        head = data[:head_end].decode("latin-1").split("\r\n")
+        parts = head[0].split(" ")
+        code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        length = None
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        body = data[head_end + 4:]
+        if length is not None and len(body) >= length:
+            return code, body[:length]
+        if eof:
+            return (code, body) if length is None else (0, body)
+    return (0, b"") if eof else None
+
+
+def burst(port: int, path: str, count: int, headers: Dict[str, str], timeout: float = 20.0) -> List[Answer]:
+    """``count`` GETs of ``path`` at once, each on its own connection (Connection: close), from
+    this one thread: non-blocking sockets and a selector, so the client is never the bottleneck
+    (sending a request takes a few microseconds), and every request is sent as soon as its
+    connection is open."""
+    request = ("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%sConnection: close\r\n\r\n"
+               % (path, port, "".join("%s: %s\r\n" % item for item in headers.items()))).encode("latin-1")
+    sel = selectors.DefaultSelector()
+    received: Dict[socket.socket, bytearray] = {}
+    sent: Dict[socket.socket, float] = {}
+    answers: List[Answer] = []
+    start = time.monotonic()
+
+    def finish(sock: socket.socket, code: int, body: bytes) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(sock)
+        sock.close()
+        received.pop(sock, None)
+        answers.append(Answer(code, time.monotonic() - start, body, sent.pop(sock, NAN)))
+
+    def send(sock: socket.socket) -> None:
+        try:
+            sock.send(request)  # a new socket's buffer takes the whole request
+        except OSError:
+            finish(sock, 0, b"")
+            return
+        sent[sock] = time.monotonic() - start
+        received[sock] = bytearray()
+        sel.register(sock, selectors.EVENT_READ)
+
+    for _ in range(count):
+        new = socket.socket()
+        new.setblocking(False)
+        err = new.connect_ex(("127.0.0.1", port))
+        if err == 0:
+            send(new)
+        elif err == errno.EINPROGRESS:
+            sel.register(new, selectors.EVENT_WRITE)
+        else:
+            finish(new, 0, b"")
+    deadline = start + timeout
+    while sel.get_map() and time.monotonic() < deadline:
+        for key, events in sel.select(max(0.0, deadline - time.monotonic())):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if events & selectors.EVENT_WRITE:
+                sel.unregister(sock)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    finish(sock, 0, b"")
+                else:
+                    send(sock)
+                continue
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            buffer = received[sock]
+            buffer += data
+            parsed = _parse_answer(bytes(buffer), eof=not data)
+            if parsed is not None:
+                finish(sock, *parsed)
+    for key in list(sel.get_map().values()):
+        assert isinstance(key.fileobj, socket.socket)
+        finish(key.fileobj, 0, b"")
+    return answers
+
+
+class MetricsPoller:
+    """metrics_poller.py in a child process while a ``with`` block runs: GET /metrics every
+    ``interval`` s, each on a new connection; the latency of each (a failed one's counts until its
+    failure) and the failures."""
+
+    def __init__(self, port: int, interval: float = 0.05) -> None:
+        self.argv = [sys.executable, "-S", METRICS_POLLER, str(port), "/metrics", str(interval)]
+        self.latencies: List[float] = []
+        self.failures = 0
+        self.proc: Optional["subprocess.Popen[bytes]"] = None
+
+    def __enter__(self) -> "MetricsPoller":
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline() != b"ready\n":
+            sys.exit("bench: metrics_poller.py did not start")
+        return self
+
+    def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
+        assert self.proc is not None
+        out, _ = self.proc.communicate(timeout=30)  # closes its stdin: it stops after the request under way
+        for line in out.decode().splitlines():
+            latency, code = line.split()
+            self.latencies.append(float(latency))
+            self.failures += code != "200"
+
+
+class SilentResult(NamedTuple):
+    probes: int
+    statuses: Dict[int, int]  # status -> answers; 0: no answer
+    failed_probes: int  # answers 200 with probe_success 0, as every one should be
+    last_sent_s: float  # from the first connect: how long the client took to send every request
+    first_answer_s: float  # from the first connect
+    last_answer_s: float  # from the first connect
+    metrics_max_s: float  # the slowest GET /metrics meanwhile
+    metrics_count: int
+    metrics_failures: int
+    peak_rss_mb: float
+    cpu_ms: float  # the exporter's CPU ms per probe, the wait for its threads included
+    threads_before: int
+    threads_peak: int
+    threads_after: int
+    threads_back_s: float  # s after the last answer until the threads were back to before; nan: not within the wait
+
+
+def silent_probes(exporter: Exporter, target_port: int, count: int,
+                  threads_wait: float = SILENT_THREADS_WAIT) -> SilentResult:
+    """``count`` probes at once of a target that accepts and never answers, each scraped with a
+    scrape timeout of SILENT_SCRAPE_TIMEOUT s, while /metrics is scraped every 50 ms and the
+    exporter's RSS and threads are sampled every 20 ms; then up to ``threads_wait`` s for its
+    threads to be back to their count before."""
+    path = exporter.probe_url("/", target_port, False)
+    headers = {"X-Prometheus-Scrape-Timeout-Seconds": "%g" % SILENT_SCRAPE_TIMEOUT}
+    threads_before = status(exporter.pid).threads
+    cpu_before = cpu_seconds(exporter.pid)
+    with Peaks(exporter.pid) as peaks:
+        with MetricsPoller(exporter.port) as poller:
+            answers = burst(exporter.port, path, count, headers)
+        after, waited = threads_before, 0.0
+        last = time.monotonic()
+        while waited <= threads_wait:
+            after = status(exporter.pid).threads
+            if after <= threads_before:
+                break
+            time.sleep(0.05)
+            waited = time.monotonic() - last
+    statuses = collections.Counter(a.status for a in answers)
+    failed = sum(1 for a in answers if a.status == 200 and re.search(rb"^probe_success 0$", a.body, re.M))
+    return SilentResult(
+        count, dict(statuses), failed, max((a.sent_s for a in answers), default=NAN),
+        min((a.seconds for a in answers), default=NAN), max((a.seconds for a in answers), default=NAN),
+        max(poller.latencies, default=NAN), len(poller.latencies), poller.failures, peaks.rss_mb,
+        (cpu_seconds(exporter.pid) - cpu_before) * 1000 / count, threads_before, peaks.threads, after,
+        waited if after <= threads_before else NAN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,25 +734,58 @@ def write_blackbox_config(directory: str, ca: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+
 def ratio(ours: float, theirs: float) -> str:
     if theirs == 0 or ours != ours or theirs != theirs:
         return "-"
     return "%.2fx" % (ours / theirs)
 
 
-def row(label: str, ours: float, theirs: float, fmt: str = "%.1f", floor: str = "") -> str:
-    return "%-44s %12s %12s %8s  %s" % (label, fmt % ours, fmt % theirs, ratio(ours, theirs), floor)
+class Table:
+    """The report's lines, and the floors met and missed."""
+
+    HEAD = "%-50s %14s %14s %7s  %-12s %s"
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+        self.missed: List[str] = []
+        self.met = 0
+
+    def text(self, line: str = "") -> None:
+        self.lines.append(line)
+
+    def cells(self, label: str, ours: str, theirs: str, ratio_text: str = "", floor: str = "",
+              met: Optional[bool] = None) -> None:
+        """One row; ``met`` None: no floor, True or False: the floor's verdict for ours."""
+        verdict = "" if met is None else "ok" if met else "MISSED"
+        if met is not None:
+            self.met += met
+            if not met:
+                self.missed.append("%s: %s%s, floor %s" % (label, ours.strip(), ratio_text and " (%s)" % ratio_text, floor))
+        self.lines.append((self.HEAD % (label, ours, theirs, ratio_text, floor, verdict)).rstrip())
+
+    def row(self, label: str, ours: float, theirs: float, fmt: str = "%.1f", floor: str = "",
+            met: Optional[bool] = None, show_ratio: bool = True) -> None:
+        self.cells(label, fmt % ours, fmt % theirs, ratio(ours, theirs) if show_ratio else "", floor, met)
+
+
+def at_least(ours: float, theirs: float, factor: float) -> bool:
+    return ours >= factor * theirs  # False when either is nan
+
+
+def at_most(ours: float, theirs: float, factor: float) -> bool:
+    return ours <= factor * theirs
 
 
 def percentile(values: Sequence[float], q: float) -> float:
     if not values:
-        return float("nan")
+        return NAN
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def med(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+    return statistics.median(values) if values else NAN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,13 +793,20 @@ def med(values: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+SECTIONS = ("load", "timing", "memory", "silent", "start")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    global EXPORTER, EXPORTER_ARGS, APP_DIR
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a handful of probes each, one table, < 20 s")
+    global EXPORTER, EXPORTER_ARGS
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="one short round of each case, %d silent probes, one table, < 30 s" % SILENT_PROBES_SMOKE)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per wrk run")
-    parser.add_argument("--only", default="", help="comma-separated sections: load,timing,memory,start")
+    parser.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    parser.add_argument("--silent-probes", type=int, default=0, metavar="N",
+                        help="probes at once in the silent case (default %d, --smoke %d)"
+                        % (SILENT_PROBES, SILENT_PROBES_SMOKE))
     parser.add_argument("--exporter", default=EXPORTER, help="the ws_exporter.py to measure (for A/B runs)")
     parser.add_argument("--exporter-arg", action="append", default=[], metavar="ARG",
                         help="one more argument for our exporter, repeatable; written with '=' when it starts "
@@ -635,11 +815,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     EXPORTER, EXPORTER_ARGS = os.path.abspath(args.exporter), list(args.exporter_arg)
     if args.smoke:
         args.rounds, args.duration = 1, 1.0
-    sections = set(args.only.split(",")) if args.only else {"load", "timing", "memory", "start"}
+    if not args.silent_probes:
+        args.silent_probes = SILENT_PROBES_SMOKE if args.smoke else SILENT_PROBES
+    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error("unknown section(s) %s; choose from %s" % (",".join(sorted(unknown)), ",".join(SECTIONS)))
     for name in ("WS_PEER_NODE", "WS_PEER_NODE_PATH", "WS_BLACKBOX_EXPORTER", "WS_WRK", "WS_WRK_LD_LIBRARY_PATH"):
         env(name)
+    nofile = raise_nofile_limit()
+    if "silent" in sections and nofile < args.silent_probes + 100:
+        sys.exit("bench: RLIMIT_NOFILE is %d, too low for %d probes at once" % (nofile, args.silent_probes))
     tmp = tempfile.mkdtemp(prefix="wsx-bench-")
-    APP_DIR = install_like_image(os.path.join(tmp, "app"))
     children: List["subprocess.Popen[bytes]"] = []
     try:
         return run(args, sections, tmp, children)
@@ -649,20 +836,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, sections: set, tmp: str, children: list) -> int:  # type: ignore[type-arg]
+def run(args: argparse.Namespace, sections: Set[str], tmp: str, children: List["subprocess.Popen[bytes]"]) -> int:
+    started = time.monotonic()
     pki = make_pki(tmp)
+    config = write_blackbox_config(tmp, pki["ca.pem"])
     plain = start_node(None)
     children.append(plain.proc)
     secure = start_node((pki["server.pem"], pki["server.key"]))
     children.append(secure.proc)
-    timing = HoldServer(TIMING_DELAY)
-    children.append(timing.peer.proc)
-    secure_timing = HoldServer(TIMING_DELAY, (pki["server.pem"], pki["server.key"]))
-    children.append(secure_timing.peer.proc)
-    exporters = [start_ours(pki["ca.pem"]), start_blackbox(write_blackbox_config(tmp, pki["ca.pem"]))]
+    exporters = [start_ours(pki["ca.pem"], tmp), start_blackbox(config, tmp)]
     children.extend(e.proc for e in exporters)
     first_answer = {e.name: [wait_healthy(e)] for e in exporters}
-    idle = {e.name: idle_memory(e) for e in exporters}
+    idle = {e.name: idle_status(e) for e in exporters}
     ok = True
     for e in exporters:
         for tls, peer in ((False, plain), (True, secure)):
@@ -671,30 +856,50 @@ def run(args: argparse.Namespace, sections: set, tmp: str, children: list) -> in
                 ok = False
     if not ok:
         return 1
-    lines = ["ws-exporter vs blackbox_exporter 0.23 (tcp + query_response), %s, %d CPUs, Python %s"
-             % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, sys.version.split()[0]),
-             "medians of %d alternating rounds, %gs per wrk run, after a warm-up load per exporter and case"
-             % (args.rounds, args.duration),
-             "ours: %s" % describe_ours(),
-             "CPU and memory cover each exporter's process group (the spawned process and its descendants);",
-             "memory = anonymous PSS of all members + file-backed RSS of the largest: pages shared within the",
-             "group count once, pages shared with other processes on this host in full", "",
-             "%-44s %12s %12s %8s  %s" % ("", "ours", "blackbox", "ratio", "floor")]
+    table = Table()
+    table.text("ws-exporter vs blackbox_exporter 0.23 (tcp + query_response), %s, %d CPUs, Python %s"
+               % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, sys.version.split()[0]))
+    table.text("medians of %d alternating rounds, %gs per wrk run, after a warm-up load per exporter and case"
+               % (args.rounds, args.duration))
+    table.text("ours: %s   (in %s)" % (describe_ours(), os.path.dirname(EXPORTER)))
+    table.text("each exporter is one process: RSS = VmRSS, peak = VmHWM since the case began, CPU = utime + stime")
+    table.text()
+    table.text((Table.HEAD % ("", "ours", "blackbox", "ratio", "floor", "")).rstrip())
     if "load" in sections:
-        ok &= report_load(args, exporters, plain, secure, lines)
+        ok &= report_load(args, exporters, plain, secure, table)
     if "timing" in sections:
-        report_timing(args, exporters, timing, lines)
-        report_tls_timing(args, exporters[0], secure_timing, lines)
+        timing = HoldServer("%g" % TIMING_DELAY)
+        children.append(timing.peer.proc)
+        secure_timing = HoldServer("%g" % TIMING_DELAY, (pki["server.pem"], pki["server.key"]))
+        children.append(secure_timing.peer.proc)
+        report_timing(args, exporters, timing, table)
+        report_tls_timing(args, exporters[0], secure_timing, table)
+        timing.stop()
+        secure_timing.stop()
     if "memory" in sections:
-        report_memory(exporters, idle, pki["ca.pem"], lines, children)
+        report_memory(exporters, idle, table, children)
+    if "silent" in sections:
+        report_silent(args, pki["ca.pem"], config, tmp, table, children)
     if "start" in sections:
-        report_start(args, pki, tmp, first_answer, lines, children)
-    report_groups(exporters, idle, lines)
-    print("\n".join(lines), flush=True)
+        report_start(args, pki["ca.pem"], config, tmp, first_answer, table, children)
+    strays = child_pids(exporters[0].pid)
+    if strays:
+        table.text("!! ours started %d child process(es), which these figures leave out" % len(strays))
+    table.text()
+    table.text("floors: %d met, %d missed%s" % (table.met, len(table.missed), "" if not table.missed else ":"))
+    table.lines.extend("  MISSED " + line for line in table.missed)
+    table.text("bench took %.0f s" % (time.monotonic() - started))
+    print("\n".join(table.lines), flush=True)
     return 0 if ok else 1
 
 
-def report_load(args: argparse.Namespace, exporters: List[Exporter], plain: Peer, secure: Peer, lines: List[str]) -> bool:
+def describe_ours() -> str:
+    """Our exporter's command line as the bench runs it, for the header."""
+    argv = ["python3"] + ours_argv(0)[1:]
+    return " ".join(shlex.quote(word) for word in argv).replace("127.0.0.1:0", "127.0.0.1:PORT")
+
+
+def report_load(args: argparse.Namespace, exporters: List[Exporter], plain: Peer, secure: Peer, table: Table) -> bool:
     connections = (16,) if args.smoke else (16, 64)
     cases = [(tls, c) for tls in (False, True) for c in connections]
     results: Dict[Tuple[str, bool, int], List[LoadResult]] = {}
@@ -709,32 +914,46 @@ def report_load(args: argparse.Namespace, exporters: List[Exporter], plain: Peer
             run_wrk(e.url(e.probe_url("/", peer.port, tls)), c, 1 if args.smoke else WARMUP_SECONDS)
         for round_no in range(args.rounds):
             for e in exporters if round_no % 2 == 0 else exporters[::-1]:
-                run = load(e, e.probe_url("/", peer.port, tls), c, args.duration, peer.proc.pid)
-                results.setdefault((e.name, tls, c), []).append(run)
+                result = load(e, e.probe_url("/", peer.port, tls), c, args.duration, peer.proc.pid)
+                results.setdefault((e.name, tls, c), []).append(result)
     errors = 0
     for tls, c in cases:
         ours, theirs = results[("ours", tls, c)], results[("blackbox", tls, c)]
         scheme = "wss" if tls else "ws"
-        lines.append("")
-        lines.append(row("%s c=%d probes/s" % (scheme, c), med([r.rate for r in ours]), med([r.rate for r in theirs]), "%.0f", ">= 1.0x"))
-        lines.append(row("%s c=%d latency p50 (ms)" % (scheme, c), med([r.p50_ms for r in ours]), med([r.p50_ms for r in theirs]), "%.2f"))
-        lines.append(row("%s c=%d latency p99 (ms)" % (scheme, c), med([r.p99_ms for r in ours]), med([r.p99_ms for r in theirs]), "%.2f"))
-        lines.append(row("%s c=%d CPU s / 1000 probes" % (scheme, c), med([r.cpu_per_1k for r in ours]), med([r.cpu_per_1k for r in theirs]), "%.3f"))
-        lines.append(row("%s c=%d server CPU s / 1000 probes" % (scheme, c), med([r.server_cpu_per_1k for r in ours]),
-                         med([r.server_cpu_per_1k for r in theirs]), "%.3f"))
-        lines.append(row("%s c=%d peak memory (group, MB)" % (scheme, c), med([r.peak_mb for r in ours]), med([r.peak_mb for r in theirs])))
-        lines.append("%-44s %12s %12s" % ("%s c=%d rounds probes/s" % (scheme, c), "/".join("%.0f" % r.rate for r in ours),
-                                          "/".join("%.0f" % r.rate for r in theirs)))
+        table.text()
+        rate = med([r.rate for r in ours]), med([r.rate for r in theirs])
+        rate_floor = FLOOR_WSS_RATE if tls else FLOOR_WS_RATE
+        if tls and c != 16:
+            table.row("%s c=%d probes/s" % (scheme, c), *rate, fmt="%.0f")
+        else:
+            table.row("%s c=%d probes/s" % (scheme, c), *rate, fmt="%.0f", floor=">= %gx" % rate_floor,
+                      met=at_least(*rate, rate_floor))
+        table.row("%s c=%d latency p50 (ms)" % (scheme, c), med([r.p50_ms for r in ours]),
+                  med([r.p50_ms for r in theirs]), "%.2f")
+        table.row("%s c=%d latency p99 (ms)" % (scheme, c), med([r.p99_ms for r in ours]),
+                  med([r.p99_ms for r in theirs]), "%.2f")
+        cpu = med([r.cpu_ms for r in ours]), med([r.cpu_ms for r in theirs])
+        if tls:
+            table.row("%s c=%d exporter CPU ms / probe" % (scheme, c), *cpu, fmt="%.3f",
+                      floor="<= %gx" % FLOOR_WSS_CPU, met=at_most(*cpu, FLOOR_WSS_CPU))
+        else:
+            table.row("%s c=%d exporter CPU ms / probe" % (scheme, c), *cpu, fmt="%.3f")
+        table.row("%s c=%d server CPU ms / probe" % (scheme, c), med([r.server_cpu_ms for r in ours]),
+                  med([r.server_cpu_ms for r in theirs]), "%.3f")
+        table.row("%s c=%d peak RSS (MB)" % (scheme, c), max(r.peak_rss_mb for r in ours),
+                  max(r.peak_rss_mb for r in theirs))
+        table.cells("%s c=%d rounds probes/s" % (scheme, c), "/".join("%.0f" % r.rate for r in ours),
+                    "/".join("%.0f" % r.rate for r in theirs))
         errors += sum(r.errors for r in ours + theirs)
     if errors:
-        lines.append("!! %d non-2xx answers or socket errors during load" % errors)
+        table.text("!! %d non-2xx answers or socket errors during load" % errors)
     return errors == 0
 
 
-def report_timing(args: argparse.Namespace, exporters: List[Exporter], server: HoldServer, lines: List[str]) -> None:
-    lines.append("")
-    lines.append("timing truth: server holds its 101 for %d ms; error = measured - real delay (ours: upgrade "
-                 "phase, per probe; blackbox: probe_duration_seconds vs median real delay)" % (TIMING_DELAY * 1000))
+def report_timing(args: argparse.Namespace, exporters: List[Exporter], server: HoldServer, table: Table) -> None:
+    table.text()
+    table.text("timing truth: server holds its 101 for %d ms; error = measured - real delay (ours: upgrade "
+               "phase, per probe; blackbox: probe_duration_seconds vs median real delay)" % (TIMING_DELAY * 1000))
     levels = ((1, 5), (16, 2)) if args.smoke else ((1, 40), (16, 10), (64, 5))
     collected: Dict[Tuple[str, int], List[float]] = {}
     for round_no in range(1 if args.smoke else 2):
@@ -745,89 +964,130 @@ def report_timing(args: argparse.Namespace, exporters: List[Exporter], server: H
                     timing_errors(e, server, concurrency, per_client, tag))
     for concurrency, _ in levels:
         ours, theirs = collected[("ours", concurrency)], collected[("blackbox", concurrency)]
-        floor = "p99 <= 2 ms" if concurrency == 64 else ""
-        lines.append(row("upgrade error c=%d median (ms)" % concurrency, med(ours), med(theirs), "%.2f"))
-        lines.append(row("upgrade error c=%d p99 (ms), n=%d" % (concurrency, len(ours)), percentile(ours, 99),
-                         percentile(theirs, 99), "%.2f", floor))
+        table.row("upgrade error c=%d median (ms)" % concurrency, med(ours), med(theirs), "%.2f", show_ratio=False)
+        p99 = percentile(ours, 99)
+        label = "upgrade error c=%d p99 (ms), n=%d" % (concurrency, len(ours))
+        if concurrency == 64:
+            table.row(label, p99, percentile(theirs, 99), "%.2f", "<= %g ms" % FLOOR_UPGRADE_P99_MS,
+                      met=p99 <= FLOOR_UPGRADE_P99_MS, show_ratio=False)
+        else:
+            table.row(label, p99, percentile(theirs, 99), "%.2f", show_ratio=False)
 
 
-def report_tls_timing(args: argparse.Namespace, ours: Exporter, server: HoldServer, lines: List[str]) -> None:
+def report_tls_timing(args: argparse.Namespace, ours: Exporter, server: HoldServer, table: Table) -> None:
     """The same over wss://, ours only: blackbox's whole probe includes the TLS handshake."""
-    lines.append("the same over wss:// (ours only: blackbox's probe_duration_seconds includes the handshake)")
+    table.text("the same over wss:// (ours only: blackbox's probe_duration_seconds includes the handshake)")
     concurrency, per_client = (16, 2) if args.smoke else (64, 5)
     errors = [e for round_no in range(1 if args.smoke else 2)
               for e in timing_errors(ours, server, concurrency, per_client, "tls-r%d" % round_no)]
-    for label, value in (("wss upgrade error c=%d median (ms)" % concurrency, med(errors)),
-                         ("wss upgrade error c=%d p99 (ms), n=%d" % (concurrency, len(errors)), percentile(errors, 99))):
-        lines.append("%-44s %12.2f %12s" % (label, value, "-"))
+    table.cells("wss upgrade error c=%d median (ms)" % concurrency, "%.2f" % med(errors), "-")
+    table.cells("wss upgrade error c=%d p99 (ms), n=%d" % (concurrency, len(errors)),
+                "%.2f" % percentile(errors, 99), "-")
 
 
-def describe_ours() -> str:
-    """Our exporter's command line as the bench runs it, for the header."""
-    command, extra_env = ours_command()
-    words = " ".join(shlex.quote(word) for word in ["python3"] + command[1:] + EXPORTER_ARGS)
-    return "%s   (cwd and PYTHONPATH: %s, a copy compiled as in the image%s)" % (
-        words, extra_env["PYTHONPATH"], "" if EXPORTER_ARGS else "; no --exporter-arg")
-
-
-def idle_memory(exporter: Exporter) -> GroupMemory:
-    """The group's memory once its membership is stable after the first answer."""
-    settle(exporter.proc.pid)
-    return exporter.sample()
-
-
-def script_idle_memory(ca: str, children: list) -> float:  # type: ignore[type-arg]
-    """Idle memory (MB) of the group of ``python3 ws_exporter.py``: script mode, site on, for comparison."""
-    exporter = start_ours(ca, script=True)
-    children.append(exporter.proc)
-    wait_healthy(exporter)
-    idle = idle_memory(exporter).mb
-    stop(exporter.proc)
-    return idle
-
-
-def report_memory(exporters: List[Exporter], idle: Dict[str, GroupMemory], ca: str, lines: List[str],
-                  children: list) -> None:  # type: ignore[type-arg]
-    hold = HoldServer(HOLD_DELAY)
+def report_memory(exporters: List[Exporter], idle: Dict[str, Status], table: Table,
+                  children: List["subprocess.Popen[bytes]"]) -> None:
+    hold = HoldServer("%g" % HOLD_DELAY)
     children.append(hold.peer.proc)
-    lines.append("")
-    lines.append(row("idle memory (group, MB)", idle["ours"].mb, idle["blackbox"].mb, "%.1f", "<= 20 MB"))
-    lines.append("%-44s %12.1f   (info: `python3 %s`, site on)" % ("idle memory, script mode (group, MB)",
-                                                                   script_idle_memory(ca, children),
-                                                                   os.path.basename(EXPORTER)))
-    in_flight = {e.name: in_flight_memory(e, hold) for e in exporters}
-    lines.append(row("memory, %d in flight (group, MB)" % IN_FLIGHT, in_flight["ours"], in_flight["blackbox"], "%.1f", "<= 60 MB"))
-    after = {e.name: e.sample().mb for e in exporters}
-    lines.append(row("memory at the end, idle (group, MB)", after["ours"], after["blackbox"]))
+    table.text()
+    ours, theirs = idle["ours"].rss_mb, idle["blackbox"].rss_mb
+    table.row("idle RSS (MB)", ours, theirs, "%.1f", "<= %g MB" % FLOOR_IDLE_RSS_MB, met=ours <= FLOOR_IDLE_RSS_MB)
+    table.cells("idle threads", "%d" % idle["ours"].threads, "%d" % idle["blackbox"].threads)
+    in_flight = {e.name: in_flight_rss(e, hold) for e in exporters}
+    table.row("peak RSS, %d probes in flight (MB)" % IN_FLIGHT, in_flight["ours"], in_flight["blackbox"])
+    after = {e.name: status(e.pid) for e in exporters}
+    table.row("RSS at the end, idle (MB)", after["ours"].rss_mb, after["blackbox"].rss_mb)
+    table.cells("threads at the end, idle", "%d" % after["ours"].threads, "%d" % after["blackbox"].threads)
     hold.stop()
 
 
-def report_groups(exporters: List[Exporter], idle: Dict[str, GroupMemory], lines: List[str]) -> None:
-    """Info lines: how many processes make up each group, and its largest single member."""
-    lines.append("")
-    for label, fmt, field in (("processes in group, idle / most seen", "%d / %d", "processes"),
-                              ("largest member RSS (MB), idle / peak", "%.1f / %.1f", "largest_rss_mb"),
-                              ("plain sum of PSS (MB), idle / peak", "%.1f / %.1f", "pss_mb")):
-        cells = [fmt % (getattr(idle[e.name], field), getattr(e.seen.value, field)) for e in exporters]
-        lines.append("%-44s %12s %12s" % (label, cells[0], cells[1]))
+def report_silent(args: argparse.Namespace, ca: str, config: str, tmp: str, table: Table,
+                  children: List["subprocess.Popen[bytes]"]) -> None:
+    """Fresh exporters (ours with SILENT_ARGS), each given ``--silent-probes`` probes at once to a
+    silent target, alternating for ``--rounds`` rounds; the worst round of each counts."""
+    silent = HoldServer("never")
+    children.append(silent.peer.proc)
+    exporters = [start_ours(ca, tmp, SILENT_ARGS), start_blackbox(config, tmp)]
+    children.extend(e.proc for e in exporters)
+    for e in exporters:
+        wait_healthy(e)
+        time.sleep(0.5)
+    results: Dict[str, List[SilentResult]] = {"ours": [], "blackbox": []}
+    wait = 1.0 if args.smoke else SILENT_THREADS_WAIT
+    for round_no in range(args.rounds):
+        for e in exporters if round_no % 2 == 0 else exporters[::-1]:
+            results[e.name].append(silent_probes(e, silent.port, args.silent_probes, wait))
+    for e in exporters:
+        stop(e.proc)
+    silent.stop()
+    n = args.silent_probes
+    ours, theirs = results["ours"], results["blackbox"]
+    table.text()
+    table.text("%d probes at once to a silent target, scrape timeout %g s, /metrics scraped every 50 ms meanwhile; "
+               "worst of %d round(s); ours with %s" % (n, SILENT_SCRAPE_TIMEOUT, args.rounds, " ".join(SILENT_ARGS)))
+    sent = max(r.last_sent_s for r in ours) * 1000, max(r.last_sent_s for r in theirs) * 1000
+    table.row("silent: last request sent, ms from the first connect", *sent, fmt="%.1f", show_ratio=False)
+    first = min(r.first_answer_s for r in ours), min(r.first_answer_s for r in theirs)
+    table.row("silent: first answer, s from the first connect", *first, fmt="%.3f")
+    last = max(r.last_answer_s for r in ours), max(r.last_answer_s for r in theirs)
+    table.row("silent: last answer, s from the first connect", *last, fmt="%.3f",
+              floor="<= %g s" % FLOOR_SILENT_LAST_S, met=last[0] <= FLOOR_SILENT_LAST_S)
+    failed = min(r.failed_probes for r in ours), min(r.failed_probes for r in theirs)
+    table.row("silent: answers 200 with probe_success 0", *failed, fmt="%d", floor="= %d" % n,
+              met=failed[0] == n, show_ratio=False)
+    for name, runs in results.items():
+        others: "collections.Counter[int]" = collections.Counter()
+        for r in runs:
+            others.update({code: k for code, k in r.statuses.items() if code != 200})
+        if others:
+            table.text("   %s answered otherwise: %s" % (name, ", ".join(
+                "%s x%d" % (code or "no answer", k) for code, k in sorted(others.items()))))
+    metrics = max(r.metrics_max_s for r in ours) * 1000, max(r.metrics_max_s for r in theirs) * 1000
+    table.row("silent: /metrics slowest (ms), n=%d" % sum(r.metrics_count for r in ours), *metrics, fmt="%.1f",
+              floor="< %g ms" % (FLOOR_SILENT_METRICS_S * 1000),
+              met=metrics[0] < FLOOR_SILENT_METRICS_S * 1000 and all(r.metrics_failures == 0 for r in ours))
+    failures = sum(r.metrics_failures for r in ours), sum(r.metrics_failures for r in theirs)
+    if any(failures):
+        table.cells("silent: /metrics failed", "%d" % failures[0], "%d" % failures[1])
+    rss = max(r.peak_rss_mb for r in ours), max(r.peak_rss_mb for r in theirs)
+    table.row("silent: peak RSS (MB)", *rss, floor="<= %g MB" % FLOOR_SILENT_RSS_MB, met=rss[0] <= FLOOR_SILENT_RSS_MB)
+    table.row("silent: exporter CPU ms / probe", med([r.cpu_ms for r in ours]), med([r.cpu_ms for r in theirs]),
+              "%.3f")
+
+    def threads(runs: List[SilentResult]) -> str:
+        worst = max(runs, key=lambda r: (r.threads_after - r.threads_before, r.threads_peak))
+        return "%d/%d/%d" % (worst.threads_before, worst.threads_peak, worst.threads_after)
+
+    table.cells("silent: threads before/peak/after", threads(ours), threads(theirs), "",
+                "after = before", all(r.threads_after <= r.threads_before for r in ours))
+
+    def back(runs: List[SilentResult]) -> str:
+        worst = max(r.threads_back_s for r in runs)  # nan (never back) counts as the worst
+        return "not in %gs" % wait if any(r.threads_back_s != r.threads_back_s for r in runs) \
+            else "%.2f" % worst
+
+    table.cells("silent: threads back to before, s after", back(ours), back(theirs))
+    table.cells("silent: rounds, last answer (s)", "/".join("%.2f" % r.last_answer_s for r in ours),
+                "/".join("%.2f" % r.last_answer_s for r in theirs))
 
 
-def report_start(args: argparse.Namespace, pki: Dict[str, str], tmp: str, first_answer: Dict[str, List[float]],
-                 lines: List[str], children: list) -> None:  # type: ignore[type-arg]
-    config = os.path.join(tmp, "blackbox.yml")
-    starts: Tuple[Callable[[], Exporter], ...] = (lambda: start_ours(pki["ca.pem"]), lambda: start_blackbox(config))
+def report_start(args: argparse.Namespace, ca: str, config: str, tmp: str, first_answer: Dict[str, List[float]],
+                 table: Table, children: List["subprocess.Popen[bytes]"]) -> None:
+    starts: Tuple[Callable[[], Exporter], ...] = (lambda: start_ours(ca, tmp), lambda: start_blackbox(config, tmp))
     for _ in range(1 if args.smoke else 5):
         for start in starts:
             exporter = start()
             children.append(exporter.proc)
             first_answer[exporter.name].append(wait_healthy(exporter))
             stop(exporter.proc)
-    lines.append("")
-    lines.append(row("spawn to first 200 on /-/healthy (ms), n=%d" % len(first_answer["ours"]),
-                     med(first_answer["ours"]), med(first_answer["blackbox"]), "%.0f", "<= 150 ms"))
+    ours, theirs = med(first_answer["ours"]), med(first_answer["blackbox"])
+    table.text()
+    table.row("spawn to first 200 on /-/healthy (ms), n=%d" % len(first_answer["ours"]), ours, theirs, "%.0f",
+              "<= %g ms" % FLOOR_START_MS, met=ours <= FLOOR_START_MS)
     bare = [bare_interpreter() for _ in range(1 if args.smoke else 5)]
-    lines.append("%-44s %12.0f   (for reference: the floor under ours)" % ("bare interpreter -S, spawn to exit (ms)", med([b[0] for b in bare])))
-    lines.append("%-44s %12.1f" % ("bare interpreter -S, RSS (MB)", med([b[1] for b in bare])))
+    table.cells("bare interpreter, spawn to exit (ms)", "%.0f" % med([b[0] for b in bare]), "",
+                "", "(reference: the floor under ours)")
+    table.cells("bare interpreter, RSS (MB)", "%.1f" % med([b[1] for b in bare]), "")
 
 
 _OWN_RSS = "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')][0])"
@@ -835,9 +1095,9 @@ _OWN_RSS = "print([int(l.split()[1]) for l in open('/proc/self/status') if l.sta
 
 def bare_interpreter() -> Tuple[float, float]:
     """(ms from spawn to exit, RSS in MB) of an interpreter that only reads its own RSS, started
-    without site like ours."""
+    like ours (site on)."""
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-S", "-c", _OWN_RSS], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", _OWN_RSS], capture_output=True, text=True, check=True).stdout
     return (time.monotonic() - start) * 1000, int(out) / 1024
 
 
