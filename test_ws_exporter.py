@@ -3373,26 +3373,77 @@ class TestBenchSmoke(unittest.TestCase):
 
 
 class TestOutOfDescriptors(unittest.TestCase):
-    def test_the_accept_loop_pauses_instead_of_spinning_and_recovers(self) -> None:
+    """ulimit -n 128 and 400 probes at once with the caps at their defaults: each request gets a
+    200 or a quick 503, none is reset or left waiting, and the process recovers."""
+
+    def start(self, limit: int) -> Tuple["subprocess.Popen[str]", int, str]:
         import resource
 
-        limit = 48
         proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "ws_exporter.py"), "--web.listen-address=127.0.0.1:0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
         )
-        self.addCleanup(proc.wait, 10)
-        self.addCleanup(proc.kill)
         assert proc.stderr is not None
         self.addCleanup(proc.stderr.close)
-        port = int(re.search(r"address=127\.0\.0\.1:(\d+)", proc.stderr.readline()).group(1))  # type: ignore[union-attr]
-        idle = []  # keep-alive connections, a descriptor each in the exporter, until it has none left
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.kill)  # first: the reader below then sees the end of the pipe
+        line = proc.stderr.readline()
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # a full pipe would block its logs
+        return proc, int(re.search(r"address=127\.0\.0\.1:(\d+)", line).group(1)), line  # type: ignore[union-attr]
+
+    def test_every_request_is_answered_and_the_process_recovers(self) -> None:
+        proc, port, line = self.start(128)
+        self.assertIn("max_connections=24 max_concurrent=24", line)  # (128 - 80 reserved) / 2
+        server = LocalServer(silent)
+        self.addCleanup(server.close)
+        baseline = (len(os.listdir("/proc/%d/fd" % proc.pid)), process_threads(proc.pid))
+        request = ("GET /probe?target=ws://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n"
+                   "X-Prometheus-Scrape-Timeout-Seconds: 1.5\r\n\r\n" % server.port).encode()
+        statuses: List[object] = []
+
+        def scrape() -> None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(request)
+                    statuses.append(int(sock.makefile("rb").readline().split()[1]))
+            except (OSError, IndexError) as err:  # a reset, no answer within 10 s, or an empty one
+                statuses.append(type(err).__name__)
+
+        clients = [threading.Thread(target=scrape) for _ in range(400)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(30)
+        self.assertEqual(len(statuses), 400)
+        self.assertEqual(set(statuses) - {200, 503}, set(), collections.Counter(map(str, statuses)))
+        self.assertGreaterEqual(statuses.count(200), 24)
+
+        def figures() -> Tuple[int, int]:
+            return len(os.listdir("/proc/%d/fd" % proc.pid)), process_threads(proc.pid)
+
+        self.assertTrue(wait_until(lambda: figures() == baseline), (figures(), baseline))
+        good = LocalServer(good_server)
+        self.addCleanup(good.close)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/probe?target=ws://127.0.0.1:%d/" % good.port)
+        self.assertEqual(parse_metrics(conn.getresponse().read().decode())["probe_success"], 1)
+        conn.close()
+
+    def test_out_of_descriptors_a_waiting_client_gets_a_503_not_silence(self) -> None:
+        """The limit lowered after start, below what the caps were worked out for: the spare
+        descriptor answers each client that finds none left, and the accept loop does not spin."""
+        import resource
+
+        proc, port, _ = self.start(4096)
+        limit = 48
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (limit, 4096))  # type: ignore[attr-defined]
+        idle = []
         self.addCleanup(lambda: [c.close() for c in idle])
         for _ in range(limit + 8):
-            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))  # the kernel queues it
-        self.assertTrue(select.select([proc.stderr], [], [], 10)[0], "no warning")
-        self.assertIn("Cannot accept connections", proc.stderr.readline())
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        answers = [c.recv(64) for c in idle[-4:]]  # the last ones found no descriptor left
+        self.assertTrue(all(a.startswith(b"HTTP/1.1 503") for a in answers), answers)
         with open("/proc/%d/stat" % proc.pid) as f:
             before = sum(int(n) for n in f.read().rpartition(")")[2].split()[11:13])
         time.sleep(1.0)  # an interval to measure CPU over, not a synchronisation
@@ -3401,11 +3452,20 @@ class TestOutOfDescriptors(unittest.TestCase):
         self.assertLess(spent, 0.5, "the accept loop spins")
         for conn in idle:
             conn.close()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/-/healthy")
-        self.assertEqual(conn.getresponse().status, 200)
-        conn.close()
+        self.assertTrue(wait_until(lambda: http_status(port, "/-/healthy") == 200))
 
+
+def process_threads(pid: int) -> int:
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0
 
 
 def read_responses(sock: socket.socket, count: int) -> List[Tuple[int, str]]:
@@ -3577,6 +3637,7 @@ class TestResponseWriter(unittest.TestCase):
 
                 reader = threading.Thread(target=drip)
                 reader.start()
+                ours.setblocking(False)  # as the handler's connections are
                 start = time.monotonic()
                 with self.assertRaises(socket.timeout):
                     wx.send_within(ours, b"x" * (8 * 1024 * 1024), 0.5)
@@ -3880,6 +3941,302 @@ class TestInterop(unittest.TestCase):
                 self.assertEqual(status, 200)
                 check = subprocess.run([os.environ["WS_PROMTOOL"], "check", "metrics"], input=body, capture_output=True, text=True, timeout=30)
                 self.assertEqual((check.returncode, check.stdout + check.stderr), (0, ""), body)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Real proxies (installed by .ci/peers; paths in WS_NGINX, WS_HAPROXY, WS_TINYPROXY): nginx and
+# haproxy in front of a node as operators put them, tinyproxy between the exporter and a node.
+# None of them can report a port it chose, so each gets a free port; none watches its stdin, so
+# each runs under a small guard that ends it when the guard's stdin closes or it gets SIGTERM.
+# ----------------------------------------------------------------------------------------------
+
+_PEER_GUARD = r"""
+import os, signal, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+
+def end(*_):
+    if child.poll() is None:
+        child.terminate()
+        killer = threading.Timer(5, lambda: child.poll() is None and child.kill())
+        killer.daemon = True
+        killer.start()
+
+def watch_stdin():
+    while os.read(0, 4096):
+        pass
+    end()
+
+signal.signal(signal.SIGTERM, end)
+threading.Thread(target=watch_stdin, daemon=True).start()
+os._exit(1 if child.wait() else 0)
+"""
+
+
+def start_guarded(argv: List[str], port: int, workdir: str, what: str) -> "subprocess.Popen[bytes]":
+    """Run a peer that listens on 127.0.0.1:``port``, once it accepts connections; its output
+    goes to ``workdir``/output.log, quoted if it does not start."""
+    env = dict(os.environ)
+    if os.environ.get("WS_DEB_LD_LIBRARY_PATH"):
+        env["LD_LIBRARY_PATH"] = os.environ["WS_DEB_LD_LIBRARY_PATH"]
+    output = os.path.join(workdir, "output.log")
+    with open(output, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _PEER_GUARD, *argv], stdin=subprocess.PIPE,
+                                stdout=out, stderr=out, env=env, cwd=workdir, close_fds=True)
+    deadline = time.monotonic() + PEER_START_TIMEOUT
+    while proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                break
+        time.sleep(0.02)
+    code = proc.poll()
+    why = "exited (%s) before listening" % code if code is not None else \
+        "not listening on port %d after %.0fs" % (port, PEER_START_TIMEOUT)
+    stop(proc)
+    with open(output, "rb") as f:
+        tail = f.read()[-4000:].decode("utf-8", "replace")
+    raise PeerError("%s: %s\n--- peer output ---\n%s" % (what, why, tail))
+
+
+def certificate_not_after(path: str) -> float:
+    """A PEM certificate's notAfter in unix seconds (openssl x509 -enddate)."""
+    out = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", path],
+                         check=True, capture_output=True, text=True).stdout
+    return float(ssl.cert_time_to_seconds(out.strip().split("=", 1)[1]))
+
+
+class ProxyInteropCase(unittest.TestCase):
+    """An exporter, a temporary directory for the proxy's files, and peers stopped at the end."""
+
+    def setUp(self) -> None:
+        self.pki = shared_pki()
+        self.exporter = ExporterFixture()
+        self.addCleanup(self.exporter.close)
+        self.dir = tempfile.mkdtemp(prefix="wsx-proxy-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def node(self, tls: bool = False) -> Tuple["subprocess.Popen[bytes]", int]:
+        """The node ws echo server, as the backend; stopped at the end (stop is idempotent)."""
+        args = (self.pki["good.pem"], self.pki["good.key"]) if tls else ()
+        proc, port = start_node_ws_server(*args)
+        self.addCleanup(stop, proc)
+        return proc, port
+
+    def run_peer(self, argv: List[str], port: int, what: str) -> None:
+        self.addCleanup(stop, start_guarded(argv, port, self.dir, what))
+
+    def peer_output(self) -> str:
+        with open(os.path.join(self.dir, "output.log"), "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def assert_proxied_success(self, metrics: Dict[str, float], tls: bool) -> None:
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_websocket_status_code"], 101)
+        self.assertEqual(metrics["probe_websocket_close_code"], 1000)
+        self.assertEqual(any(k.startswith("probe_tls_version_info{") for k in metrics), tls)
+
+
+# nginx as the operators of nodes configure it for WebSocket (nginx.org/en/docs/http/websocket.html).
+# Every path nginx writes is in the test's directory; no `user` directive, so any user can run it
+# (as root its workers run as nobody, and need no file of the directory).
+NGINX_CONF = """\
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        server_name localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location /ws {{
+            proxy_pass http://127.0.0.1:{backend};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_read_timeout 60s;
+        }}
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"""
+
+# haproxy in mode http: it sees the Upgrade, forwards the 101 and then tunnels (timeout tunnel).
+# One frontend in plain ws, one terminating TLS (haproxy wants the certificate and key in one file).
+# retries 0: a refused connection to the node is a 503 at once, not after 3 tries a second apart.
+HAPROXY_CFG = """\
+global
+    maxconn 100
+defaults
+    mode http
+    retries 0
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout tunnel 1h
+frontend plain
+    bind 127.0.0.1:{port}
+    default_backend node
+frontend tls
+    bind 127.0.0.1:{tls_port} ssl crt {pem}
+    default_backend node
+backend node
+    server node1 127.0.0.1:{backend}
+"""
+
+
+class TestReverseProxyInterop(ProxyInteropCase):
+    """Probes of a node behind nginx and haproxy, configured as node operators configure them."""
+
+    def start_nginx(self, backend: int) -> int:
+        port = free_port()
+        conf = self.write("nginx.conf", NGINX_CONF.format(
+            dir=self.dir, port=port, backend=backend, cert=self.pki["good.pem"], key=self.pki["good.key"]))
+        self.run_peer([os.environ["WS_NGINX"], "-p", self.dir + "/", "-c", conf, "-e", "stderr",
+                       "-g", "daemon off;"], port, "nginx")
+        return port
+
+    def test_nginx_terminating_tls_in_front_of_node_ws(self) -> None:
+        require_peer(self, "WS_NGINX", "WS_PEER_NODE", "WS_PEER_NODE_PATH")
+        _, backend = self.node()
+        port = self.start_nginx(backend)
+        with trusting(self.pki["ca.pem"]):
+            metrics = self.exporter.probe("wss://127.0.0.1:%d/ws" % port)
+        self.assert_proxied_success(metrics, tls=True)
+        self.assertGreater(metrics['probe_websocket_duration_seconds{phase="tls"}'], 0)
+        self.assertEqual(metrics["probe_ssl_earliest_cert_expiry"], certificate_not_after(self.pki["good.pem"]))
+        with open(os.path.join(self.dir, "access.log")) as f:
+            self.assertIn('"GET /ws HTTP/1.1" 101 ', f.read())
+
+    def test_nginx_answers_502_when_the_node_is_down_and_404_off_its_routes(self) -> None:
+        require_peer(self, "WS_NGINX", "WS_PEER_NODE", "WS_PEER_NODE_PATH")
+        node, backend = self.node()
+        port = self.start_nginx(backend)
+        with trusting(self.pki["ca.pem"]):
+            unrouted = self.exporter.probe("wss://127.0.0.1:%d/other" % port)
+            stop(node)
+            down = self.exporter.probe("wss://127.0.0.1:%d/ws" % port)
+        for metrics, status in ((unrouted, 404), (down, 502)):
+            with self.subTest(status=status):
+                self.assertEqual(failure_of(metrics), ("upgrade", "http_status"))
+                self.assertEqual(metrics["probe_websocket_status_code"], status)
+                self.assertEqual(metrics["probe_websocket_up"], 0)
+                self.assertIn('probe_tls_version_info{version="TLS 1.3"}', metrics)  # TLS was fine
+        self.assertIn("connect() failed (111: Connection refused) while connecting to upstream", self.peer_output())
+
+    def test_haproxy_http_mode_in_front_of_node_ws_plain_and_tls(self) -> None:
+        require_peer(self, "WS_HAPROXY", "WS_PEER_NODE", "WS_PEER_NODE_PATH")
+        node, backend = self.node()
+        port, tls_port = free_port(), free_port()
+        with open(self.pki["good.pem"]) as cert, open(self.pki["good.key"]) as key:
+            pem = self.write("haproxy.pem", cert.read() + key.read())
+        cfg = self.write("haproxy.cfg", HAPROXY_CFG.format(port=port, tls_port=tls_port, pem=pem, backend=backend))
+        self.run_peer([os.environ["WS_HAPROXY"], "-db", "-f", cfg], port, "haproxy")
+        wait_tcp(tls_port)
+        self.assert_proxied_success(self.exporter.probe("ws://127.0.0.1:%d/" % port), tls=False)
+        with trusting(self.pki["ca.pem"]):
+            metrics = self.exporter.probe("wss://localhost:%d/some/path" % tls_port)
+        self.assert_proxied_success(metrics, tls=True)
+        self.assertEqual(metrics["probe_ssl_earliest_cert_expiry"], certificate_not_after(self.pki["good.pem"]))
+        stop(node)
+        down = self.exporter.probe("ws://127.0.0.1:%d/" % port)
+        self.assertEqual(failure_of(down), ("upgrade", "http_status"))
+        self.assertEqual(down["probe_websocket_status_code"], 503)  # haproxy: no server available
+
+
+# tinyproxy as a forward proxy with basic auth; ConnectPort lines limit the ports CONNECT may
+# reach (none: every port). Its log goes to its standard output (no LogFile, no Syslog).
+TINYPROXY_CONF = """\
+Port {port}
+Listen 127.0.0.1
+Timeout 30
+MaxClients 20
+LogLevel Info
+BasicAuth user {password}
+{connect_ports}
+"""
+PROXY_PASSWORD = "secret-pass-123"
+
+
+class TestForwardProxyInterop(ProxyInteropCase):
+    """wss:// probes tunnelled through tinyproxy with CONNECT, by module proxy_url and by
+    https_proxy; the proxy's credentials never show."""
+
+    def start_tinyproxy(self, connect_ports: str = "") -> str:
+        port = free_port()
+        conf = self.write("tinyproxy.conf", TINYPROXY_CONF.format(
+            port=port, password=PROXY_PASSWORD, connect_ports=connect_ports))
+        self.run_peer([os.environ["WS_TINYPROXY"], "-d", "-c", conf], port, "tinyproxy")
+        return "http://user:%s@127.0.0.1:%d" % (PROXY_PASSWORD, port)
+
+    def use_proxy(self, proxy_url: str) -> None:
+        self.exporter.exporter.config = wx.parse_config({"modules": {
+            "proxied": {"proxy_url": proxy_url},
+            "wrong_password": {"proxy_url": proxy_url.replace(PROXY_PASSWORD, "not-" + PROXY_PASSWORD)},
+        }})
+
+    def assert_no_credentials(self, *texts: str) -> None:
+        for text in texts:
+            self.assertNotIn(PROXY_PASSWORD, text)
+            self.assertNotIn(base64.b64encode(("user:" + PROXY_PASSWORD).encode()).decode(), text)
+
+    def test_wss_through_connect_by_module_and_by_https_proxy(self) -> None:
+        require_peer(self, "WS_TINYPROXY", "WS_PEER_NODE", "WS_PEER_NODE_PATH")
+        _, backend = self.node(tls=True)
+        proxy_url = self.start_tinyproxy()
+        self.use_proxy(proxy_url)
+        target = "wss://127.0.0.1:%d/" % backend
+        with trusting(self.pki["ca.pem"]):
+            by_module = self.exporter.probe(target, module="proxied")
+            with mock.patch.dict(os.environ, {"https_proxy": proxy_url, "no_proxy": "", "NO_PROXY": ""}):
+                by_env = self.exporter.probe(target)
+                page = self.exporter.probe_raw(target, debug="true")[2]
+            refused = self.exporter.probe(target, module="wrong_password")
+        for metrics in by_module, by_env:
+            self.assert_proxied_success(metrics, tls=True)
+            self.assertEqual(metrics["probe_ssl_earliest_cert_expiry"], certificate_not_after(self.pki["good.pem"]))
+        self.assertIn("Connecting through a proxy", page)
+        self.assertEqual(failure_of(refused), ("connect", "connect_error"))
+        # tinyproxy 1.11 answers a CONNECT with wrong credentials 401, not 407.
+        self.assertRegex(self.exporter.log.getvalue(), "proxy answered CONNECT with status 40[17]")
+        self.assertEqual(self.peer_output().count("Established connection to host \"127.0.0.1\""), 3)
+        self.assert_no_credentials(page, self.exporter.log.getvalue())
+
+    def test_a_port_the_proxy_refuses_is_a_connect_error_with_its_403(self) -> None:
+        require_peer(self, "WS_TINYPROXY", "WS_PEER_NODE", "WS_PEER_NODE_PATH")
+        _, backend = self.node(tls=True)
+        proxy_url = self.start_tinyproxy("ConnectPort %d" % free_port())
+        self.use_proxy(proxy_url)
+        target = "wss://127.0.0.1:%d/" % backend
+        with trusting(self.pki["ca.pem"]):
+            metrics = self.exporter.probe(target, module="proxied")
+            page = self.exporter.probe_raw(target, module="proxied", debug="true")[2]
+        self.assertEqual(failure_of(metrics), ("connect", "connect_error"))
+        self.assertEqual(metrics["probe_websocket_up"], 0)
+        self.assertFalse([k for k in metrics if k.startswith("probe_tls_")])  # the tunnel never opened
+        self.assertIn("proxy answered CONNECT with status 403", page)
+        self.assertIn("Refused CONNECT method on port %d" % backend, self.peer_output())
+        self.assert_no_credentials(page, self.exporter.log.getvalue())
 
 
 if __name__ == "__main__":

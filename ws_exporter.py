@@ -59,6 +59,7 @@ import ipaddress
 import json
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -156,6 +157,7 @@ ACCEPT_RETRY_SECONDS = 0.1  # the accept loop's pause when the process is out of
 # 3.13's JSON decoder recurses up to 10,000 levels in C before it raises RecursionError: a
 # hostile node's nested message needs about 1.5 MB of stack to fail cleanly rather than crash.
 THREAD_STACK_BYTES = 2 * 1024 * 1024
+RESERVED_DESCRIPTORS = 16 + MAX_RESOLVER_THREADS  # see fit_descriptor_limit
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
@@ -1040,10 +1042,10 @@ class Connection:
 
     def send(self, data: bytes) -> None:
         """All of ``data`` within the deadline, however slowly the peer reads."""
-        self.send_started = time.perf_counter()
         if self.tls is not None:
             self.tls.write(data)
             data = self._outgoing.read()
+        self.send_started = time.perf_counter()  # after encrypting, which may wait for the interpreter
         self._send(data)
 
     def receive(self, limit: Optional[float] = None) -> bytes:
@@ -1072,21 +1074,56 @@ class Connection:
             self._incoming.write(data)
 
     def _send(self, data: bytes) -> None:
-        self.sock.settimeout(self.deadline.remaining())
-        self.sock.sendall(data)
+        send_within(self.sock, data, self.deadline.remaining())
 
     def _receive(self, timeout: float) -> bytes:
         """One read of what has arrived (b"" at the end of the stream); sets ``arrived``."""
-        if timeout <= 0:
-            raise socket.timeout("timed out")
-        self.sock.settimeout(timeout)
-        if not SO_TIMESTAMPNS:
-            data = self.sock.recv(RECV_BYTES)
-            self.arrived = time.perf_counter()
-            return data
-        data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
-        self.arrived = arrival_time(ancillary)
-        return data
+        while True:
+            wait_ready(self.sock, READABLE, timeout)
+            try:
+                if not SO_TIMESTAMPNS:
+                    data = self.sock.recv(RECV_BYTES)
+                    self.arrived = time.perf_counter()
+                    return data
+                data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
+                self.arrived = arrival_time(ancillary)
+                return data
+            except BlockingIOError:  # woken for nothing: wait again
+                continue
+
+
+READABLE = select.POLLIN if hasattr(select, "poll") else 1
+WRITABLE = select.POLLOUT if hasattr(select, "poll") else 4
+
+
+def wait_ready(sock: socket.socket, events: int, seconds: float) -> None:
+    """Until the non-blocking ``sock`` is ready for ``events`` (READABLE or WRITABLE); socket.timeout
+    after ``seconds``.  An error or hang-up ends the wait too: the read or write that follows
+    reports it.  A socket with a timeout would do this wait itself, but setting the timeout before
+    each call costs a system call that hands the interpreter to another thread."""
+    if seconds <= 0:
+        raise socket.timeout("timed out")
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, events)
+        ready = bool(poller.poll(seconds * 1000))
+    else:  # Windows
+        watched = [sock]
+        lists = select.select(watched if events == READABLE else [], watched if events == WRITABLE else [], watched, seconds)
+        ready = any(lists)
+    if not ready:
+        raise socket.timeout("timed out")
+
+
+def send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
+    """All of ``data`` on the non-blocking ``sock`` within ``seconds``, however slowly the peer
+    reads (socket.timeout after)."""
+    view, end = memoryview(data), time.monotonic() + seconds
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except (BlockingIOError, ssl.SSLWantWriteError):  # the send buffer is full: wait for room
+            wait_ready(sock, WRITABLE, end - time.monotonic())
 
 
 _ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if SO_TIMESTAMPNS else 0
@@ -1340,10 +1377,9 @@ def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) 
     last: Optional[Exception] = None
     for family, sockaddr in addresses:
         result.ip_protocol = 6 if family == socket.AF_INET6 else 4
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, _NONBLOCKING_STREAM)
         try:
-            sock.settimeout(deadline.remaining())
-            sock.connect(sockaddr)
+            connect_within(sock, sockaddr, deadline)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             enable_arrival_stamps(sock)
             return sock
@@ -1354,6 +1390,23 @@ def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) 
                 break
     assert last is not None
     raise last
+
+
+# Non-blocking from the start where the system allows it (Linux): no setblocking() call.
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def connect_within(sock: socket.socket, sockaddr: Tuple[object, ...], deadline: Deadline) -> None:
+    """A non-blocking connect, waited for under the deadline; the socket stays non-blocking.
+    Raises what a blocking connect would (ConnectionRefusedError and the like; socket.timeout)."""
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
+    err = sock.connect_ex(sockaddr)
+    if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+        wait_ready(sock, WRITABLE, deadline.remaining())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 _TLS_CONTEXT: Optional[ssl.SSLContext] = None
@@ -2575,18 +2628,21 @@ class _RequestReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
-        if self.deadline is None:
-            timeout = KEEPALIVE_IDLE_SECONDS
-        else:
-            timeout = self.deadline - time.monotonic()
-            if timeout <= 0:
-                raise socket.timeout("request not received within %gs" % REQUEST_READ_SECONDS)
-        self.sock.settimeout(timeout)
-        count = self.sock.recv_into(buffer)
+        while True:
+            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):  # none decrypted already
+                wait_ready(self.sock, READABLE, self.time_left())
+            try:
+                count = self.sock.recv_into(buffer)
+                break
+            except (BlockingIOError, ssl.SSLWantReadError):  # woken for nothing (or part of a TLS record)
+                continue
         if count and self.deadline is None:
             self.started = time.monotonic()
             self.deadline = self.started + REQUEST_READ_SECONDS
         return count
+
+    def time_left(self) -> float:
+        return KEEPALIVE_IDLE_SECONDS if self.deadline is None else self.deadline - time.monotonic()
 
 
 # From the first "?" to the end: a malformed request line quoted in a log message may hold a
@@ -2621,18 +2677,6 @@ def response_bytes(status: int, body: str, content_type: str, headers: Sequence[
     return ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1") + data
 
 
-def send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
-    """All of ``data`` within ``seconds``, however slowly the peer reads (socket.timeout after):
-    an SSLSocket's sendall would give every chunk the whole timeout again."""
-    view, end = memoryview(data), time.monotonic() + seconds
-    while view:
-        left = end - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("not taken within %gs" % seconds)
-        sock.settimeout(left)
-        view = view[sock.send(view) :]
-
-
 class Handler(http.server.BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive on one client connection: http.server reads each request and
     enforces its limits; the handler routes it and answers, each answer whole in one write.
@@ -2645,6 +2689,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.connection.setblocking(False)  # reads and writes wait in poll(), under their deadlines
         self.rfile.close()  # replaced by a reader that keeps the request's deadline
         self.reader = _RequestReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
@@ -2824,7 +2869,7 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.tls = ServerTLS(self.web.tls, exporter.logger) if self.web.tls is not None else None
         self.connections = 0
         self._lock = threading.Lock()
-        self.out_of_descriptors = False  # logged once until an accept succeeds again
+        self.spare: Optional[int] = _spare_descriptor()  # closed to refuse a connection when none is left
         settings = exporter.settings
         self.routes: Dict[str, Callable[[Handler, str], None]] = {  # GET and HEAD
             settings.probe_path: Handler.serve_probe,
@@ -2849,19 +2894,25 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         try:
             connection = self.socket.accept()
         except OSError as err:
-            self.accept_failed(err)
-            raise
-        self.out_of_descriptors = False
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.out_of_descriptors(err)
+            raise  # the client left before accept (ECONNABORTED and the like), or handled above
         return connection
 
-    def accept_failed(self, err: OSError) -> None:
-        """Out of descriptors (or memory), the waiting connection stays queued and the listening
-        socket stays readable: without a pause the accept loop would spin on it."""
-        if err.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            return  # the client left before accept (ECONNABORTED and the like): nothing to wait for
-        if not self.out_of_descriptors:
-            self.out_of_descriptors = True
-            self.exporter.logger.log("warn", "Cannot accept connections, pausing the accept loop", err=str(err))
+    def out_of_descriptors(self, err: OSError) -> None:
+        """The waiting connection is answered 503 through the spare descriptor, so that no client
+        waits in the listen queue; without one, the accept loop pauses rather than spin on a
+        listening socket that stays readable."""
+        if self.spare is not None:
+            os.close(self.spare)
+            try:
+                self.refuse(self.socket.accept()[0])
+                return
+            except OSError:
+                pass
+            finally:
+                self.spare = _spare_descriptor()
+        self.exporter.logger.log("warn", "Cannot accept connections, pausing the accept loop", err=str(err))
         time.sleep(ACCEPT_RETRY_SECONDS)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -2876,6 +2927,9 @@ class ExporterServer(http.server.ThreadingHTTPServer):
                 return
         except RuntimeError:  # the system refused another thread
             self.release_connection()
+        self.refuse(request)
+
+    def refuse(self, request: socket.socket) -> None:
         self.exporter.stats.reject("connections")
         try:  # never blocking: this runs in the thread that accepts
             request.setblocking(False)
@@ -2908,6 +2962,35 @@ class ExporterServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         self.exporter.logger.log("debug", "HTTP connection error", traceback=format_exception())
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.spare is not None:
+            os.close(self.spare)
+            self.spare = None
+
+
+def _spare_descriptor() -> Optional[int]:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def fit_descriptor_limit(settings: Settings) -> Settings:
+    """The caps lowered to what the open-files limit holds: a connection and its probe take a
+    descriptor each, and RESERVED_DESCRIPTORS stay for the rest (the listener, name lookups,
+    /proc, the spare that refuses a connection when none are left)."""
+    try:
+        import resource  # Unix only
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return settings
+    if soft == resource.RLIM_INFINITY:
+        return settings
+    connections = max(1, min(settings.max_connections, (soft - RESERVED_DESCRIPTORS) // 2))
+    return settings._replace(max_connections=connections, max_concurrent=min(settings.max_concurrent, connections))
 
 
 def split_listen_address(value: str) -> Tuple[str, int]:
@@ -3767,7 +3850,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         return usage_error("--web.config.file=%s: %s" % (settings.web_config_file, err))
     logger = Logger(settings.log_level, settings.log_format)
-    exporter = Exporter(settings, logger)
+    exporter = Exporter(fit_descriptor_limit(settings), logger)
     if settings.config_file:
         try:
             exporter.config = load_config(settings.config_file)
@@ -3781,7 +3864,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wakeup, _ = install_stop_signals()
     threading.stack_size(THREAD_STACK_BYTES)
     logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
-               tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower())
+               tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower(),
+               max_connections=exporter.settings.max_connections, max_concurrent=exporter.settings.max_concurrent)
     return serve(server, exporter, wakeup)
 
 
