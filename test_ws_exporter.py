@@ -417,8 +417,11 @@ class TestHandshakeCodec(unittest.TestCase):
                 wx.ResponseParser().feed(data)
             self.assertEqual(caught.exception.reason, "bad_response")
 
-    def test_non_101_is_http_status(self) -> None:
-        self.assert_handshake_error("http_status", self.response(status="403 Forbidden"))
+    def test_non_101_is_http_status_unauthorized_or_rate_limited(self) -> None:
+        self.assert_handshake_error("http_status", self.response(status="404 Not Found"))
+        self.assert_handshake_error("unauthorized", self.response(status="403 Forbidden"))
+        self.assert_handshake_error("unauthorized", self.response(status="401 Unauthorized"))
+        self.assert_handshake_error("rate_limited", self.response(status="429 Too Many Requests"))
 
     def test_missing_or_wrong_upgrade_and_connection(self) -> None:
         for raw in (
@@ -833,13 +836,25 @@ class TestProbe(ProbeTestCase):
         self.assertLessEqual(metrics["probe_duration_seconds"], 1.6)
         self.assertLess(elapsed, 2.0)
 
-    def test_non_101_answers_are_http_status(self) -> None:
-        for status in (200, 301, 401, 403, 429, 503):
+    def test_non_101_answers_fail_with_their_reason_and_keep_the_status(self) -> None:
+        reasons = {200: "http_status", 301: "http_status", 401: "unauthorized", 403: "unauthorized",
+                   429: "rate_limited", 503: "http_status"}
+        for status, reason in reasons.items():
             with self.subTest(status=status):
                 raw = b"HTTP/1.1 %d Nope\r\nContent-Length: 0\r\nRetry-After: 5\r\nLocation: /x\r\n\r\n" % status
                 metrics = self.probe_local(answer(raw))
-                self.assert_failed(metrics, "upgrade", "http_status")
+                self.assert_failed(metrics, "upgrade", reason)
                 self.assertEqual(metrics["probe_websocket_status_code"], status)
+
+    def test_a_close_with_1008_or_1013_is_rate_limited(self) -> None:
+        for code in (1008, 1013):
+            closing = server_frame(wx.Opcode.CLOSE, struct.pack("!H", code))
+            with self.subTest(code=code):
+                metrics = self.probe_local(upgrade_then(closing))
+                self.assert_failed(metrics, "close", "rate_limited", up=1)
+                self.assertEqual(metrics["probe_websocket_close_code"], code)
+        metrics = self.probe_local(upgrade_then(server_frame(wx.Opcode.CLOSE, struct.pack("!H", 1001))))
+        self.assertEqual(metrics["probe_success"], 1)
 
     def test_handshake_failures(self) -> None:
         key_free = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: bm9wZQ==\r\n\r\n"
@@ -1253,6 +1268,22 @@ class TestProgram(unittest.TestCase):
         self.assertEqual(conn.getresponse().status, 200)
         conn.close()
 
+    def test_probe_command_prints_the_debug_page_and_exits_with_the_result(self) -> None:
+        server = LocalServer(good_server)
+        self.addCleanup(server.close)
+        good = self.run_exporter("probe", "ws://127.0.0.1:%d/" % server.port, "--module", "connect", "--timeout=5s")
+        self.assertEqual(good.returncode, 0, good.stderr)
+        self.assertTrue(good.stdout.startswith("Logs for the probe:\n"), good.stdout[:200])
+        self.assertIn("probe_success 1\n", good.stdout)
+        self.assertIn("\"preset\": \"connect\"", good.stdout)
+        bad = self.run_exporter("probe", "ws://127.0.0.1:%d/" % free_port(), "--timeout", "2s")
+        self.assertEqual(bad.returncode, 1)
+        self.assertIn('probe_failure_info{phase="connect",reason="connect_refused"} 1', bad.stdout)
+        for args in ((), ("--module", "ping"), ("ws://x/", "--module"), ("ws://x/", "--module=nope"), ("ws://x/", "--timeout=soon")):
+            with self.subTest(args=args):
+                usage = self.run_exporter("probe", *args)
+                self.assertEqual((usage.returncode, usage.stdout, usage.stderr.count("\n")), (2, "", 1))
+
     def test_bad_flag_exits_2_with_one_line(self) -> None:
         result = self.run_exporter("--timeout=soon")
         self.assertEqual(result.returncode, 2)
@@ -1271,6 +1302,22 @@ class TestProgram(unittest.TestCase):
             conn.close()
             self.assertEqual(code, 0)
             self.assertLess(time.monotonic() - start, 1.5)
+
+    def test_a_restart_after_kill_9_listens_on_the_same_port_at_once(self) -> None:
+        port = free_port()
+        first = ExporterProcess("--web.listen-address=127.0.0.1:%d" % port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/-/healthy")
+        self.assertEqual(conn.getresponse().read(), b"Healthy\n")  # a connection left open
+        first.proc.kill()
+        first.stop()
+        assert conn.sock is not None
+        self.assertEqual(conn.sock.recv(1), b"")  # the kernel closed the killed process's end first...
+        conn.close()  # ...so after this one, that end waits in TIME_WAIT on the port
+        second = ExporterProcess("--web.listen-address=127.0.0.1:%d" % port)
+        self.addCleanup(second.stop)
+        self.assertIn("msg=Listening", second.first_line)  # not "Cannot listen ... Address already in use"
 
     def test_json_logs(self) -> None:
         proc = ExporterProcess("--log.format=json")
@@ -1391,7 +1438,7 @@ class TestHostileServers(ProbeTestCase):
         target = "ws://127.0.0.1:%d/v3/%s?apikey=%s" % (server.port, key, "Q" + key)
         status, _, page = self.exporter.probe_raw(target, "2", debug="true")
         self.assertEqual(status, 200)
-        self.assertIn('probe_failure_info{phase="upgrade",reason="http_status"} 1', page)
+        self.assertIn('probe_failure_info{phase="upgrade",reason="unauthorized"} 1', page)
         self.assertIn("invalid project id <redacted>", page)
         for text in (page, self.exporter.log.getvalue()):
             self.assertNotIn(key, text)
@@ -2733,11 +2780,12 @@ class TestCheckParsing(unittest.TestCase):
     def test_rpc_errors_tell_rate_limits_apart(self) -> None:
         result = wx.ProbeResult("evm", 1.0)
         cases = [({"code": 429, "message": "slow down"}, "rate_limited"), ({"code": -32005, "message": "x"}, "rate_limited"),
-                 ({"code": -32000, "message": "Rate limit exceeded"}, "rate_limited"), ({"code": -32601, "message": "no such method"}, "rpc_error"),
+                 ({"code": -32000, "message": "Rate limit exceeded"}, "rate_limited"), ({"code": -32601, "message": "no such method"}, "method_not_found"),
+                 ({"code": -32000, "message": "the method eth_x does not exist/is not available"}, "method_not_found"),
                  ("not an object", "rpc_error")]
         for error, reason in cases:
             self.assertEqual(wx.rpc_failure("m", error, result).reason, reason, error)
-        self.assertEqual(result.rpc_error_codes, {"m": -32601})
+        self.assertEqual(result.rpc_error_codes, {"m": -32000})
 
     def test_builtin_modules_need_no_config(self) -> None:
         self.assertEqual(set(wx.DEFAULT_MODULES), set(wx.PRESETS))
@@ -2876,7 +2924,9 @@ class TestChecks(ChecksTestCase):
 
     def test_error_answers(self) -> None:
         cases = [
-            ("rpc_error", -32601, lambda r: [rpc_error(r["id"], -32601, "Method not found")]),
+            ("subscription_unsupported", -32601, lambda r: [rpc_error(r["id"], -32601, "Method not found")]),
+            ("subscription_unsupported", -32000, lambda r: [rpc_error(r["id"], -32000, "notifications not supported")]),
+            ("rpc_error", -32000, lambda r: [rpc_error(r["id"], -32000, "header not found")]),
             ("rate_limited", -32005, lambda r: [rpc_error(r["id"], -32005, "limit exceeded")]),
             ("rpc_error", None, lambda r: [rpc_error(None, -32700, "Parse error")]),  # no id: fails the pending request
             ("rate_limited", None, lambda r: [text_frame({"jsonrpc": "2.0", "error": {"code": 429, "message": "Too Many Requests"}})]),

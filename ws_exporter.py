@@ -62,6 +62,7 @@ import re
 import select
 import signal
 import socket
+import socketserver
 import ssl
 import struct
 import sys
@@ -205,7 +206,8 @@ FAILURE_REASONS = frozenset(
         "connection_closed",  # the peer closed or reset the connection
         "tls_verify",  # tls: the certificate chain or name did not verify
         "tls_error",  # tls: any other handshake failure
-        "http_status",  # upgrade: an answer other than 101
+        "http_status",  # upgrade: an answer other than 101 (and other than those below)
+        "unauthorized",  # upgrade: 401 or 403 (a token refused, an Origin not allowed)
         "bad_response",  # upgrade: not a well-formed HTTP response head
         "response_too_large",  # upgrade: a line, the header count or the head over its limit
         "bad_upgrade",  # upgrade: Upgrade or Connection header missing or wrong
@@ -217,7 +219,9 @@ FAILURE_REASONS = frozenset(
         "internal_error",  # a bug in the exporter; the traceback is logged at debug level
         "no_response",  # check: no pong or JSON-RPC response before the check's time ran out
         "rpc_error",  # check: the node answered a JSON-RPC request with an error
-        "rate_limited",  # check: that error says rate limit (code 429 or -32005, or its message)
+        "rate_limited",  # upgrade 429, a close with 1008 or 1013, or a JSON-RPC error saying rate limit
+        "method_not_found",  # check: the node does not serve a method the module needs (-32601)
+        "subscription_unsupported",  # check: the node refuses the subscription (-32601, "not supported")
         "bad_json",  # check: a text message that is not JSON, or JSON-RPC of the wrong shape
         "no_notification",  # check: subscribed, but no notification before the check's time ran out
         "too_few_notifications",  # check: some notifications, fewer than min_notifications
@@ -235,6 +239,9 @@ MAX_CHECK_MESSAGES = 10000  # messages a check reads before giving up on a chatt
 # JSON-RPC error codes that mean "slow down": HTTP's 429 as some gateways send it, and the
 # -32005 "limit exceeded" of EIP-1474.
 RATE_LIMIT_CODES = frozenset((429, -32005))
+METHOD_NOT_FOUND = -32601  # JSON-RPC 2.0 §5.1
+RATE_LIMIT_CLOSE_CODES = frozenset((1008, 1013))  # RFC 6455 §7.4.1 policy violation, try again later
+HTTP_STATUS_REASONS = {401: "unauthorized", 403: "unauthorized", 429: "rate_limited"}  # upgrade answers
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
 LOG_FORMATS = ("logfmt", "json")
@@ -461,7 +468,8 @@ def validate_handshake(
 ) -> Optional[str]:
     """RFC 6455 §4.1: check the server's answer; return the subprotocol it chose, if any."""
     if response.status != 101:
-        raise HandshakeError("http_status", "status %d %s" % (response.status, response.reason[:40]))
+        reason = HTTP_STATUS_REASONS.get(response.status, "http_status")
+        raise HandshakeError(reason, "status %d %s" % (response.status, response.reason[:40]))
     if _tokens(response.values("upgrade")) != ["websocket"]:
         raise HandshakeError("bad_upgrade", "Upgrade header is not 'websocket'")
     if "upgrade" not in _tokens(response.values("connection")):
@@ -1520,6 +1528,8 @@ def close_websocket(conn: Connection, result: ProbeResult, log: ProbeLog) -> Non
             return
     result.close_code = close.code
     log.log("debug", "Close answered", close_code=close.code)
+    if close.code in RATE_LIMIT_CLOSE_CODES:
+        raise ProbeError("rate_limited", "server closed with code %d" % close.code, "close")
     if conn.tls is not None:
         tls_closed(conn)
 
@@ -1588,7 +1598,8 @@ class RpcSession:
                 if isinstance(event, Ping):
                     self.conn.send(encode_pong(event))
                 elif isinstance(event, Close):
-                    raise CheckError("connection_closed", "server closed the connection (code %d)" % event.code)
+                    reason = "rate_limited" if event.code in RATE_LIMIT_CLOSE_CODES else "connection_closed"
+                    raise CheckError(reason, "server closed the connection (code %d)" % event.code)
                 else:
                     return self._counted(event)
             left = self.until - time.monotonic()
@@ -1624,9 +1635,10 @@ class RpcSession:
     def send_text(self, text: str) -> None:
         self.conn.send(encode_frame(Opcode.TEXT, text.encode("utf-8")))
 
-    def call(self, method: str, params: object) -> object:
+    def call(self, method: str, params: object, not_served: str = "method_not_found") -> object:
         """Send a request and return its result; an error answer, or an error without an id
-        (JSON-RPC 2.0 §5: the server could not tell which request failed), raises."""
+        (JSON-RPC 2.0 §5: the server could not tell which request failed), raises (see
+        rpc_failure for ``not_served``)."""
         self.next_id += 1
         request_id = self.next_id
         self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
@@ -1645,7 +1657,7 @@ class RpcSession:
                 continue  # an answer to nobody we know, or a notification nobody subscribed to
             self.result.rpc_durations[method] = max(self.conn.arrived - start, 0.0)
             if "error" in message:
-                raise rpc_failure(method, message["error"], self.result)
+                raise rpc_failure(method, message["error"], self.result, not_served)
             if "result" not in message:
                 raise CheckError("bad_json", "the answer to %s has neither result nor error" % method)
             self.log.log("debug", "RPC answered", method=method, seconds=round(self.result.rpc_durations[method], 6))
@@ -1653,18 +1665,23 @@ class RpcSession:
 
 
 _RATE_LIMIT_TEXT = re.compile(r"rate.?limit|too many requests", re.IGNORECASE)
+_NOT_SERVED_TEXT = re.compile(r"does not exist|not supported|method not found", re.IGNORECASE)
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def rpc_failure(method: str, error: object, result: ProbeResult) -> CheckError:
-    """The failure a JSON-RPC error object stands for: rate_limited or rpc_error."""
+def rpc_failure(method: str, error: object, result: ProbeResult, not_served: str = "method_not_found") -> CheckError:
+    """The failure a JSON-RPC error object stands for: rate_limited; ``not_served`` when the node
+    does not serve the method (-32601, or a message saying so); else rpc_error."""
     code = error.get("code") if isinstance(error, dict) else None
     text = str(error.get("message", "")) if isinstance(error, dict) else str(error)
     if isinstance(code, int) and not isinstance(code, bool):
         result.rpc_error_codes[method] = code
-    limited = code in RATE_LIMIT_CODES or bool(_RATE_LIMIT_TEXT.search(text))
     detail = "%s answered error %s: %s" % (method, code, _UNPRINTABLE.sub(" ", text)[:100])
-    return CheckError("rate_limited" if limited else "rpc_error", detail)
+    if code in RATE_LIMIT_CODES or _RATE_LIMIT_TEXT.search(text):
+        return CheckError("rate_limited", detail)
+    if code == METHOD_NOT_FOUND or _NOT_SERVED_TEXT.search(text):
+        return CheckError(not_served, detail)
+    return CheckError("rpc_error", detail)
 
 
 def parse_json_object(data: bytes) -> JsonObject:
@@ -1879,7 +1896,7 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
     session.is_event = sub.event
     start = time.perf_counter()
     try:
-        subscription = session.call(sub.subscribe, sub.params)
+        subscription = session.call(sub.subscribe, sub.params, "subscription_unsupported")
         wait_for_notifications(session, module.min_notifications)
     finally:
         result.notifications = len(session.notifications)
@@ -2882,12 +2899,12 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         super().__init__(address, Handler)
 
     def server_bind(self) -> None:
-        """As TCPServer's: HTTPServer's would also look up the host's name, which may hang."""
+        """TCPServer's (SO_REUSEADDR: a restart binds while the last run's connections linger);
+        HTTPServer's would also look up the host's name, which may hang."""
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
             # ":port" means every interface, IPv4 too: clear V6ONLY where the host allows it.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        self.socket.bind(self.server_address)
-        self.server_address = self.socket.getsockname()
+        socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
     def get_request(self) -> Tuple[socket.socket, Any]:
@@ -3709,7 +3726,14 @@ def parse_alias(name: str, raw: object, path: str, modules: Dict[str, Module]) -
 
 
 def usage() -> str:
-    lines = ["usage: ws_exporter.py [flags]", "", "%s %s: probes WebSocket endpoints for Prometheus." % (EXPORTER_NAME, __version__), "", "Flags:"]
+    lines = [
+        "usage: ws_exporter.py [flags]",
+        "       ws_exporter.py probe TARGET [--module M] [flags]   one probe, its debug page; exit 0 ok, 1 failed, 2 usage",
+        "",
+        "%s %s: probes WebSocket endpoints for Prometheus." % (EXPORTER_NAME, __version__),
+        "",
+        "Flags:",
+    ]
     for spec in FLAG_SPECS:
         shown = "" if spec.boolean else "=%s" % spec.default
         lines.append("  --%s%s\n      %s" % (spec.name, shown, spec.help))
@@ -3830,8 +3854,11 @@ def usage_error(message: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["probe"]:
+        return probe_command(args[1:])
     try:
-        settings = parse_flags(sys.argv[1:] if argv is None else argv)
+        settings = parse_flags(args)
     except FlagError as err:
         return usage_error(str(err))
     if settings.show_help:
@@ -3867,6 +3894,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower(),
                max_connections=exporter.settings.max_connections, max_concurrent=exporter.settings.max_concurrent)
     return serve(server, exporter, wakeup)
+
+
+PROBE_USAGE = "usage: ws_exporter.py probe TARGET [--module M] [--config.file F] [--timeout 5s]"
+
+
+def probe_command(args: List[str]) -> int:
+    """``probe TARGET [--module M] [flags]``: one probe in the foreground, its debug page on
+    standard output; exit status 0 when it succeeded, 1 when it failed, 2 on a usage or config
+    error."""
+    if not args or args[0].startswith("-"):
+        return usage_error(PROBE_USAGE)
+    query, flags, rest = {"target": args[0], "debug": "true"}, [], args[1:]
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.lstrip("-").partition("=")
+        if not (arg.startswith("-") and name == "module"):
+            flags.append(arg)
+        elif eq or rest:
+            query["module"] = value if eq else rest.pop(0)
+        else:
+            return usage_error(PROBE_USAGE)
+    try:
+        settings = parse_flags(flags)
+        exporter = Exporter(settings, Logger("error", settings.log_format))
+        if settings.config_file:
+            exporter.config = load_config(settings.config_file)
+        request = exporter.probe_request(urllib.parse.urlencode(query), None)
+    except (FlagError, BadRequest) as err:
+        return usage_error(str(err))
+    except ConfigError as err:
+        return usage_error("config file %s: %s" % (settings.config_file, err))
+    result, log = exporter.probe(request.target, request.module, request.timeout, alias=request.alias)
+    sys.stdout.write(debug_page(log, result, request.module))
+    return 0 if result.success else 1
 
 
 def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:

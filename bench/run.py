@@ -810,7 +810,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--exporter", default=EXPORTER, help="the ws_exporter.py to measure (for A/B runs)")
     parser.add_argument("--exporter-arg", action="append", default=[], metavar="ARG",
                         help="one more argument for our exporter, repeatable; written with '=' when it starts "
-                             "with '-': --exporter-arg=--web.workers=1.  It runs in the directory of --exporter")
+                             "with '-': --exporter-arg=--probe.max-concurrent=1000.  It runs in the directory of --exporter")
     args = parser.parse_args(argv)
     EXPORTER, EXPORTER_ARGS = os.path.abspath(args.exporter), list(args.exporter_arg)
     if args.smoke:
