@@ -2755,6 +2755,83 @@ class ChecksTestCase(ProbeTestCase):
         self.assertEqual(metrics["probe_websocket_close_code"], 1000)  # the clean close still ran
 
 
+class TestNodeModules(ChecksTestCase):
+    """solana_node, substrate_node and cometbft_node against local servers that answer as those
+    nodes document (evm_node runs against ganache and anvil in TestCheckInterop)."""
+
+    GENESIS = "5eykt4UsFv8P8NJdTREpY1vzqKqZKvdpKuc147dw2N9d"
+
+    def solana(self, health: Callable[[Dict[str, object]], List[bytes]]) -> RpcHandlers:
+        slots = {"processed": 1000, "finalized": 968}
+        return {
+            "getHealth": health,
+            "getGenesisHash": replies(self.GENESIS),
+            "getSlot": lambda r: [rpc_reply(r, slots[r["params"][0]["commitment"]])],  # type: ignore[index]
+            "getVersion": replies({"solana-core": "1.18.22", "feature-set": 3469865029}),
+        }
+
+    def test_solana_node(self) -> None:
+        metrics = self.probe_rpc(self.solana(replies("ok")), "solana_node")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (1000, 968))
+        self.assertIn('probe_node_info{client="",version="1.18.22"}', metrics)
+        self.assertIn('probe_chain_info{genesis="%s"}' % self.GENESIS, metrics)
+        behind = text_frame({"jsonrpc": "2.0", "id": 1, "error": {
+            "code": -32005, "message": "Node is behind by 42 slots", "data": {"numSlotsBehind": 42}}})
+        metrics = self.probe_rpc(self.solana(lambda r: [behind]), "solana_node")
+        self.assert_check_failed(metrics, "node_unhealthy")  # not rate_limited, though -32005
+        self.assertEqual(metrics["probe_node_behind_slots"], 42)
+        self.use_config({"modules": {"lag": {"preset": "solana_node", "max_finality_lag": 31},
+                                     "other": {"preset": "solana_node", "expect_genesis_hash": "EtWTRABZaYq6iMfeYKouRu166VU2xqa1wcaWoxPkrZBG"}}})
+        self.assert_check_failed(self.probe_rpc(self.solana(replies("ok")), "lag"), "finality_lag")
+        self.assert_check_failed(self.probe_rpc(self.solana(replies("ok")), "other"), "wrong_chain")
+
+    def substrate(self, syncing: bool) -> RpcHandlers:
+        headers = {"": dict(SUBSTRATE_HEADER, number="0x10"), "0xf1": dict(SUBSTRATE_HEADER, number="0xc")}
+        return {
+            "system_health": replies({"peers": 5, "isSyncing": syncing, "shouldHavePeers": True}),
+            "chain_getBlockHash": replies("0x91b171bb158e2d3848fa23a9f1c25182fb8e20313b2c1eb49219da7a70ce90c3"),
+            "chain_getHeader": lambda r: [rpc_reply(r, headers[(r["params"] or [""])[0]])],  # type: ignore[index]
+            "chain_getFinalizedHead": replies("0xf1"),
+            "system_version": replies("1.10.0-7049c3c9883"),
+        }
+
+    def test_substrate_node(self) -> None:
+        metrics = self.probe_rpc(self.substrate(False), "substrate_node")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual((metrics["probe_node_peers"], metrics["probe_node_syncing"]), (5, 0))
+        self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (16, 12))
+        self.assertIn('probe_node_info{client="",version="1.10.0-7049c3c9883"}', metrics)
+        self.assert_check_failed(self.probe_rpc(self.substrate(True), "substrate_node"), "node_syncing")
+        self.use_config({"modules": {"strict": {"preset": "substrate_node", "min_peers": 8},
+                                     "lag": {"preset": "substrate_node", "max_finality_lag": 2}}})
+        self.assert_check_failed(self.probe_rpc(self.substrate(False), "strict"), "too_few_peers")
+        self.assert_check_failed(self.probe_rpc(self.substrate(False), "lag"), "finality_lag")
+
+    def cometbft(self, catching_up: bool) -> RpcHandlers:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime())
+        status = {"node_info": {"network": "cosmoshub-4", "version": "0.37.2"},
+                  "sync_info": {"latest_block_height": "19000000", "latest_block_time": now, "catching_up": catching_up}}
+        return {"status": replies(status), "net_info": replies({"listening": True, "n_peers": "7", "peers": []})}
+
+    def test_cometbft_node(self) -> None:
+        metrics = self.probe_rpc(self.cometbft(False), "cometbft_node")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual((metrics["probe_node_peers"], metrics["probe_chain_head_number"]), (7, 19000000))
+        self.assertIn('probe_chain_info{network="cosmoshub-4"}', metrics)
+        self.assertLess(metrics["probe_chain_head_age_seconds"], 5)
+        self.assert_check_failed(self.probe_rpc(self.cometbft(True), "cometbft_node"), "node_syncing")
+        self.use_config({"modules": {"osmosis": {"preset": "cometbft_node", "expect_network": "osmosis-1"}}})
+        self.assert_check_failed(self.probe_rpc(self.cometbft(False), "osmosis"), "wrong_chain")
+
+    def test_node_keys_only_where_a_preset_uses_them(self) -> None:
+        for module in ({"preset": "evm", "min_peers": 1}, {"preset": "solana_node", "min_peers": 1},
+                       {"preset": "evm_node", "expect_network": "x"}, {"preset": "evm", "hold": "5s"},
+                       {"preset": "evm_newheads", "max_gap": "5s"}):
+            with self.subTest(module=module), self.assertRaises(wx.ConfigError):
+                wx.parse_config({"modules": {"m": module}})
+
+
 class TestCheckParsing(unittest.TestCase):
     def test_rfc3339_with_nanoseconds_and_offsets(self) -> None:
         self.assertEqual(wx.rfc3339_seconds("2024-01-02T03:04:05.5Z"), 1704164645.5)
@@ -3291,6 +3368,63 @@ class TestCheckInterop(unittest.TestCase):
         wrong = self.exporter.probe(target, module="mainnet")
         self.assertEqual(failure_of(wrong), ("check", "chain_id_mismatch"))
         self.assertEqual((wrong["probe_websocket_up"], wrong["probe_chain_id"]), (1, 1337))
+
+    def test_evm_node_against_ganache_and_anvil(self) -> None:
+        require_peer(self, "WS_GANACHE", "WS_PEER_NODE", "WS_PEER_NODE_PATH", "WS_ANVIL")
+        ganache = self.exporter.probe("ws://127.0.0.1:%d/" % self.start(start_ganache), module="evm_node")
+        self.assertEqual(ganache["probe_success"], 1, failure_of(ganache))
+        self.assertEqual((ganache["probe_node_syncing"], ganache["probe_node_peers"]), (0, 0))
+        self.assertIn('probe_node_info{client="Ganache",version="v7.9.2"}', ganache)
+        self.assertEqual(ganache["probe_chain_finalized_head_number"], ganache["probe_chain_head_number"])
+        anvil_port = self.start(start_anvil)
+        target = "ws://127.0.0.1:%d/" % anvil_port
+        anvil = self.exporter.probe(target, module="evm_node")
+        self.assertEqual(anvil["probe_success"], 1, failure_of(anvil))
+        self.assertEqual((anvil["probe_chain_id"], anvil["probe_node_syncing"]), (31337, 0))
+        self.assertNotIn("probe_node_peers", anvil)  # anvil does not serve net_peerCount: left out
+        self.assertIn('probe_node_info{client="anvil",version="v%s"}' % ANVIL_VERSION, anvil)
+        genesis = [k for k in anvil if k.startswith("probe_chain_info{genesis=")]
+        self.assertEqual(len(genesis), 1)
+        status, _, page = self.exporter.probe_raw(target, debug="true", module="evm_node")
+        self.assertIn("method=net_peerCount", page)  # the debug page names what was not served
+        promtool_accepts(self, self.exporter.probe_raw(target, module="evm_node")[2])
+        self.exporter.exporter.config = wx.parse_config({"modules": {
+            "peers": {"preset": "evm_node", "min_peers": 1},
+            "final": {"preset": "evm_node", "max_finality_lag": 0},
+            "other": {"preset": "evm_node", "expect_genesis_hash": "0x" + "ab" * 32},
+        }})
+        self.assertEqual(failure_of(self.exporter.probe(target, module="other")), ("check", "wrong_chain"))
+        self.assertTrue(wait_until(lambda: anvil_block_number(anvil_port) >= 2))  # anvil's finalized: 0 for 64 blocks
+        self.assertEqual(failure_of(self.exporter.probe(target, module="final")), ("check", "finality_lag"))
+        ganache_target = "ws://127.0.0.1:%d/" % self.start(start_ganache)
+        self.assertEqual(failure_of(self.exporter.probe(ganache_target, module="peers")), ("check", "too_few_peers"))
+
+    def test_a_held_subscription_on_anvil_and_a_miner_stopped_during_the_hold(self) -> None:
+        require_peer(self, "WS_ANVIL", "WS_PROMTOOL")
+        port = self.start(start_anvil)
+        self.exporter.exporter.config = wx.parse_config({"modules": {
+            "held": {"preset": "evm_newheads", "hold": "3s", "max_gap": "2.5s", "timeout": "8s"},
+            "long": {"preset": "evm_newheads", "hold": "7s", "max_gap": "2.5s", "timeout": "10s"},
+        }})
+        body = self.exporter.probe_raw("ws://127.0.0.1:%d/" % port, module="held")[2]
+        promtool_accepts(self, body)
+        held = parse_metrics(body)
+        self.assertEqual(held["probe_success"], 1, failure_of(held))
+        self.assertGreaterEqual(held["probe_subscription_notifications"], 2)
+        self.assertLess(held["probe_subscription_max_gap_seconds"], 2.5)
+        self.assertEqual(held["probe_subscription_head_regressions"], 0)
+        results: List[Dict[str, float]] = []
+        prober = threading.Thread(target=lambda: results.append(self.exporter.probe("ws://127.0.0.1:%d/" % port, module="long")))
+        first = anvil_block_number(port)
+        prober.start()
+        # Two more blocks: the probe has subscribed and heard at least one; then the miner stops.
+        self.assertTrue(wait_until(lambda: anvil_block_number(port) >= first + 2))
+        anvil_rpc(port, "evm_setIntervalMining", [0])
+        prober.join(15)
+        [stalled] = results
+        self.assertEqual(failure_of(stalled), ("check", "subscription_stalled"))
+        self.assertGreater(stalled["probe_subscription_max_gap_seconds"], 2.5)
+        self.assertGreaterEqual(stalled["probe_subscription_notifications"], 1)
 
     def test_ping_a_real_server(self) -> None:
         require_peer(self, "WS_PEER_NODE", "WS_PEER_NODE_PATH")
@@ -3904,6 +4038,42 @@ def start_ganache() -> Tuple["subprocess.Popen[bytes]", int]:
         raise
     return proc, port
 
+
+
+def promtool_accepts(case: unittest.TestCase, body: str) -> None:
+    require_peer(case, "WS_PROMTOOL")
+    check = subprocess.run([os.environ["WS_PROMTOOL"], "check", "metrics"], input=body, capture_output=True, text=True, timeout=30)
+    case.assertEqual((check.returncode, check.stdout + check.stderr), (0, ""), body)
+
+
+ANVIL_VERSION = "1.7.1"  # as .ci/peers installs it
+
+
+def start_anvil() -> Tuple["subprocess.Popen[bytes]", int]:
+    """anvil (a Rust EVM node: chainId 31337), mining a block every second, on 127.0.0.1:PORT."""
+    port = free_port()
+    proc = subprocess.Popen([_env_path("WS_ANVIL"), "--port", str(port), "--block-time", "1", "--silent"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_tcp(port)
+    except PeerError:
+        stop(proc)
+        raise
+    return proc, port
+
+
+def anvil_rpc(port: int, method: str, params: List[object]) -> object:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+        conn.request("POST", "/", body, {"Content-Type": "application/json"})
+        return json.loads(conn.getresponse().read())["result"]
+    finally:
+        conn.close()
+
+
+def anvil_block_number(port: int) -> int:
+    return int(str(anvil_rpc(port, "eth_blockNumber", [])), 16)
 
 
 def require_peer(case: unittest.TestCase, *names: str) -> None:

@@ -227,6 +227,12 @@ FAILURE_REASONS = frozenset(
         "too_few_notifications",  # check: some notifications, fewer than min_notifications
         "chain_id_mismatch",  # check: the node serves another chain than expect_chain_id
         "head_too_old",  # check: the newest block is older than max_head_age
+        "node_syncing",  # check: the node says it is syncing
+        "node_unhealthy",  # check: Solana's getHealth says the node is behind
+        "too_few_peers",  # check: fewer peers than min_peers
+        "finality_lag",  # check: the finalized head is more than max_finality_lag behind the head
+        "wrong_chain",  # check: the genesis hash or network differs from expect_genesis_hash or expect_network
+        "subscription_stalled",  # check: a held subscription went silent for longer than max_gap
         "expectation_failed",  # check: a step's regex or JSON path expectation did not hold
     )
 )
@@ -235,11 +241,13 @@ FAILURE_REASONS = frozenset(
 CHECK_RESERVE_SECONDS = 0.5
 CHECK_RESERVE_SHARE = 0.1
 PING_PAYLOAD_BYTES = 16
+MAX_INFO_CHARS = 256  # of a client name, version or genesis hash in a label
 MAX_CHECK_MESSAGES = 10000  # messages a check reads before giving up on a chatty node
 # JSON-RPC error codes that mean "slow down": HTTP's 429 as some gateways send it, and the
 # -32005 "limit exceeded" of EIP-1474.
 RATE_LIMIT_CODES = frozenset((429, -32005))
 METHOD_NOT_FOUND = -32601  # JSON-RPC 2.0 §5.1
+SOLANA_NODE_BEHIND = -32005  # getHealth's "Node is behind by N slots", not a rate limit
 RATE_LIMIT_CLOSE_CODES = frozenset((1008, 1013))  # RFC 6455 §7.4.1 policy violation, try again later
 HTTP_STATUS_REASONS = {401: "unauthorized", 403: "unauthorized", 429: "rate_limited"}  # upgrade answers
 
@@ -821,6 +829,12 @@ class Module(NamedTuple):
     max_head_age: Optional[float] = None  # seconds
     min_notifications: int = 1
     steps: Tuple[Step, ...] = ()
+    min_peers: Optional[int] = None
+    max_finality_lag: Optional[int] = None  # blocks
+    expect_genesis_hash: str = ""
+    expect_network: str = ""
+    hold: Optional[float] = None  # seconds a subscription is kept open
+    max_gap: Optional[float] = None  # seconds of silence a held subscription may have
 
     def settings(self) -> Dict[str, object]:
         """The module as shown on the debug page, header values and proxy credentials redacted."""
@@ -839,6 +853,12 @@ class Module(NamedTuple):
             "max_head_age": self.max_head_age,
             "min_notifications": self.min_notifications,
             "steps": [step_settings(step) for step in self.steps],
+            "min_peers": self.min_peers,
+            "max_finality_lag": self.max_finality_lag,
+            "expect_genesis_hash": self.expect_genesis_hash,
+            "expect_network": self.expect_network,
+            "hold": self.hold,
+            "max_gap": self.max_gap,
         }
 
     def runs_checks(self) -> bool:
@@ -982,6 +1002,15 @@ class ProbeResult:
         self.head_number: Optional[int] = None
         self.head_timestamp: Optional[float] = None
         self.head_age: Optional[float] = None
+        self.node_syncing: Optional[int] = None
+        self.node_peers: Optional[int] = None
+        self.node_info: Optional[Tuple[str, str]] = None  # (client, version)
+        self.genesis = ""
+        self.network = ""  # CometBFT's chain id, a name
+        self.behind_slots: Optional[int] = None
+        self.finalized_head: Optional[int] = None
+        self.max_gap: Optional[float] = None  # the longest silence of a held subscription
+        self.head_regressions: Optional[int] = None
 
     @property
     def success(self) -> bool:
@@ -1589,6 +1618,7 @@ class RpcSession:
         self.is_event: Callable[[JsonObject], Optional[object]] = lambda message: None
         # (perf_counter() when it reached this host, payload): see Connection.arrived
         self.notifications: List[Tuple[float, object]] = []
+        self.last_error: object = None  # the error object of the last error answer
 
     def next_event(self, expired: Expiry) -> Union[Message, Pong]:
         """The next message or pong; raises ``expired()`` when the check's time runs out."""
@@ -1657,6 +1687,7 @@ class RpcSession:
                 continue  # an answer to nobody we know, or a notification nobody subscribed to
             self.result.rpc_durations[method] = max(self.conn.arrived - start, 0.0)
             if "error" in message:
+                self.last_error = message["error"]
                 raise rpc_failure(method, message["error"], self.result, not_served)
             if "result" not in message:
                 raise CheckError("bad_json", "the answer to %s has neither result nor error" % method)
@@ -1888,8 +1919,112 @@ def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> None:
     record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False])), module, result)
 
 
+def check_evm_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
+    """Whether an EVM node is fit to serve: its chain, sync state, peers, client, genesis, and
+    its latest and finalized blocks."""
+    check_chain_id(session, "eth_chainId", module, result)
+    result.node_syncing = int(session.call("eth_syncing", []) is not False)  # false, or its progress
+    peers = optional_call(session, "net_peerCount")
+    result.node_peers = None if peers is None else as_number(peers, "peer count")
+    version = optional_call(session, "web3_clientVersion")
+    if isinstance(version, str):
+        client, _, rest = version.partition("/")
+        result.node_info = (client[:MAX_INFO_CHARS], rest.partition("/")[0][:MAX_INFO_CHARS])
+    genesis = field(session.call("eth_getBlockByNumber", ["0x0", False]), "hash", "block 0")
+    result.genesis = str(genesis)[:MAX_INFO_CHARS]
+    latest = evm_head(session.call("eth_getBlockByNumber", ["latest", False]))
+    finalized = evm_head(session.call("eth_getBlockByNumber", ["finalized", False]))
+    result.finalized_head, result.head_number = finalized.number, latest.number
+    judge_node(module, result)
+    record_head(latest, module, result)
+
+
+def optional_call(session: RpcSession, method: str) -> object:
+    """A fact the node may not serve: its result, or None when it answered with an error."""
+    try:
+        return session.call(method, [])
+    except CheckError as err:
+        if err.reason not in ("rpc_error", "method_not_found", "rate_limited"):
+            raise
+        session.log.log("debug", "Not served", method=method, answer=session.log.scrub(err.detail))
+        return None
+
+
+def judge_node(module: Module, result: ProbeResult) -> None:
+    """Identity, sync state, peers and finality, failing in that order (the head's age is
+    record_head's)."""
+    if module.expect_genesis_hash and result.genesis.lower() != module.expect_genesis_hash.lower():
+        raise CheckError("wrong_chain", "genesis %s, expected %s" % (result.genesis[:20], module.expect_genesis_hash[:20]))
+    if module.expect_network and result.network != module.expect_network:
+        raise CheckError("wrong_chain", "network %s, expected %s" % (result.network[:40], module.expect_network[:40]))
+    if result.node_syncing:
+        raise CheckError("node_syncing", "the node says it is syncing")
+    if module.min_peers is not None and result.node_peers is not None and result.node_peers < module.min_peers:
+        raise CheckError("too_few_peers", "%d peers, fewer than %d" % (result.node_peers, module.min_peers))
+    lag = (result.head_number or 0) - (result.finalized_head or 0)
+    if module.max_finality_lag is not None and result.finalized_head is not None and lag > module.max_finality_lag:
+        raise CheckError("finality_lag", "finalized head %d behind, over %d" % (lag, module.max_finality_lag))
+
+
+def check_solana_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
+    """getHealth, getGenesisHash, getSlot at processed and finalized commitment, getVersion."""
+    try:
+        session.call("getHealth", [])
+    except CheckError:
+        if session.result.rpc_error_codes.get("getHealth") != SOLANA_NODE_BEHIND:
+            raise
+        behind = json_at_or(session.last_error, "data.numSlotsBehind")
+        result.behind_slots = as_number(behind, "numSlotsBehind") if behind is not None else None
+        raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % behind)
+    result.genesis = str(session.call("getGenesisHash", []))[:MAX_INFO_CHARS]
+    result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}]), "slot")
+    result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}]), "slot")
+    version = optional_call(session, "getVersion")
+    if isinstance(version, dict):
+        result.node_info = ("", str(version.get("solana-core", ""))[:MAX_INFO_CHARS])
+    judge_node(module, result)
+
+
+def check_substrate_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
+    """system_health, chain_getBlockHash [0], chain_getHeader, chain_getFinalizedHead and its
+    header, system_version."""
+    health = session.call("system_health", [])
+    result.node_syncing = int(bool(field(health, "isSyncing", "system_health")))
+    result.node_peers = as_number(field(health, "peers", "system_health"), "peers")
+    result.genesis = str(session.call("chain_getBlockHash", [0]))[:MAX_INFO_CHARS]
+    result.head_number = substrate_head(session.call("chain_getHeader", [])).number
+    finalized = session.call("chain_getFinalizedHead", [])
+    result.finalized_head = substrate_head(session.call("chain_getHeader", [finalized])).number
+    version = optional_call(session, "system_version")
+    if isinstance(version, str):
+        result.node_info = ("", version[:MAX_INFO_CHARS])
+    judge_node(module, result)
+
+
+def check_cometbft_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
+    """status (network, version, sync state, latest block) and net_info (peers)."""
+    status = session.call("status", {})
+    result.network = str(field(status, "node_info.network", "status"))[:MAX_INFO_CHARS]
+    result.node_info = ("", str(field(status, "node_info.version", "status"))[:MAX_INFO_CHARS])
+    result.node_syncing = int(bool(field(status, "sync_info.catching_up", "status")))
+    head = Head(as_number(field(status, "sync_info.latest_block_height", "status"), "height"),
+                rfc3339_seconds(field(status, "sync_info.latest_block_time", "status")))
+    result.node_peers = as_number(field(session.call("net_info", {}), "n_peers", "net_info"), "n_peers")
+    result.head_number = head.number
+    judge_node(module, result)
+    record_head(head, module, result)
+
+
+def json_at_or(value: object, path: str) -> object:
+    try:
+        return json_at(value, path)
+    except KeyError:
+        return None
+
+
 def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> None:
-    """Subscribe, wait for min_notifications notifications, unsubscribe."""
+    """Subscribe, wait for min_notifications notifications (and, with ``hold``, keep listening
+    that long), unsubscribe."""
     sub = SUBSCRIPTIONS[module.preset]
     if sub.chain_id_method:
         check_chain_id(session, sub.chain_id_method, module, result)
@@ -1897,14 +2032,44 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
     start = time.perf_counter()
     try:
         subscription = session.call(sub.subscribe, sub.params, "subscription_unsupported")
+        subscribed = session.conn.arrived
         wait_for_notifications(session, module.min_notifications)
+        if module.hold:
+            record_hold(session, subscribed, hold_subscription(session, subscribed + module.hold), sub, result)
     finally:
         result.notifications = len(session.notifications)
         if session.notifications:
             result.first_notification = max(session.notifications[0][0] - start, 0.0)
     record_head(sub.head(session.notifications[-1][1]), module, result)
+    if module.max_gap is not None and result.max_gap is not None and result.max_gap > module.max_gap:
+        raise CheckError("subscription_stalled", "silent for %.1fs, over %gs" % (result.max_gap, module.max_gap))
     session.call(sub.unsubscribe, sub.unsubscribe_params(subscription))
     result.notifications = len(session.notifications)
+
+
+def hold_subscription(session: RpcSession, end: float) -> float:
+    """Notifications until ``end`` (a perf_counter() time) or the check's time, whichever comes
+    first; returns when the hold ended."""
+    done = CheckError("timeout", "the hold is over")
+    kept, session.until = session.until, min(session.until, time.monotonic() + end - time.perf_counter())
+    try:
+        while True:
+            session.receive(lambda: done)
+    except CheckError as err:
+        if err is not done:
+            raise
+    finally:
+        session.until = kept
+    return min(time.perf_counter(), end)
+
+
+def record_hold(session: RpcSession, subscribed: float, ended: float, sub: "Subscription", result: ProbeResult) -> None:
+    """The longest silence (from the subscribe answer, between notifications, to the end of the
+    hold, on arrival stamps) and how many notifications brought no newer head."""
+    moments = [subscribed] + [arrived for arrived, _ in session.notifications] + [ended]
+    result.max_gap = max(later - earlier for earlier, later in zip(moments, moments[1:]))
+    numbers = [sub.head(payload).number for _, payload in session.notifications]
+    result.head_regressions = sum(1 for old, new in zip(numbers, numbers[1:]) if old is not None and new is not None and new <= old)
 
 
 def wait_for_notifications(session: RpcSession, count: int) -> None:
@@ -1922,6 +2087,10 @@ PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
     "connect": check_nothing,
     "ping": check_ping,
     "evm": check_evm,
+    "evm_node": check_evm_node,
+    "solana_node": check_solana_node,
+    "substrate_node": check_substrate_node,
+    "cometbft_node": check_cometbft_node,
     "evm_newheads": check_subscription,
     "solana_slot": check_subscription,
     "substrate_newheads": check_subscription,
@@ -1931,8 +2100,8 @@ PRESET_NAMES = tuple(PRESETS)
 # The built-in modules: one per preset, each named after it.
 DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
 # Presets whose answers carry a numeric chain id or a block time (for expect_chain_id, max_head_age).
-CHAIN_ID_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.chain_id_method])
-HEAD_TIME_PRESETS = frozenset(["evm"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
+CHAIN_ID_PRESETS = frozenset(["evm", "evm_node"] + [n for n, s in SUBSCRIPTIONS.items() if s.chain_id_method])
+HEAD_TIME_PRESETS = frozenset(["evm", "evm_node", "cometbft_node"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
 
 
 def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
@@ -2030,6 +2199,14 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "probe_chain_head_number": ("gauge", "Number of the newest block (or slot) the node reported"),
     "probe_chain_head_timestamp_seconds": ("gauge", "Time of the newest block the node reported in unix seconds"),
     "probe_chain_head_age_seconds": ("gauge", "Age of the newest block the node reported in seconds"),
+    "probe_chain_finalized_head_number": ("gauge", "Number of the newest finalized block the node reported"),
+    "probe_chain_info": ("gauge", "The chain the node serves, by its genesis hash or network name"),
+    "probe_node_syncing": ("gauge", "Whether the node says it is syncing"),
+    "probe_node_peers": ("gauge", "Peers the node is connected to"),
+    "probe_node_behind_slots": ("gauge", "Slots the node says it is behind (Solana getHealth)"),
+    "probe_node_info": ("gauge", "The node's client and version, as it names them"),
+    "probe_subscription_max_gap_seconds": ("gauge", "Longest silence of a held subscription in seconds"),
+    "probe_subscription_head_regressions": ("gauge", "Notifications of a held subscription whose head did not move forward"),
     "ws_exporter_config_last_reload_successful": ("gauge", "Whether the last configuration reload attempt was successful"),
     "ws_exporter_config_last_reload_success_timestamp_seconds": ("gauge", "Timestamp of the last successful configuration reload"),
     "ws_exporter_build_info": ("gauge", "A metric with a constant '1' value labeled by version and python_version"),
@@ -2191,8 +2368,19 @@ def check_samples(result: ProbeResult) -> List[Sample]:
         ("probe_chain_head_number", result.head_number),
         ("probe_chain_head_timestamp_seconds", result.head_timestamp),
         ("probe_chain_head_age_seconds", result.head_age),
+        ("probe_chain_finalized_head_number", result.finalized_head),
+        ("probe_node_syncing", result.node_syncing),
+        ("probe_node_peers", result.node_peers),
+        ("probe_node_behind_slots", result.behind_slots),
+        ("probe_subscription_max_gap_seconds", result.max_gap),
+        ("probe_subscription_head_regressions", result.head_regressions),
     )
     samples += [Sample(name, (), value) for name, value in optional if value is not None]
+    if result.node_info is not None:
+        samples.append(Sample("probe_node_info", (("client", result.node_info[0]), ("version", result.node_info[1])), 1))
+    if result.genesis or result.network:
+        identity = ("genesis", result.genesis) if result.genesis else ("network", result.network)
+        samples.append(Sample("probe_chain_info", (identity,), 1))
     return samples
 
 
@@ -3675,6 +3863,13 @@ def _min_notifications(value: object, path: str) -> int:
     return count
 
 
+# Keys that only the node presets use, and the presets that ask the node for what they judge.
+NODE_KEYS = {
+    "min_peers": ("evm_node", "substrate_node", "cometbft_node"),
+    "max_finality_lag": ("evm_node", "solana_node", "substrate_node"),
+    "expect_genesis_hash": ("evm_node", "solana_node", "substrate_node"),
+    "expect_network": ("cometbft_node",),
+}
 _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
     "preset": _one_of(*PRESET_NAMES),
     "timeout": _duration,
@@ -3689,6 +3884,12 @@ _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
     "max_head_age": _duration,
     "min_notifications": _min_notifications,
     "steps": _steps,
+    "min_peers": _integer,
+    "max_finality_lag": _integer,
+    "expect_genesis_hash": _string,
+    "expect_network": _string,
+    "hold": _duration,
+    "max_gap": _duration,
 }
 
 
@@ -3704,8 +3905,14 @@ def parse_module(name: str, raw: object, path: str) -> Module:
         raise ConfigError(_key_path(path, "expect_chain_id"), "preset %s reports no chain id" % module.preset)
     if module.max_head_age is not None and module.preset not in HEAD_TIME_PRESETS:
         raise ConfigError(_key_path(path, "max_head_age"), "preset %s reports no block time" % module.preset)
-    if "min_notifications" in fields and module.preset not in SUBSCRIPTIONS:
-        raise ConfigError(_key_path(path, "min_notifications"), "preset %s subscribes to nothing" % module.preset)
+    for key in ("min_notifications", "hold"):
+        if key in fields and module.preset not in SUBSCRIPTIONS:
+            raise ConfigError(_key_path(path, key), "preset %s subscribes to nothing" % module.preset)
+    if module.max_gap is not None and module.hold is None:
+        raise ConfigError(_key_path(path, "max_gap"), "needs hold: gaps are measured while a subscription is held")
+    for key, presets in NODE_KEYS.items():
+        if key in fields and module.preset not in presets:
+            raise ConfigError(_key_path(path, key), "preset %s does not ask the node for it" % module.preset)
     return module
 
 
