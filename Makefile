@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PEERS_ENV := .cache/peers/env.sh
 
-.PHONY: run test lint docker bench peers
+.PHONY: run test lint docker bench peers soak
 
 run:
 	$(PYTHON) ws_exporter.py
@@ -30,6 +30,9 @@ docker:
 
 bench:
 	bash .ci/peers && . ./$(PEERS_ENV) && $(PYTHON) bench/run.py
+
+soak:
+	bash .ci/peers && . ./$(PEERS_ENV) && $(PYTHON) bench/soak.py
 
 peers:
 	bash .ci/peers
