@@ -1043,9 +1043,8 @@ class _Phase:
 
 
 class Connection:
-    """An open socket with the frame reader that decodes what arrives on it.  Every send and
-    receive waits at most until the probe's deadline: the socket's timeout is set from the time
-    left before each one.
+    """An open non-blocking socket with the frame reader that decodes what arrives on it.  Every
+    send and receive waits (in wait_ready) at most until the probe's deadline.
 
     TLS (``start_tls``) runs through memory buffers: OpenSSL never touches the socket, so every
     read is one recvmsg that takes all that has arrived, with its kernel arrival stamp, and the
@@ -1129,8 +1128,9 @@ class Connection:
                 continue
 
 
-READABLE = select.POLLIN if hasattr(select, "poll") else 1
-WRITABLE = select.POLLOUT if hasattr(select, "poll") else 4
+CAN_POLL = hasattr(select, "poll")  # not on Windows, which waits in select()
+READABLE = select.POLLIN if CAN_POLL else 1
+WRITABLE = select.POLLOUT if CAN_POLL else 4
 
 
 def wait_ready(sock: socket.socket, events: int, seconds: float) -> None:
@@ -1140,7 +1140,7 @@ def wait_ready(sock: socket.socket, events: int, seconds: float) -> None:
     each call costs a system call that hands the interpreter to another thread."""
     if seconds <= 0:
         raise socket.timeout("timed out")
-    if hasattr(select, "poll"):
+    if CAN_POLL:
         poller = select.poll()
         poller.register(sock, events)
         ready = bool(poller.poll(seconds * 1000))
