@@ -580,6 +580,13 @@ def scrape_config(targets: List[Target], exporter: str) -> Dict[str, Any]:
 # Reading the answers back
 # ----------------------------------------------------------------------------------------------
 
+_ANSWER_FIELDS = {
+    "up": "up", "scrape_duration_seconds": "duration", "probe_success": "success",
+    "probe_websocket_status_code": "status", "probe_websocket_close_code": "close",
+    "probe_timeout_seconds": "timeout", "probe_chain_id": "chain_id",
+}
+
+
 class Answer:
     """One scrape of one target, as VictoriaMetrics stored it."""
 
@@ -593,6 +600,14 @@ class Answer:
         self.close: Optional[float] = None
         self.timeout: Optional[float] = None
         self.chain_id: Optional[float] = None
+
+    def record(self, name: str, value: float, labels: Dict[str, str]) -> None:
+        """One sample of this scrape, by metric name (others are ignored)."""
+        if name == "probe_failure_info":
+            if value == 1:
+                self.failures.append((labels.get("phase", ""), labels.get("reason", "")))
+        elif name in _ANSWER_FIELDS:
+            setattr(self, _ANSWER_FIELDS[name], value)
 
     def describe(self) -> str:
         parts = ["success=%s" % _num(self.success)]
@@ -649,24 +664,7 @@ def export_answers(vm_port: int, start: float, end: float) -> Dict[Tuple[str, in
             answer = answers.get(key)
             if answer is None:
                 answer = answers[key] = Answer(ms / 1000.0)
-            value = float(value)
-            if name == "up":
-                answer.up = value
-            elif name == "scrape_duration_seconds":
-                answer.duration = value
-            elif name == "probe_success":
-                answer.success = value
-            elif name == "probe_failure_info":
-                if value == 1:
-                    answer.failures.append((labels.get("phase", ""), labels.get("reason", "")))
-            elif name == "probe_websocket_status_code":
-                answer.status = value
-            elif name == "probe_websocket_close_code":
-                answer.close = value
-            elif name == "probe_timeout_seconds":
-                answer.timeout = value
-            elif name == "probe_chain_id":
-                answer.chain_id = value
+            answer.record(name, float(value), labels)
     return answers
 
 
@@ -1057,20 +1055,8 @@ def parse_probe(text: str) -> Answer:
             continue
         name_labels, _, value_text = line.rpartition(" ")
         name, _, labels_text = name_labels.partition("{")
-        value = float(value_text)
-        if name == "probe_success":
-            answer.success = value
-        elif name == "probe_failure_info":
-            labels = dict(part.split("=", 1) for part in labels_text.rstrip("}").split(","))
-            answer.failures.append((labels.get("phase", "").strip('"'), labels.get("reason", "").strip('"')))
-        elif name == "probe_websocket_status_code":
-            answer.status = value
-        elif name == "probe_websocket_close_code":
-            answer.close = value
-        elif name == "probe_timeout_seconds":
-            answer.timeout = value
-        elif name == "probe_chain_id":
-            answer.chain_id = value
+        labels = dict(part.split("=", 1) for part in labels_text.rstrip("}").split(",") if "=" in part)
+        answer.record(name, float(value_text), {k: v.strip('"') for k, v in labels.items()})
     return answer
 
 
