@@ -693,7 +693,7 @@ class TestTargets(unittest.TestCase):
             "https://Node.Example:8443/a?b=c": wx.Target(True, "node.example", 8443, "/a?b=c", ""),
             "http://10.0.0.1:8546": wx.Target(False, "10.0.0.1", 8546, "/", ""),
             "node.example:8546/ws": wx.Target(False, "node.example", 8546, "/ws", ""),
-            "localhost": wx.Target(False, "localhost", 80, "/", ""),
+            "localhost:8545": wx.Target(False, "localhost", 8545, "/", ""),
             "ws://[::1]:8546/": wx.Target(False, "::1", 8546, "/", ""),
             "wss://user:p%40ss@h.example/": wx.Target(True, "h.example", 443, "/", "user:p@ss"),
             "ws://b\u00fccher.example/": wx.Target(False, "xn--bcher-kva.example", 80, "/", ""),
@@ -708,10 +708,15 @@ class TestTargets(unittest.TestCase):
 
     def test_bad_targets(self) -> None:
         for raw in ("", "ws://", "ws://:80/", "ws://h:99999/", "ws://h:0/", "ws://h:x/", "ftp://h/", "file:///etc/passwd", "javascript:alert(1)",
-                    "ws://::1/", "ws://h/a b", "ws://h/\x00", "ws://h/#frag", "ws://h!x/", "ws://a..b/" + "x" * 0, "ws://-\u0000/"):
+                    "ws://::1/", "localhost", "anvil-secrt", "[::1]", "node.example/ws", "ws://h/a b", "ws://h/\x00", "ws://h/#frag", "ws://h!x/", "ws://a..b/" + "x" * 0, "ws://-\u0000/"):
             with self.subTest(raw=raw), self.assertRaises(wx.ProbeError) as caught:
                 wx.parse_target(raw)
             self.assertEqual((caught.exception.phase, caught.exception.reason), ("target", "bad_target"))
+
+    def test_a_bare_word_is_not_probed_as_a_host_it_may_be_a_misspelled_alias(self) -> None:
+        with self.assertRaises(wx.ProbeError) as caught:
+            wx.parse_target("anvil-secrt")
+        self.assertIn("no target alias by that name", caught.exception.detail)
 
     def test_redaction_hides_path_query_and_userinfo(self) -> None:
         target = wx.parse_target("wss://u:secret@node.example/v3/TOKEN123?key=abc")
@@ -1085,6 +1090,30 @@ class TestHTTP(unittest.TestCase):
     def test_bad_target_is_a_failed_probe_not_an_error(self) -> None:
         metrics = self.exporter.probe("ftp://x.example/")
         self.assertEqual(failure_of(metrics), ("target", "bad_target"))
+
+    def test_a_misspelled_alias_fails_as_bad_target_and_says_so(self) -> None:
+        metrics = self.exporter.probe("anvil-secrt")
+        self.assertEqual(failure_of(metrics), ("target", "bad_target"))
+        self.assertEqual(metrics["probe_dns_lookup_time_seconds"], 0)  # no lookup of "anvil-secrt"
+        page = self.exporter.probe_raw("anvil-secrt", debug="true")[2]
+        self.assertIn("no target alias by that name", page)
+
+    def test_debug_is_true_or_false_anything_else_is_400(self) -> None:
+        target = "ws://127.0.0.1:%d/" % free_port()
+        self.assertIn("Logs for the probe:", self.exporter.probe_raw(target, debug="true")[2])
+        self.assertTrue(self.exporter.probe_raw(target, debug="false")[2].startswith("# HELP probe_success"))
+        for value in ("1", "yes", "True", ""):
+            status, _, body = self.exporter.probe_raw(target, debug=value)
+            self.assertEqual((status, body), (400, 'Parameter debug must be "true" or "false"\n'), value)
+
+    def test_counters_are_exported_from_the_start(self) -> None:
+        metrics = parse_metrics(self.exporter.get("/metrics")[2])
+        for module in wx.PRESET_NAMES:
+            self.assertEqual(metrics['ws_exporter_probes_total{module="%s"}' % module], 0, module)
+            for reason in wx.FAILURE_REASONS:
+                self.assertEqual(metrics['ws_exporter_probes_failed_total{module="%s",reason="%s"}' % (module, reason)], 0)
+        for reason in ("connections", "overloaded"):
+            self.assertEqual(metrics['ws_exporter_requests_rejected_total{reason="%s"}' % reason], 0)
 
     def test_timeout_is_the_smaller_of_flag_and_scrape_header(self) -> None:
         port = free_port()
@@ -1589,7 +1618,12 @@ class TestLoad(unittest.TestCase):
         self.assertTrue(wait_until(lambda: fixture.server.connections == 2))
         extra = socket.create_connection(("127.0.0.1", fixture.port), timeout=5)
         self.addCleanup(extra.close)
-        self.assertTrue(extra.makefile("rb").readline().startswith(b"HTTP/1.1 503 "))
+        answer = extra.makefile("rb").read()  # the whole answer: the exporter closes after it
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer)
+        for field in (b"Retry-After: 1", b"Connection: close", b"Content-Length: %d" % len(body)):
+            self.assertIn(b"\r\n" + field, head)
+        self.assertEqual(body, b"Too many connections\n")
         for conn in held:
             conn.close()
         self.assertTrue(wait_until(lambda: fixture.server.connections == 0))  # their threads saw them close
@@ -1809,7 +1843,7 @@ class TestWebConfig(unittest.TestCase):
         return wx.load_web_config(path)
 
     def error(self, config: object) -> str:
-        with self.assertRaises(wx.WebConfigError) as caught:
+        with self.assertRaises(wx.ConfigError) as caught:
             self.load(config)
         return str(caught.exception)
 

@@ -34,7 +34,6 @@ __all__ = [
     "make_server",
     "WebConfig",
     "ConfigError",
-    "WebConfigError",
     "load_web_config",
     "hash_password",
     "verify_password",
@@ -352,7 +351,6 @@ class ConfigError(Exception):
         super().__init__("%s: %s" % (path, message) if path else message)
 
 
-WebConfigError = ConfigError  # --web.config.file is read by the same JSON checks as --config.file
 
 
 # ==============================================================================================
@@ -371,21 +369,28 @@ def expected_accept(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+def http_head(start_line: str, headers: Iterable[Tuple[str, str]]) -> bytes:
+    """RFC 9112 §2.1: a start line, then header fields, each line ending in CRLF, then an empty
+    line.  Every HTTP head the exporter writes comes from here: the upgrade and CONNECT requests
+    and the answers of its own server."""
+    lines = [start_line]
+    lines.extend("%s: %s" % header for header in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
 def build_upgrade_request(
     host_header: str, resource: str, key: str, headers: Sequence[Tuple[str, str]] = ()
 ) -> bytes:
     """RFC 6455 §4.1: the client's opening handshake."""
-    lines = [
-        "GET %s HTTP/1.1" % resource,
-        "Host: %s" % host_header,
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: %s" % key,
-        "Sec-WebSocket-Version: %s" % WEBSOCKET_VERSION,
-        "User-Agent: %s" % USER_AGENT,
+    fields = [
+        ("Host", host_header),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", key),
+        ("Sec-WebSocket-Version", WEBSOCKET_VERSION),
+        ("User-Agent", USER_AGENT),
     ]
-    lines.extend("%s: %s" % (name, value) for name, value in headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+    return http_head("GET %s HTTP/1.1" % resource, fields + list(headers))
 
 
 class HandshakeResponse(NamedTuple):
@@ -741,19 +746,22 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
 @functools.lru_cache(maxsize=1024)  # a scraper asks for the same targets again and again
 def parse_target(raw: str) -> Target:
-    """Parse a probe target: ws://, wss://, http:// (as ws), https:// (as wss), or no scheme
-    (as ws).  Raises ProbeError(phase "target", reason "bad_target") for anything else."""
+    """Parse a probe target: ws://, wss://, http:// (as ws), https:// (as wss), or host:port
+    (as ws).  Raises ProbeError(phase "target", reason "bad_target") for anything else: a bare
+    word is most likely a misspelled target alias, and probing it as a host name would report
+    an outage that is not there."""
     if not raw or _CONTROL_CHARS.search(raw):
         raise _bad_target("empty or holds spaces or control characters")
-    if "://" not in raw:
-        if _SCHEME_PREFIX.match(raw):
-            raise _bad_target("unsupported scheme")
-        raw = "ws://" + raw
+    bare = "://" not in raw
+    if bare and _SCHEME_PREFIX.match(raw):
+        raise _bad_target("unsupported scheme")
     try:
-        parts = urllib.parse.urlsplit(raw)
+        parts = urllib.parse.urlsplit("ws://" + raw if bare else raw)
         port = parts.port
     except ValueError:
         raise _bad_target("malformed URL or port")
+    if bare and port is None:
+        raise _bad_target("no target alias by that name, and not a URL (ws://, wss://) or host:port")
     secure = _SCHEMES.get(parts.scheme.lower())
     if secure is None:
         raise _bad_target("unsupported scheme")
@@ -1364,13 +1372,13 @@ def bypasses_proxy(host: str) -> bool:
 
 def tunnel(sock: socket.socket, target: Target, proxy: urllib.parse.SplitResult, deadline: Deadline) -> None:
     """RFC 9110 §9.3.6: ask an HTTP proxy to CONNECT to the target; the socket is closed on failure."""
-    lines = ["CONNECT %s HTTP/1.1" % target.host_port, "Host: %s" % target.host_port, "User-Agent: %s" % USER_AGENT]
+    headers = [("Host", target.host_port), ("User-Agent", USER_AGENT)]
     if proxy.username:
         credentials = "%s:%s" % (urllib.parse.unquote(proxy.username), urllib.parse.unquote(proxy.password or ""))
-        lines.append("Proxy-Authorization: Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii"))
+        headers.append(("Proxy-Authorization", "Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii")))
     try:
         conn = Connection(sock, deadline)
-        conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+        conn.send(http_head("CONNECT %s HTTP/1.1" % target.host_port, headers))
         response = read_response_head(conn)
     except HandshakeError as err:
         sock.close()
@@ -2415,29 +2423,17 @@ class Stats:
                 key = (result.module, result.failure[1])
                 self.failed[key] = self.failed.get(key, 0) + 1
 
-    def snapshot(self) -> "StatsSnapshot":
+    def samples(self, modules: Iterable[str]) -> List[Sample]:
+        """The counters, each from the start: at 0 for every module and failure reason known
+        (so that rate() and increase() see a module's first probe and first failure)."""
         with self._lock:
-            return StatsSnapshot(dict(self.probes), dict(self.failed), dict(self.rejected), self.in_flight)
-
-    def samples(self) -> List[Sample]:
-        return self.snapshot().samples()
-
-
-class StatsSnapshot(NamedTuple):
-    """Stats at one moment."""
-
-    probes: Dict[str, int]
-    failed: Dict[Tuple[str, str], int]
-    rejected: Dict[str, int]
-    in_flight: int
-
-    def samples(self) -> List[Sample]:
-        probes = sorted(self.probes.items())
-        failed = sorted(self.failed.items())
-        rejected = sorted(self.rejected.items())
-        in_flight = self.in_flight
-        out = [Sample("ws_exporter_probes_total", (("module", m),), n) for m, n in probes]
-        out += [Sample("ws_exporter_probes_failed_total", (("module", m), ("reason", r)), n) for (m, r), n in failed]
+            probes = dict.fromkeys(modules, 0)
+            probes.update(self.probes)
+            failed = {(m, r): 0 for m in probes for r in FAILURE_REASONS}
+            failed.update(self.failed)
+            rejected, in_flight = sorted(self.rejected.items()), self.in_flight
+        out = [Sample("ws_exporter_probes_total", (("module", m),), n) for m, n in sorted(probes.items())]
+        out += [Sample("ws_exporter_probes_failed_total", (("module", m), ("reason", r)), n) for (m, r), n in sorted(failed.items())]
         out.append(Sample("ws_exporter_probes_in_flight", (), in_flight))
         out += [Sample("ws_exporter_requests_rejected_total", (("reason", r),), n) for r, n in rejected]
         return out
@@ -2695,33 +2691,24 @@ class Exporter:
         self.recent.add(started, module, redacted, result, log)
         return result, log
 
-    def probe_request(self, query: str, scrape_timeout: Optional[str]) -> "ProbeRequest":
-        """What a /probe query string asks for; BadRequest when it cannot be served."""
-        params = urllib.parse.parse_qs(query, keep_blank_values=True)
-        target = single_param(params, "target")
-        if not target:
-            raise BadRequest("Target parameter is missing")
+    def probe_request(self, target: str, module_name: Optional[str], scrape_timeout: Optional[str]) -> "ProbeRequest":
+        """What a probe of ``target`` (a URL or an alias) with the named module (by default the
+        alias's, else connect) runs; BadRequest when it cannot be served."""
         alias = self.config.targets.get(target)
-        module = lookup_module(single_param(params, "module") or (alias.module if alias else "connect"), self.config.modules)
+        module = lookup_module(module_name or (alias.module if alias else "connect"), self.config.modules)
         timeout = self.probe_timeout(module, scrape_timeout)
-        debug = (single_param(params, "debug") or "").lower() == "true"
-        return ProbeRequest(alias.url if alias else target, module, timeout, debug, alias.name if alias else "")
-
-    def telemetry(self) -> str:
-        return render_samples(self.telemetry_samples())
+        return ProbeRequest(alias.url if alias else target, module, timeout, alias.name if alias else "")
 
     def telemetry_samples(self) -> List[Sample]:
         figures = process_figures()
-        return (
-            build_samples() + self.stats.samples() + self.reload_samples() + (figures.samples() if figures else [])
-        )
+        counters = self.stats.samples(self.config.modules)
+        return build_samples() + counters + self.reload_samples() + (figures.samples() if figures else [])
 
 
 class ProbeRequest(NamedTuple):
     target: str  # the URL to probe (an alias's own)
     module: Module
     timeout: float
-    debug: bool
     alias: str  # the alias name the request gave, "" for a URL
 
 
@@ -2738,6 +2725,16 @@ def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
     if module is None:
         raise BadRequest('Unknown module "%s"' % name)
     return module
+
+
+def debug_requested(value: Optional[str]) -> bool:
+    """/probe's debug parameter: "true" asks for the debug page, as blackbox_exporter reads it;
+    any other value but "false" is refused rather than silently ignored."""
+    if value is None or value == "false":
+        return False
+    if value == "true":
+        return True
+    raise BadRequest('Parameter debug must be "true" or "false"')
 
 
 def single_param(query: Dict[str, List[str]], name: str) -> Optional[str]:
@@ -2855,6 +2852,7 @@ class _RequestReader(io.RawIOBase):
 _QUERY_IN_TEXT = re.compile(r"\?.*", re.DOTALL)
 SERVER_HEADER = "%s/%s" % (EXPORTER_NAME, __version__)
 OVERLOADED_HEADERS = (("Retry-After", "1"),)
+TEXT_PLAIN = "text/plain; charset=utf-8"
 ALLOWED_METHODS = frozenset(("GET", "HEAD", "POST"))
 
 
@@ -2869,17 +2867,16 @@ def response_bytes(status: int, body: str, content_type: str, headers: Sequence[
     """A whole HTTP/1.1 response, head and body in one piece: sent in two, the body would meet
     Nagle's algorithm and the client's delayed ACK."""
     data = body.encode("utf-8")
-    lines = [
-        "HTTP/1.1 %d %s" % (status, reason_phrase(status)),
-        "Server: " + SERVER_HEADER,
-        "Date: " + email.utils.formatdate(usegmt=True),
-        "Content-Type: " + content_type,
-        "Content-Length: %d" % len(data),
+    fields = [
+        ("Server", SERVER_HEADER),
+        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(data))),
     ]
-    lines.extend("%s: %s" % header for header in headers)
+    fields.extend(headers)
     if close:
-        lines.append("Connection: close")  # RFC 7230 §6.6
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1") + data
+        fields.append(("Connection", "close"))  # RFC 7230 §6.6
+    return http_head("HTTP/1.1 %d %s" % (status, reason_phrase(status)), fields) + data
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -2966,8 +2963,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def serve_probe(self, query: str) -> None:
         exporter = self.server.exporter
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
         try:
-            request = exporter.probe_request(query, self.headers.get(SCRAPE_TIMEOUT_HEADER))
+            target = single_param(params, "target")
+            if not target:
+                raise BadRequest("Target parameter is missing")
+            debug = debug_requested(single_param(params, "debug"))
+            request = exporter.probe_request(target, single_param(params, "module"), self.headers.get(SCRAPE_TIMEOUT_HEADER))
         except BadRequest as err:
             self.respond(400, "%s\n" % err)
             return
@@ -2978,7 +2980,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.respond(503, "%s\n" % err, headers=OVERLOADED_HEADERS)
             return
-        if request.debug:
+        if debug:
             self.respond(200, debug_page(log, result, request.module))
         else:
             self.respond_metrics(probe_samples(result))
@@ -3037,9 +3039,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self,
         status: int,
         body: str,
-        content_type: str = "text/plain; charset=utf-8",
+        content_type: str = TEXT_PLAIN,
         headers: Sequence[Tuple[str, str]] = (),
     ) -> None:
+        """The answer, whole, within RESPONSE_WRITE_SECONDS.  Not through http.server's
+        send_response and end_headers: they write to ``wfile`` with no deadline, so a client
+        that stops reading would hold this thread for ever."""
         data = response_bytes(status, body, content_type, headers, self.close_connection)
         if self.command == "HEAD":
             data = data[: data.index(b"\r\n\r\n") + 4]
@@ -3050,12 +3055,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         detail = _QUERY_IN_TEXT.sub("?<redacted>", format % args)
         self.server.exporter.logger.log("debug", "HTTP server", detail=detail)
-
-
-_OVERLOADED_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\nToo many connections\n"
-)
 
 
 class ExporterServer(http.server.ThreadingHTTPServer):
@@ -3138,7 +3137,7 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.exporter.stats.reject("connections")
         try:  # never blocking: this runs in the thread that accepts
             request.setblocking(False)
-            request.send(_OVERLOADED_RESPONSE)
+            request.send(response_bytes(503, "Too many connections\n", TEXT_PLAIN, OVERLOADED_HEADERS, True))
         except OSError:
             pass
         self.shutdown_request(request)
@@ -4112,7 +4111,7 @@ def probe_command(args: List[str]) -> int:
     error."""
     if not args or args[0].startswith("-"):
         return usage_error(PROBE_USAGE)
-    query, flags, rest = {"target": args[0], "debug": "true"}, [], args[1:]
+    query, flags, rest = {"target": args[0]}, [], args[1:]
     while rest:
         arg = rest.pop(0)
         name, eq, value = arg.lstrip("-").partition("=")
@@ -4127,7 +4126,7 @@ def probe_command(args: List[str]) -> int:
         exporter = Exporter(settings, Logger("error", settings.log_format))
         if settings.config_file:
             exporter.config = load_config(settings.config_file)
-        request = exporter.probe_request(urllib.parse.urlencode(query), None)
+        request = exporter.probe_request(query["target"], query.get("module"), None)
     except (FlagError, BadRequest) as err:
         return usage_error(str(err))
     except ConfigError as err:
