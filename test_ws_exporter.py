@@ -1324,12 +1324,24 @@ class TestProgram(unittest.TestCase):
         self.addCleanup(second.stop)
         self.assertIn("msg=Listening", second.first_line)  # not "Cannot listen ... Address already in use"
 
-    def test_json_logs(self) -> None:
-        proc = ExporterProcess("--log.format=json")
-        code = proc.stop()
+    def test_json_logs_carry_numbers_and_booleans_as_json_types(self) -> None:
+        proc = ExporterProcess("--log.format=json", "--debug")
+        self.addCleanup(proc.stop)
         record = json.loads(proc.first_line)
         self.assertEqual((record["level"], record["msg"]), ("info", "Listening"))
-        self.assertEqual(code, 0)
+        self.assertIs(record["tls"], False)
+        self.assertIs(record["basic_auth"], False)
+        self.assertIsInstance(record["max_connections"], int)
+        self.assertEqual(http_status(proc.port, "/-/healthy"), 200)
+        assert proc.proc.stderr is not None
+        while record["msg"] != "HTTP request":
+            record = json.loads(proc.proc.stderr.readline())
+        self.assertEqual((record["path"], record["code"]), ("/-/healthy", 200))
+        self.assertEqual(proc.stop(), 0)
+
+    def test_logfmt_writes_booleans_and_numbers_bare(self) -> None:
+        line = wx.format_logfmt("info", "Listening", {"tls": False, "auth": True, "code": 200, "seconds": 0.5}, 0.0)
+        self.assertEqual(line, "ts=1970-01-01T00:00:00.000Z level=info msg=Listening tls=false auth=true code=200 seconds=0.5")
 
     def test_listens_on_ipv4_and_ipv6_for_a_bare_port(self) -> None:
         if not socket.has_dualstack_ipv6():

@@ -2520,7 +2520,7 @@ _LOGFMT_BARE = re.compile(r"[A-Za-z0-9_.:/@<>+\-]+")
 
 
 def _logfmt_value(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value) if value is None else str(value)
+    text = value if isinstance(value, str) else json.dumps(value) if value is None or isinstance(value, bool) else str(value)
     if _LOGFMT_BARE.fullmatch(text):
         return text
     return json.dumps(text)
@@ -3045,7 +3045,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data = data[: data.index(b"\r\n\r\n") + 4]
         send_within(self.connection, data, RESPONSE_WRITE_SECONDS)
         path = (self.path or "").partition("?")[0]  # the query carries targets: never logged
-        self.server.exporter.logger.log("debug", "HTTP request", method=self.command or "", path=path, code=str(status))
+        self.server.exporter.logger.log("debug", "HTTP request", method=self.command or "", path=path, code=status)
 
     def log_message(self, format: str, *args: object) -> None:
         detail = _QUERY_IN_TEXT.sub("?<redacted>", format % args)
@@ -4098,7 +4098,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wakeup, _ = install_stop_signals()
     threading.stack_size(THREAD_STACK_BYTES)
     logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
-               tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower(),
+               tls=server.tls is not None, basic_auth=server.auth is not None,
                max_connections=exporter.settings.max_connections, max_concurrent=exporter.settings.max_concurrent)
     return serve(server, exporter, wakeup)
 
