@@ -3141,6 +3141,10 @@ class TestConfig(unittest.TestCase):
             with self.subTest(message):
                 self.assertEqual(self.error_of(config), message)
 
+    def test_the_config_keys_are_the_module_fields_and_the_debug_page_shows_them_all(self) -> None:
+        self.assertEqual(set(wx._MODULE_KEYS), set(wx.Module._fields) - {"name", "tls_context"})
+        self.assertEqual(list(wx.Module("m").settings()), [f for f in wx.Module._fields if f != "tls_context"])
+
     def test_env_and_file_substitution(self) -> None:
         secret = os.path.join(self.dir, "key")
         with open(secret, "w") as f:

@@ -837,29 +837,11 @@ class Module(NamedTuple):
     max_gap: Optional[float] = None  # seconds of silence a held subscription may have
 
     def settings(self) -> Dict[str, object]:
-        """The module as shown on the debug page, header values and proxy credentials redacted."""
-        return {
-            "name": self.name,
-            "timeout": self.timeout,
-            "headers": {name: "<redacted>" for name, _ in self.headers},
-            "subprotocols": list(self.subprotocols),
-            "preset": self.preset,
-            "origin": self.origin,
-            "tls": self.tls._asdict(),
-            "ip_protocol": self.ip_protocol,
-            "ip_protocol_fallback": self.ip_protocol_fallback,
-            "proxy_url": redact_proxy_url(self.proxy_url),
-            "expect_chain_id": self.expect_chain_id,
-            "max_head_age": self.max_head_age,
-            "min_notifications": self.min_notifications,
-            "steps": [step_settings(step) for step in self.steps],
-            "min_peers": self.min_peers,
-            "max_finality_lag": self.max_finality_lag,
-            "expect_genesis_hash": self.expect_genesis_hash,
-            "expect_network": self.expect_network,
-            "hold": self.hold,
-            "max_gap": self.max_gap,
-        }
+        """The module as shown on the debug page: every field but the TLS context built from
+        ``tls``, those that may carry secrets redacted (MODULE_FIELDS_SHOWN)."""
+        fields = self._asdict()
+        del fields["tls_context"]
+        return {key: MODULE_FIELDS_SHOWN[key](value) if key in MODULE_FIELDS_SHOWN else value for key, value in fields.items()}
 
     def runs_checks(self) -> bool:
         return self.preset != "connect" or bool(self.steps)
@@ -883,6 +865,16 @@ def step_settings(step: Step) -> Dict[str, object]:
         shown["equals"] = step.equals[0]
     shown.update((k, v) for k, v in (("at_least", step.at_least), ("at_most", step.at_most)) if v is not None)
     return {"expect": shown}
+
+
+# How the debug page shows the Module fields that need more than their value.
+MODULE_FIELDS_SHOWN: Dict[str, Callable[[Any], object]] = {
+    "headers": lambda headers: {name: "<redacted>" for name, _ in headers},
+    "subprotocols": list,
+    "tls": TLSOptions._asdict,
+    "proxy_url": redact_proxy_url,
+    "steps": lambda steps: [step_settings(step) for step in steps],
+}
 
 
 class TargetPolicy(NamedTuple):
@@ -3870,6 +3862,7 @@ NODE_KEYS = {
     "expect_genesis_hash": ("evm_node", "solana_node", "substrate_node"),
     "expect_network": ("cometbft_node",),
 }
+# A module's config keys are the Module fields they set (all but name and tls_context).
 _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
     "preset": _one_of(*PRESET_NAMES),
     "timeout": _duration,
