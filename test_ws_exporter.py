@@ -3145,6 +3145,28 @@ class TestConfig(unittest.TestCase):
         self.assertEqual(set(wx._MODULE_KEYS), set(wx.Module._fields) - {"name", "tls_context"})
         self.assertEqual(list(wx.Module("m").settings()), [f for f in wx.Module._fields if f != "tls_context"])
 
+    def test_every_error_in_a_file_is_reported_one_per_line_at_start_and_on_reload(self) -> None:
+        config = {"modules": {"a": {"timeout": 5, "colour": "red"}, "b": {"preset": "bitcoin"}},
+                  "targets": {"x": {"url": "ftp://h/", "module": "a"}, "y": {"url": "ws://h/", "module": "a"}}}
+        errors = [
+            "modules.a.timeout: want a string, got number",
+            "modules.a.colour: unknown key",
+            "modules.b.preset: want one of: %s" % ", ".join(wx.PRESET_NAMES),
+            "targets.x.url: not a probe target: unsupported scheme",
+        ]  # targets.y is no error: module a is there, only in error itself
+        self.assertEqual(self.error_of(config).splitlines(), errors)
+        path = write_config(self.dir, config)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "ws_exporter.py"), "--config.file", path],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stderr.splitlines()), (2, ["ws_exporter: config file %s: %s" % (path, e) for e in errors]))
+        fixture = ExporterFixture(config_file=path)
+        self.addCleanup(fixture.close)
+        status, _, body = fixture.get("/-/reload", method="POST")
+        self.assertEqual((status, body), (500, "Config reload failed: %s\n" % "\n".join(errors)))
+        logged = [line for line in fixture.log.getvalue().splitlines() if "Config reload failed" in line]
+        self.assertEqual(len(logged), 1)
+        self.assertIn(json.dumps("\n".join(errors)), logged[0])
+
     def test_env_and_file_substitution(self) -> None:
         secret = os.path.join(self.dir, "key")
         with open(secret, "w") as f:

@@ -76,6 +76,7 @@ from typing import (
     Deque,
     Dict,
     Iterable,
+    Iterator,
     List,
     NamedTuple,
     Optional,
@@ -3655,14 +3656,33 @@ def _unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
 
 
 def parse_config(data: object) -> Config:
+    """The config, or a ConfigError naming every module and alias in error, one per line."""
     top = _object(data, "", ("modules", "targets"))
-    modules = dict(DEFAULT_MODULES)
+    modules, targets = dict(DEFAULT_MODULES), {}
+    errors: List[ConfigError] = []
     for name, raw in _object(top.get("modules", {}), "modules").items():
-        modules[name] = parse_module(name, raw, _key_path("modules", name))
-    targets = {}
+        modules[name] = Module(name)  # stands in for a module in error, so aliases using it are not errors too
+        with collecting(errors):
+            modules[name] = parse_module(name, raw, _key_path("modules", name))
     for name, raw in _object(top.get("targets", {}), "targets").items():
-        targets[name] = parse_alias(name, raw, _key_path("targets", name), modules)
+        with collecting(errors):
+            targets[name] = parse_alias(name, raw, _key_path("targets", name), modules)
+    raise_collected(errors)
     return Config(modules, targets)
+
+
+@contextlib.contextmanager
+def collecting(errors: List[ConfigError]) -> Iterator[None]:
+    """A ConfigError raised in the block is added to ``errors`` and checking goes on."""
+    try:
+        yield
+    except ConfigError as err:
+        errors.append(err)
+
+
+def raise_collected(errors: List[ConfigError]) -> None:
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigError("", "\n".join(map(str, errors)))
 
 
 def _json_type(value: object) -> str:
@@ -3888,11 +3908,18 @@ _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
 
 def parse_module(name: str, raw: object, path: str) -> Module:
     """A module from the config; one named after a preset overrides that built-in module."""
-    fields = _object(raw, path, tuple(_MODULE_KEYS))
-    values = {key: _MODULE_KEYS[key](value, _key_path(path, key)) for key, value in fields.items()}
-    values.setdefault("preset", name if name in PRESETS else "connect")
+    fields, values = _object(raw, path), {}
+    errors: List[ConfigError] = []
+    for key, value in fields.items():
+        with collecting(errors):
+            if key not in _MODULE_KEYS:
+                raise ConfigError(_key_path(path, key), "unknown key")
+            values[key] = _MODULE_KEYS[key](value, _key_path(path, key))
     if "tls" in values:
-        values["tls_context"] = tls_context(values["tls"], _key_path(path, "tls"))  # type: ignore[arg-type]
+        with collecting(errors):
+            values["tls_context"] = tls_context(values["tls"], _key_path(path, "tls"))  # type: ignore[arg-type]
+    raise_collected(errors)
+    values.setdefault("preset", name if name in PRESETS else "connect")
     module = Module(name, **values)  # type: ignore[arg-type]
     if module.expect_chain_id is not None and module.preset not in CHAIN_ID_PRESETS:
         raise ConfigError(_key_path(path, "expect_chain_id"), "preset %s reports no chain id" % module.preset)
@@ -4048,9 +4075,14 @@ def wait_for_stop(wakeup: socket.socket, exporter: Exporter) -> int:
 
 
 def usage_error(message: str) -> int:
-    """One line on stderr and the exit status of a bad command line or configuration."""
-    sys.stderr.write("ws_exporter: %s\n" % message)
+    """``message`` on stderr, each line prefixed; the exit status of a bad command line or config."""
+    sys.stderr.write("".join("ws_exporter: %s\n" % line for line in message.splitlines()))
     return 2
+
+
+def config_error(path: str, err: ConfigError) -> int:
+    """The usage error of a --config.file in error: a line per error found."""
+    return usage_error("\n".join("config file %s: %s" % (path, line) for line in str(err).splitlines()))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -4082,7 +4114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             exporter.config = load_config(settings.config_file)
         except ConfigError as err:
-            return usage_error("config file %s: %s" % (settings.config_file, err))
+            return config_error(settings.config_file, err)
     try:
         server = make_server(exporter, web)
     except OSError as err:
@@ -4124,7 +4156,7 @@ def probe_command(args: List[str]) -> int:
     except (FlagError, BadRequest) as err:
         return usage_error(str(err))
     except ConfigError as err:
-        return usage_error("config file %s: %s" % (settings.config_file, err))
+        return config_error(settings.config_file, err)
     result, log = exporter.probe(request.target, request.module, request.timeout, alias=request.alias)
     sys.stdout.write(debug_page(log, result, request.module))
     return 0 if result.success else 1
