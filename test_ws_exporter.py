@@ -1339,6 +1339,20 @@ class TestProgram(unittest.TestCase):
         self.assertEqual((record["path"], record["code"]), ("/-/healthy", 200))
         self.assertEqual(proc.stop(), 0)
 
+    def test_the_start_logs_the_config_in_force_as_a_reload_does(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = write_config(directory, {"modules": {"mine": {}}, "targets": {"t": {"url": "ws://h/"}}})
+        builtin = len(wx.DEFAULT_MODULES)
+        for flags, expected in (((), ("", builtin, 0)), (("--config.file=" + path,), (path, builtin + 1, 1))):
+            proc = ExporterProcess("--log.format=json", *flags)
+            self.addCleanup(proc.stop)
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.stderr is not None
+            record = json.loads(proc.proc.stderr.readline())  # the line after Listening
+            self.assertEqual(tuple(record.get(k) for k in ("msg", "file", "modules", "targets")), ("Config loaded",) + expected)
+            self.assertEqual(proc.stop(), 0)
+
     def test_logfmt_writes_booleans_and_numbers_bare(self) -> None:
         line = wx.format_logfmt("info", "Listening", {"tls": False, "auth": True, "code": 200, "seconds": 0.5}, 0.0)
         self.assertEqual(line, "ts=1970-01-01T00:00:00.000Z level=info msg=Listening tls=false auth=true code=200 seconds=0.5")
@@ -3280,6 +3294,7 @@ class TestAliasesAndReload(ChecksTestCase):
 
         self.assertEqual((status_of("first"), status_of("second")), (200, 400))
         assert proc.proc.stderr is not None
+        self.assertIn("msg=\"Config loaded\" file=%s" % path, proc.proc.stderr.readline())  # the start's
         for content, expect in ({"modules": {"second": {}}}, "Config loaded"), ("{broken", "Config reload failed"):
             write_config(self.dir, content)
             proc.proc.send_signal(signal.SIGHUP)

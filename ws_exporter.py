@@ -2637,14 +2637,13 @@ class Exporter:
         """Load --config.file again; on error keep the old config and return why."""
         path = self.settings.config_file
         try:
-            self.config = load_config(path) if path else DEFAULT_CONFIG
+            self.config = load_config(path)
         except ConfigError as err:
             self.last_reload = (False, self.last_reload[1])
             self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
             return str(err)
         self.last_reload = (True, time.time())
-        modules, targets = len(self.config.modules), len(self.config.targets)
-        self.logger.log("info", "Config loaded", file=path, modules=modules, targets=targets)
+        log_config(self.logger, path, self.config)
         return None
 
     def reload_samples(self) -> List[Sample]:
@@ -3630,8 +3629,14 @@ _JSON_TYPES = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "str
 
 
 def load_config(path: str) -> Config:
-    """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}}."""
-    return parse_config(read_json_file(path))
+    """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}};
+    no file ("") is the built-in modules."""
+    return parse_config(read_json_file(path)) if path else DEFAULT_CONFIG
+
+
+def log_config(logger: Logger, path: str, config: Config) -> None:
+    """The line that says which config is in force: at start and after each reload."""
+    logger.log("info", "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
 
 
 def read_json_file(path: str) -> object:
@@ -4110,11 +4115,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return usage_error("--web.config.file=%s: %s" % (settings.web_config_file, err))
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(fit_descriptor_limit(settings), logger)
-    if settings.config_file:
-        try:
-            exporter.config = load_config(settings.config_file)
-        except ConfigError as err:
-            return config_error(settings.config_file, err)
+    try:
+        exporter.config = load_config(settings.config_file)
+    except ConfigError as err:
+        return config_error(settings.config_file, err)
     try:
         server = make_server(exporter, web)
     except OSError as err:
@@ -4125,6 +4129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
                tls=server.tls is not None, basic_auth=server.auth is not None,
                max_connections=exporter.settings.max_connections, max_concurrent=exporter.settings.max_concurrent)
+    log_config(logger, settings.config_file, exporter.config)
     return serve(server, exporter, wakeup)
 
 
@@ -4150,8 +4155,7 @@ def probe_command(args: List[str]) -> int:
     try:
         settings = parse_flags(flags)
         exporter = Exporter(settings, Logger("error", settings.log_format))
-        if settings.config_file:
-            exporter.config = load_config(settings.config_file)
+        exporter.config = load_config(settings.config_file)
         request = exporter.probe_request(urllib.parse.urlencode(query), None)
     except (FlagError, BadRequest) as err:
         return usage_error(str(err))
