@@ -1284,10 +1284,29 @@ class TestProgram(unittest.TestCase):
         bad = self.run_exporter("probe", "ws://127.0.0.1:%d/" % free_port(), "--timeout", "2s")
         self.assertEqual(bad.returncode, 1)
         self.assertIn('probe_failure_info{phase="connect",reason="connect_refused"} 1', bad.stdout)
-        for args in ((), ("--module", "ping"), ("ws://x/", "--module"), ("ws://x/", "--module=nope"), ("ws://x/", "--timeout=soon")):
+        for args in ((), ("--module", "ping"), ("ws://x/", "--module"), ("ws://x/", "--module=nope"), ("ws://x/", "--timeout=soon"),
+                     ("ws://x/", "ws://y/")):
             with self.subTest(args=args):
                 usage = self.run_exporter("probe", *args)
                 self.assertEqual((usage.returncode, usage.stdout, usage.stderr.count("\n")), (2, "", 1))
+
+    def test_probe_command_takes_its_flags_before_or_after_the_target(self) -> None:
+        target = "ws://127.0.0.1:%d/" % free_port()
+        for args in (("--module", "ping", "--timeout=2s", target), (target, "--module=ping", "--timeout", "2s"),
+                     ("--module=ping", target, "--probe.deny-private=false", "--timeout=2s")):
+            with self.subTest(args=args):
+                result = self.run_exporter("probe", *args)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn('"preset": "ping"', result.stdout)
+                self.assertIn("probe_timeout_seconds 2\n", result.stdout)
+
+    def test_probe_command_refuses_flags_that_mean_nothing_to_one_probe(self) -> None:
+        for args in (("--web.listen-address=:9095", "ws://x/"), ("ws://x/", "--probe.max-concurrent", "5"),
+                     ("ws://x/", "--web.config.file", "w.json"), ("--log.level=debug", "ws://x/")):
+            with self.subTest(args=args):
+                result = self.run_exporter("probe", *args)
+                self.assertEqual((result.returncode, result.stdout, result.stderr.count("\n")), (2, "", 1))
+                self.assertIn("probe does not take %s;" % args[0 if args[0] != "ws://x/" else 1].partition("=")[0], result.stderr)
 
     def test_bad_flag_exits_2_with_one_line(self) -> None:
         result = self.run_exporter("--timeout=soon")

@@ -4133,28 +4133,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return serve(server, exporter, wakeup)
 
 
-PROBE_USAGE = "usage: ws_exporter.py probe TARGET [--module M] [--config.file F] [--timeout 5s]"
+# What a one-shot probe uses: the listener's flags and the caps on serving mean nothing to it.
+PROBE_FLAGS = ("module", "config.file", "timeout", "probe.allow-target", "probe.deny-private")
+PROBE_USAGE = "usage: ws_exporter.py probe TARGET, flags before or after it: --%s" % ", --".join(PROBE_FLAGS)
 
 
 def probe_command(args: List[str]) -> int:
     """``probe TARGET [--module M] [flags]``: one probe in the foreground, its debug page on
     standard output; exit status 0 when it succeeded, 1 when it failed, 2 on a usage or config
     error."""
-    if not args or args[0].startswith("-"):
-        return usage_error(PROBE_USAGE)
-    query, flags, rest = {"target": args[0], "debug": "true"}, [], args[1:]
-    while rest:
-        arg = rest.pop(0)
-        name, eq, value = arg.lstrip("-").partition("=")
-        if not (arg.startswith("-") and name == "module"):
-            flags.append(arg)
-        elif eq or rest:
-            query["module"] = value if eq else rest.pop(0)
-        else:
-            return usage_error(PROBE_USAGE)
     try:
+        query, flags = probe_arguments(args)
         settings = parse_flags(flags)
-        exporter = Exporter(settings, Logger("error", settings.log_format))
+        exporter = Exporter(settings, Logger("error"))
         exporter.config = load_config(settings.config_file)
         request = exporter.probe_request(urllib.parse.urlencode(query), None)
     except (FlagError, BadRequest) as err:
@@ -4164,6 +4155,34 @@ def probe_command(args: List[str]) -> int:
     result, log = exporter.probe(request.target, request.module, request.timeout, alias=request.alias)
     sys.stdout.write(debug_page(log, result, request.module))
     return 0 if result.success else 1
+
+
+def probe_arguments(args: List[str]) -> Tuple[Dict[str, str], List[str]]:
+    """``probe``'s command line, flags before or after the target: the /probe query it asks
+    for, and the flags for parse_flags, each as --name=value; FlagError for one not in PROBE_FLAGS."""
+    specs = {spec.name: spec for spec in FLAG_SPECS}
+    query, flags, rest = {"debug": "true"}, [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-"):
+            if "target" in query:
+                raise FlagError("probe takes one target; " + PROBE_USAGE)
+            query["target"] = arg
+            continue
+        if name not in PROBE_FLAGS:
+            raise FlagError("probe does not take --%s; %s" % (name, PROBE_USAGE))
+        if not eq and (name == "module" or not specs[name].boolean):
+            if not rest:
+                raise FlagError("flag needs an argument: --%s" % name)
+            value, eq = rest.pop(0), "="
+        if name == "module":
+            query["module"] = value
+        else:
+            flags.append("--%s%s%s" % (name, eq, value))
+    if "target" not in query:
+        raise FlagError(PROBE_USAGE)
+    return query, flags
 
 
 def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:
