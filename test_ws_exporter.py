@@ -1327,6 +1327,77 @@ class TestProgram(unittest.TestCase):
             self.assertEqual(code, 0)
             self.assertLess(time.monotonic() - start, 1.5)
 
+    def probe_in_flight(self, *flags: str) -> Tuple[ExporterProcess, http.client.HTTPConnection, threading.Event]:
+        """An exporter answering a scraper's ping probe, whose server holds the pong back until
+        the returned event is set."""
+        pinged, pong = threading.Event(), threading.Event()
+
+        def late_pong(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            sock.sendall(switching_response(request_key(head)))
+            _, payload, rest = read_client_frame(sock, rest)
+            pinged.set()
+            pong.wait(30)
+            sock.sendall(server_frame(wx.Opcode.PONG, payload))
+            _, payload, _ = read_client_frame(sock, rest)
+            sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+
+        server = LocalServer(late_pong)
+        self.addCleanup(server.close)
+        self.addCleanup(pong.set)
+        proc = ExporterProcess(*flags)
+        self.addCleanup(proc.stop)
+        scraper = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+        self.addCleanup(scraper.close)
+        scraper.request("GET", "/probe?module=ping&target=ws://127.0.0.1:%d/" % server.port)
+        self.assertTrue(pinged.wait(10))
+        return proc, scraper, pong
+
+    def log_line(self, proc: ExporterProcess, msg: str) -> str:
+        """The next line of the exporter's log with this message."""
+        assert proc.proc.stderr is not None
+        line = ""
+        while "msg=%s" % json.dumps(msg) not in line and "msg=%s " % msg not in line:
+            line = proc.proc.stderr.readline()
+            self.assertTrue(line, "the log ended before %r" % msg)
+        return line
+
+    def test_sigterm_stops_accepting_answers_the_probe_in_flight_then_exits_0(self) -> None:
+        proc, scraper, pong = self.probe_in_flight()
+        idle = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
+        self.addCleanup(idle.close)
+        idle.request("GET", "/-/healthy")
+        self.assertEqual(idle.getresponse().read(), b"Healthy\n")  # kept alive
+        proc.proc.send_signal(signal.SIGTERM)
+        self.assertIn("in_flight=1", self.log_line(proc, "Shutting down"))
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proc.port), 5).close()
+        idle.request("GET", "/-/healthy")
+        answer = idle.getresponse()
+        self.assertEqual((answer.status, answer.getheader("Connection"), answer.read()), (503, "close", b"Shutting down\n"))
+        pong.set()
+        answer = scraper.getresponse()
+        self.assertEqual(answer.status, 200)
+        self.assertEqual(parse_metrics(answer.read().decode())["probe_success"], 1)
+        self.assertIn("unanswered=0", self.log_line(proc, "Shut down"))
+        self.assertEqual(proc.proc.wait(10), 0)
+
+    def test_a_second_stop_signal_exits_0_at_once(self) -> None:
+        proc, scraper, _ = self.probe_in_flight("--timeout=60s")
+        proc.proc.send_signal(signal.SIGTERM)
+        self.log_line(proc, "Shutting down")
+        proc.proc.send_signal(signal.SIGINT)
+        self.assertIn("unanswered=1", self.log_line(proc, "Stopped by a second signal"))
+        self.assertEqual(proc.proc.wait(10), 0)  # not the 25 s of --web.shutdown-timeout, nor the probe's minute
+        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
+            scraper.getresponse()
+
+    def test_the_shutdown_timeout_bounds_the_wait_for_probes_in_flight(self) -> None:
+        proc, _, _ = self.probe_in_flight("--timeout=60s", "--web.shutdown-timeout=1s")
+        proc.proc.send_signal(signal.SIGTERM)
+        self.assertIn("unanswered=1", self.log_line(proc, "Shut down"))
+        self.assertEqual(proc.proc.wait(10), 0)
+
     def test_a_restart_after_kill_9_listens_on_the_same_port_at_once(self) -> None:
         port = free_port()
         first = ExporterProcess("--web.listen-address=127.0.0.1:%d" % port)

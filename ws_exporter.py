@@ -162,6 +162,7 @@ THREAD_STACK_BYTES = 2 * 1024 * 1024
 RESERVED_DESCRIPTORS = 16 + MAX_RESOLVER_THREADS  # see fit_descriptor_limit
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0  # within Kubernetes' default 30 s grace period
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
 
 # TLS and basic auth on the exporter's own listener (--web.config.file).
@@ -2893,7 +2894,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.reader.next_request()
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.answered(self)
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -2901,6 +2905,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.path = "/" + self.path.lstrip("/")  # never a scheme-relative URL
         if self.command not in ALLOWED_METHODS:
             self.method_not_allowed()
+            return False
+        if not self.server.admit(self):
+            self.close_connection = True
+            self.respond(503, "Shutting down\n")
             return False
         return True
 
@@ -3065,7 +3073,9 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.auth = BasicAuth(self.web.users) if self.web.users else None
         self.tls = ServerTLS(self.web.tls, exporter.logger) if self.web.tls is not None else None
         self.connections = 0
-        self._lock = threading.Lock()
+        self.answering: Set[Handler] = set()  # the handlers answering a request now
+        self.stopping = False  # no more requests are admitted: the process is shutting down
+        self._lock = threading.Condition()  # guards the above; notified when a request is answered
         self.spare: Optional[int] = _spare_descriptor()  # closed to refuse a connection when none is left
         settings = exporter.settings
         self.routes: Dict[str, Callable[[Handler, str], None]] = {  # GET and HEAD
@@ -3125,6 +3135,24 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         except RuntimeError:  # the system refused another thread
             self.release_connection()
         self.refuse(request)
+
+    def admit(self, handler: Handler) -> bool:
+        """Count ``handler`` as answering a request, unless the process is shutting down."""
+        with self._lock:
+            if not self.stopping:
+                self.answering.add(handler)
+            return not self.stopping
+
+    def answered(self, handler: Handler) -> None:
+        with self._lock:
+            self.answering.discard(handler)
+            self._lock.notify_all()
+
+    def drain(self, seconds: float) -> int:
+        """Wait up to ``seconds`` for the requests being answered; how many remain."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self.answering, seconds)
+            return len(self.answering)
 
     def refuse(self, request: socket.socket) -> None:
         self.exporter.stats.reject("connections")
@@ -3539,6 +3567,7 @@ class Settings(NamedTuple):
     deny_private: bool = False
     max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     show_help: bool = False
     show_version: bool = False
     config_file: str = ""
@@ -3567,6 +3596,7 @@ FLAG_SPECS = (
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
     FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
+    FlagSpec("web.shutdown-timeout", "shutdown_timeout", "25s", "On SIGTERM, how long probes in flight may take to finish and be answered before the exporter exits.", parse_duration),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
@@ -4053,6 +4083,7 @@ def password_from(stream: IO[bytes]) -> str:
 # ==============================================================================================
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS: Tuple[int, ...] = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
@@ -4063,7 +4094,7 @@ def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
     receiver, sender = socket.socketpair()
     sender.setblocking(False)
     signal.set_wakeup_fd(sender.fileno())
-    for signum in (signal.SIGTERM, signal.SIGINT) + RELOAD_SIGNALS:
+    for signum in STOP_SIGNALS + RELOAD_SIGNALS:
         signal.signal(signum, lambda *_: None)
     return receiver, sender
 
@@ -4186,12 +4217,24 @@ def probe_arguments(args: List[str]) -> Tuple[Dict[str, str], List[str]]:
 
 
 def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:
-    """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP."""
+    """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP.  Then stop
+    accepting, give the requests being answered --web.shutdown-timeout to finish, and return 0
+    (at once on a second stop signal, those answers lost)."""
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     signum = wait_for_stop(wakeup, exporter)
-    exporter.logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
-    server.shutdown()
-    server.server_close()
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.default_int_handler)  # raises KeyboardInterrupt
+    log = exporter.logger.log
+    try:
+        server.stopping = True  # a request on a kept-alive connection now gets a 503
+        server.shutdown()
+        server.server_close()
+        log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "", in_flight=exporter.stats.in_flight)
+        unanswered = server.drain(exporter.settings.shutdown_timeout)
+    except KeyboardInterrupt:
+        log("warn", "Stopped by a second signal", unanswered=len(server.answering))
+        return 0
+    log("warn" if unanswered else "info", "Shut down", unanswered=unanswered)
     return 0
 
 
