@@ -3571,6 +3571,7 @@ class Settings(NamedTuple):
     show_help: bool = False
     show_version: bool = False
     config_file: str = ""
+    module: str = ""  # the probe subcommand's module
 
 
 class FlagSpec(NamedTuple):
@@ -3605,10 +3606,9 @@ FLAG_SPECS = (
 )
 
 
-def parse_flags(argv: Sequence[str]) -> Settings:
+def parse_flags(argv: Sequence[str], flag_specs: Sequence[FlagSpec] = FLAG_SPECS) -> Settings:
     """Go-style flags: -flag value, -flag=value, --flag value, --flag=value; booleans bare."""
-    specs = {spec.name: spec for spec in FLAG_SPECS}
-    specs["h"] = specs["help"]
+    specs = {spec.name: spec for spec in flag_specs}
     values: Dict[str, object] = {}
     debug = False
     args = list(argv)
@@ -3617,7 +3617,7 @@ def parse_flags(argv: Sequence[str]) -> Settings:
         if not arg.startswith("-") or arg in ("-", "--") or arg.startswith("---"):
             raise FlagError("unexpected argument %r" % arg)
         name, eq, value = arg.lstrip("-").partition("=")
-        spec = specs.get(name)
+        spec = specs.get("help" if name == "h" else name)
         if spec is None:
             raise FlagError("flag provided but not defined: --%s" % name)
         if not eq:
@@ -4165,21 +4165,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # What a one-shot probe uses: the listener's flags and the caps on serving mean nothing to it.
-PROBE_FLAGS = ("module", "config.file", "timeout", "probe.allow-target", "probe.deny-private")
-PROBE_USAGE = "usage: ws_exporter.py probe TARGET, flags before or after it: --%s" % ", --".join(PROBE_FLAGS)
+PROBE_FLAG_SPECS = (FlagSpec("module", "module", "connect", "", str),) + tuple(
+    spec for spec in FLAG_SPECS if spec.name in ("config.file", "timeout", "probe.allow-target", "probe.deny-private"))
+PROBE_USAGE = "usage: ws_exporter.py probe TARGET, flags before or after it: --%s" % ", --".join(s.name for s in PROBE_FLAG_SPECS)
 
 
 def probe_command(args: List[str]) -> int:
     """``probe TARGET [--module M] [flags]``: one probe in the foreground, its debug page on
     standard output; exit status 0 when it succeeded, 1 when it failed, 2 on a usage or config
     error."""
+    targets, flags = probe_arguments(args)
     try:
-        query, flags = probe_arguments(args)
-        settings = parse_flags(flags)
-        exporter = Exporter(settings, Logger("error"))
+        settings = parse_flags(flags, PROBE_FLAG_SPECS)
+    except FlagError as err:
+        return usage_error("%s; %s" % (err, PROBE_USAGE))
+    if len(targets) != 1:
+        return usage_error(PROBE_USAGE)
+    exporter = Exporter(settings, Logger("error"))
+    try:
         exporter.config = load_config(settings.config_file)
+        query = {"target": targets[0], "module": settings.module, "debug": "true"}
         request = exporter.probe_request(urllib.parse.urlencode(query), None)
-    except (FlagError, BadRequest) as err:
+    except BadRequest as err:
         return usage_error(str(err))
     except ConfigError as err:
         return config_error(settings.config_file, err)
@@ -4188,32 +4195,21 @@ def probe_command(args: List[str]) -> int:
     return 0 if result.success else 1
 
 
-def probe_arguments(args: List[str]) -> Tuple[Dict[str, str], List[str]]:
-    """``probe``'s command line, flags before or after the target: the /probe query it asks
-    for, and the flags for parse_flags, each as --name=value; FlagError for one not in PROBE_FLAGS."""
-    specs = {spec.name: spec for spec in FLAG_SPECS}
-    query, flags, rest = {"debug": "true"}, [], list(args)
+def probe_arguments(args: List[str]) -> Tuple[List[str], List[str]]:
+    """``probe``'s command line, flags before or after the target: (targets, flags)."""
+    takes_value = {spec.name for spec in PROBE_FLAG_SPECS if not spec.boolean}
+    targets: List[str] = []
+    flags: List[str] = []
+    rest = list(args)
     while rest:
         arg = rest.pop(0)
-        name, eq, value = arg.lstrip("-").partition("=")
         if not arg.startswith("-"):
-            if "target" in query:
-                raise FlagError("probe takes one target; " + PROBE_USAGE)
-            query["target"] = arg
-            continue
-        if name not in PROBE_FLAGS:
-            raise FlagError("probe does not take --%s; %s" % (name, PROBE_USAGE))
-        if not eq and (name == "module" or not specs[name].boolean):
-            if not rest:
-                raise FlagError("flag needs an argument: --%s" % name)
-            value, eq = rest.pop(0), "="
-        if name == "module":
-            query["module"] = value
+            targets.append(arg)
+        elif arg.lstrip("-") in takes_value and rest:  # --flag value
+            flags += [arg, rest.pop(0)]
         else:
-            flags.append("--%s%s%s" % (name, eq, value))
-    if "target" not in query:
-        raise FlagError(PROBE_USAGE)
-    return query, flags
+            flags.append(arg)
+    return targets, flags
 
 
 def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:
