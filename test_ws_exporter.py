@@ -1313,10 +1313,30 @@ class TestProgram(unittest.TestCase):
         bad = self.run_exporter("probe", "ws://127.0.0.1:%d/" % free_port(), "--timeout", "2s")
         self.assertEqual(bad.returncode, 1)
         self.assertIn('probe_failure_info{phase="connect",reason="connect_refused"} 1', bad.stdout)
-        for args in ((), ("--module", "ping"), ("ws://x/", "--module"), ("ws://x/", "--module=nope"), ("ws://x/", "--timeout=soon")):
+        for args in ((), ("--module", "ping"), ("ws://x/", "--module"), ("ws://x/", "--module=nope"), ("ws://x/", "--timeout=soon"),
+                     ("ws://x/", "ws://y/")):
             with self.subTest(args=args):
                 usage = self.run_exporter("probe", *args)
                 self.assertEqual((usage.returncode, usage.stdout, usage.stderr.count("\n")), (2, "", 1))
+
+    def test_probe_command_takes_its_flags_before_or_after_the_target(self) -> None:
+        target = "ws://127.0.0.1:%d/" % free_port()
+        for args in (("--module", "ping", "--timeout=2s", target), (target, "--module=ping", "--timeout", "2s"),
+                     ("--module=ping", target, "--probe.deny-private=false", "--timeout=2s")):
+            with self.subTest(args=args):
+                result = self.run_exporter("probe", *args)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn('"preset": "ping"', result.stdout)
+                self.assertIn("probe_timeout_seconds 2\n", result.stdout)
+
+    def test_probe_command_refuses_flags_that_mean_nothing_to_one_probe(self) -> None:
+        for args in (("--web.listen-address=:9095", "ws://x/"), ("ws://x/", "--probe.max-concurrent", "5"),
+                     ("ws://x/", "--web.config.file", "w.json"), ("--log.level=debug", "ws://x/")):
+            with self.subTest(args=args):
+                result = self.run_exporter("probe", *args)
+                self.assertEqual((result.returncode, result.stdout, result.stderr.count("\n")), (2, "", 1))
+                flag = args[0 if args[0] != "ws://x/" else 1].partition("=")[0]
+                self.assertIn("flag provided but not defined: %s; usage: ws_exporter.py probe" % flag, result.stderr)
 
     def test_bad_flag_exits_2_with_one_line(self) -> None:
         result = self.run_exporter("--timeout=soon")
@@ -1337,6 +1357,77 @@ class TestProgram(unittest.TestCase):
             self.assertEqual(code, 0)
             self.assertLess(time.monotonic() - start, 1.5)
 
+    def probe_in_flight(self, *flags: str) -> Tuple[ExporterProcess, http.client.HTTPConnection, threading.Event]:
+        """An exporter answering a scraper's ping probe, whose server holds the pong back until
+        the returned event is set."""
+        pinged, pong = threading.Event(), threading.Event()
+
+        def late_pong(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            sock.sendall(switching_response(request_key(head)))
+            _, payload, rest = read_client_frame(sock, rest)
+            pinged.set()
+            pong.wait(30)
+            sock.sendall(server_frame(wx.Opcode.PONG, payload))
+            _, payload, _ = read_client_frame(sock, rest)
+            sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+
+        server = LocalServer(late_pong)
+        self.addCleanup(server.close)
+        self.addCleanup(pong.set)
+        proc = ExporterProcess(*flags)
+        self.addCleanup(proc.stop)
+        scraper = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+        self.addCleanup(scraper.close)
+        scraper.request("GET", "/probe?module=ping&target=ws://127.0.0.1:%d/" % server.port)
+        self.assertTrue(pinged.wait(10))
+        return proc, scraper, pong
+
+    def log_line(self, proc: ExporterProcess, msg: str) -> str:
+        """The next line of the exporter's log with this message."""
+        assert proc.proc.stderr is not None
+        line = ""
+        while "msg=%s" % json.dumps(msg) not in line and "msg=%s " % msg not in line:
+            line = proc.proc.stderr.readline()
+            self.assertTrue(line, "the log ended before %r" % msg)
+        return line
+
+    def test_sigterm_stops_accepting_answers_the_probe_in_flight_then_exits_0(self) -> None:
+        proc, scraper, pong = self.probe_in_flight()
+        idle = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
+        self.addCleanup(idle.close)
+        idle.request("GET", "/-/healthy")
+        self.assertEqual(idle.getresponse().read(), b"Healthy\n")  # kept alive
+        proc.proc.send_signal(signal.SIGTERM)
+        self.assertIn("in_flight=1", self.log_line(proc, "Shutting down"))
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proc.port), 5).close()
+        idle.request("GET", "/-/healthy")
+        answer = idle.getresponse()
+        self.assertEqual((answer.status, answer.getheader("Connection"), answer.read()), (503, "close", b"Shutting down\n"))
+        pong.set()
+        answer = scraper.getresponse()
+        self.assertEqual(answer.status, 200)
+        self.assertEqual(parse_metrics(answer.read().decode())["probe_success"], 1)
+        self.assertIn("unanswered=0", self.log_line(proc, "Shut down"))
+        self.assertEqual(proc.proc.wait(10), 0)
+
+    def test_a_second_stop_signal_exits_0_at_once(self) -> None:
+        proc, scraper, _ = self.probe_in_flight("--timeout=60s")
+        proc.proc.send_signal(signal.SIGTERM)
+        self.log_line(proc, "Shutting down")
+        proc.proc.send_signal(signal.SIGINT)
+        self.assertIn("unanswered=1", self.log_line(proc, "Stopped by a second signal"))
+        self.assertEqual(proc.proc.wait(10), 0)  # not the 25 s of --web.shutdown-timeout, nor the probe's minute
+        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
+            scraper.getresponse()
+
+    def test_the_shutdown_timeout_bounds_the_wait_for_probes_in_flight(self) -> None:
+        proc, _, _ = self.probe_in_flight("--timeout=60s", "--web.shutdown-timeout=1s")
+        proc.proc.send_signal(signal.SIGTERM)
+        self.assertIn("unanswered=1", self.log_line(proc, "Shut down"))
+        self.assertEqual(proc.proc.wait(10), 0)
+
     def test_a_restart_after_kill_9_listens_on_the_same_port_at_once(self) -> None:
         port = free_port()
         first = ExporterProcess("--web.listen-address=127.0.0.1:%d" % port)
@@ -1353,12 +1444,38 @@ class TestProgram(unittest.TestCase):
         self.addCleanup(second.stop)
         self.assertIn("msg=Listening", second.first_line)  # not "Cannot listen ... Address already in use"
 
-    def test_json_logs(self) -> None:
-        proc = ExporterProcess("--log.format=json")
-        code = proc.stop()
+    def test_json_logs_carry_numbers_and_booleans_as_json_types(self) -> None:
+        proc = ExporterProcess("--log.format=json", "--debug")
+        self.addCleanup(proc.stop)
         record = json.loads(proc.first_line)
         self.assertEqual((record["level"], record["msg"]), ("info", "Listening"))
-        self.assertEqual(code, 0)
+        self.assertIs(record["tls"], False)
+        self.assertIs(record["basic_auth"], False)
+        self.assertIsInstance(record["max_connections"], int)
+        self.assertEqual(http_status(proc.port, "/-/healthy"), 200)
+        assert proc.proc.stderr is not None
+        while record["msg"] != "HTTP request":
+            record = json.loads(proc.proc.stderr.readline())
+        self.assertEqual((record["path"], record["code"]), ("/-/healthy", 200))
+        self.assertEqual(proc.stop(), 0)
+
+    def test_the_start_logs_the_config_in_force_as_a_reload_does(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = write_config(directory, {"modules": {"mine": {}}, "targets": {"t": {"url": "ws://h/"}}})
+        builtin = len(wx.DEFAULT_MODULES)
+        for flags, expected in (((), ("", builtin, 0)), (("--config.file=" + path,), (path, builtin + 1, 1))):
+            proc = ExporterProcess("--log.format=json", *flags)
+            self.addCleanup(proc.stop)
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.stderr is not None
+            record = json.loads(proc.proc.stderr.readline())  # the line after Listening
+            self.assertEqual(tuple(record.get(k) for k in ("msg", "file", "modules", "targets")), ("Config loaded",) + expected)
+            self.assertEqual(proc.stop(), 0)
+
+    def test_logfmt_writes_booleans_and_numbers_bare(self) -> None:
+        line = wx.format_logfmt("info", "Listening", {"tls": False, "auth": True, "code": 200, "seconds": 0.5}, 0.0)
+        self.assertEqual(line, "ts=1970-01-01T00:00:00.000Z level=info msg=Listening tls=false auth=true code=200 seconds=0.5")
 
     def test_listens_on_ipv4_and_ipv6_for_a_bare_port(self) -> None:
         if not socket.has_dualstack_ipv6():
@@ -3163,6 +3280,32 @@ class TestConfig(unittest.TestCase):
             with self.subTest(message):
                 self.assertEqual(self.error_of(config), message)
 
+    def test_the_config_keys_are_the_module_fields_and_the_debug_page_shows_them_all(self) -> None:
+        self.assertEqual(set(wx._MODULE_KEYS), set(wx.Module._fields) - {"name", "tls_context"})
+        self.assertEqual(list(wx.Module("m").settings()), [f for f in wx.Module._fields if f != "tls_context"])
+
+    def test_every_error_in_a_file_is_reported_one_per_line_at_start_and_on_reload(self) -> None:
+        config = {"modules": {"a": {"timeout": 5, "colour": "red"}, "b": {"preset": "bitcoin"}},
+                  "targets": {"x": {"url": "ftp://h/", "module": "a"}, "y": {"url": "ws://h/", "module": "a"}}}
+        errors = [
+            "modules.a.timeout: want a string, got number",
+            "modules.a.colour: unknown key",
+            "modules.b.preset: want one of: %s" % ", ".join(wx.PRESET_NAMES),
+            "targets.x.url: not a probe target: unsupported scheme",
+        ]  # targets.y is no error: module a is there, only in error itself
+        self.assertEqual(self.error_of(config).splitlines(), errors)
+        path = write_config(self.dir, config)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "ws_exporter.py"), "--config.file", path],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stderr.splitlines()), (2, ["ws_exporter: config file %s: %s" % (path, e) for e in errors]))
+        fixture = ExporterFixture(config_file=path)
+        self.addCleanup(fixture.close)
+        status, _, body = fixture.get("/-/reload", method="POST")
+        self.assertEqual((status, body), (500, "Config reload failed: %s\n" % "\n".join(errors)))
+        logged = [line for line in fixture.log.getvalue().splitlines() if "Config reload failed" in line]
+        self.assertEqual(len(logged), 1)
+        self.assertIn(json.dumps("\n".join(errors)), logged[0])
+
     def test_env_and_file_substitution(self) -> None:
         secret = os.path.join(self.dir, "key")
         with open(secret, "w") as f:
@@ -3276,6 +3419,7 @@ class TestAliasesAndReload(ChecksTestCase):
 
         self.assertEqual((status_of("first"), status_of("second")), (200, 400))
         assert proc.proc.stderr is not None
+        self.assertIn("msg=\"Config loaded\" file=%s" % path, proc.proc.stderr.readline())  # the start's
         for content, expect in ({"modules": {"second": {}}}, "Config loaded"), ("{broken", "Config reload failed"):
             write_config(self.dir, content)
             proc.proc.send_signal(signal.SIGHUP)

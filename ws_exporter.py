@@ -75,6 +75,7 @@ from typing import (
     Deque,
     Dict,
     Iterable,
+    Iterator,
     List,
     NamedTuple,
     Optional,
@@ -160,6 +161,7 @@ THREAD_STACK_BYTES = 2 * 1024 * 1024
 RESERVED_DESCRIPTORS = 16 + MAX_RESOLVER_THREADS  # see fit_descriptor_limit
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0  # within Kubernetes' default 30 s grace period
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
 
 # TLS and basic auth on the exporter's own listener (--web.config.file).
@@ -843,29 +845,11 @@ class Module(NamedTuple):
     max_gap: Optional[float] = None  # seconds of silence a held subscription may have
 
     def settings(self) -> Dict[str, object]:
-        """The module as shown on the debug page, header values and proxy credentials redacted."""
-        return {
-            "name": self.name,
-            "timeout": self.timeout,
-            "headers": {name: "<redacted>" for name, _ in self.headers},
-            "subprotocols": list(self.subprotocols),
-            "preset": self.preset,
-            "origin": self.origin,
-            "tls": self.tls._asdict(),
-            "ip_protocol": self.ip_protocol,
-            "ip_protocol_fallback": self.ip_protocol_fallback,
-            "proxy_url": redact_proxy_url(self.proxy_url),
-            "expect_chain_id": self.expect_chain_id,
-            "max_head_age": self.max_head_age,
-            "min_notifications": self.min_notifications,
-            "steps": [step_settings(step) for step in self.steps],
-            "min_peers": self.min_peers,
-            "max_finality_lag": self.max_finality_lag,
-            "expect_genesis_hash": self.expect_genesis_hash,
-            "expect_network": self.expect_network,
-            "hold": self.hold,
-            "max_gap": self.max_gap,
-        }
+        """The module as shown on the debug page: every field but the TLS context built from
+        ``tls``, those that may carry secrets redacted (MODULE_FIELDS_SHOWN)."""
+        fields = self._asdict()
+        del fields["tls_context"]
+        return {key: MODULE_FIELDS_SHOWN[key](value) if key in MODULE_FIELDS_SHOWN else value for key, value in fields.items()}
 
     def runs_checks(self) -> bool:
         return self.preset != "connect" or bool(self.steps)
@@ -889,6 +873,16 @@ def step_settings(step: Step) -> Dict[str, object]:
         shown["equals"] = step.equals[0]
     shown.update((k, v) for k, v in (("at_least", step.at_least), ("at_most", step.at_most)) if v is not None)
     return {"expect": shown}
+
+
+# How the debug page shows the Module fields that need more than their value.
+MODULE_FIELDS_SHOWN: Dict[str, Callable[[Any], object]] = {
+    "headers": lambda headers: {name: "<redacted>" for name, _ in headers},
+    "subprotocols": list,
+    "tls": TLSOptions._asdict,
+    "proxy_url": redact_proxy_url,
+    "steps": lambda steps: [step_settings(step) for step in steps],
+}
 
 
 class TargetPolicy(NamedTuple):
@@ -2514,7 +2508,7 @@ _LOGFMT_BARE = re.compile(r"[A-Za-z0-9_.:/@<>+\-]+")
 
 
 def _logfmt_value(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value) if value is None else str(value)
+    text = value if isinstance(value, str) else json.dumps(value) if value is None or isinstance(value, bool) else str(value)
     if _LOGFMT_BARE.fullmatch(text):
         return text
     return json.dumps(text)
@@ -2638,14 +2632,13 @@ class Exporter:
         """Load --config.file again; on error keep the old config and return why."""
         path = self.settings.config_file
         try:
-            self.config = load_config(path) if path else DEFAULT_CONFIG
+            self.config = load_config(path)
         except ConfigError as err:
             self.last_reload = (False, self.last_reload[1])
             self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
             return str(err)
         self.last_reload = (True, time.time())
-        modules, targets = len(self.config.modules), len(self.config.targets)
-        self.logger.log("info", "Config loaded", file=path, modules=modules, targets=targets)
+        log_config(self.logger, path, self.config)
         return None
 
     def reload_samples(self) -> List[Sample]:
@@ -2896,7 +2889,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.reader.next_request()
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.answered(self)
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -2904,6 +2900,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.path = "/" + self.path.lstrip("/")  # never a scheme-relative URL
         if self.command not in ALLOWED_METHODS:
             self.method_not_allowed()
+            return False
+        if not self.server.admit(self):
+            self.close_connection = True
+            self.respond(503, "Shutting down\n")
             return False
         return True
 
@@ -3048,7 +3048,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data = data[: data.index(b"\r\n\r\n") + 4]
         send_within(self.connection, data, RESPONSE_WRITE_SECONDS)
         path = (self.path or "").partition("?")[0]  # the query carries targets: never logged
-        self.server.exporter.logger.log("debug", "HTTP request", method=self.command or "", path=path, code=str(status))
+        self.server.exporter.logger.log("debug", "HTTP request", method=self.command or "", path=path, code=status)
 
     def log_message(self, format: str, *args: object) -> None:
         detail = _QUERY_IN_TEXT.sub("?<redacted>", format % args)
@@ -3070,7 +3070,9 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.auth = BasicAuth(self.web.users) if self.web.users else None
         self.tls = ServerTLS(self.web.tls, exporter.logger) if self.web.tls is not None else None
         self.connections = 0
-        self._lock = threading.Lock()
+        self.answering: Set[Handler] = set()  # the handlers answering a request now
+        self.stopping = False  # no more requests are admitted: the process is shutting down
+        self._lock = threading.Condition()  # guards the above; notified when a request is answered
         self.spare: Optional[int] = _spare_descriptor()  # closed to refuse a connection when none is left
         settings = exporter.settings
         self.routes: Dict[str, Callable[[Handler, str], None]] = {  # GET and HEAD
@@ -3130,6 +3132,24 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         except RuntimeError:  # the system refused another thread
             self.release_connection()
         self.refuse(request)
+
+    def admit(self, handler: Handler) -> bool:
+        """Count ``handler`` as answering a request, unless the process is shutting down."""
+        with self._lock:
+            if not self.stopping:
+                self.answering.add(handler)
+            return not self.stopping
+
+    def answered(self, handler: Handler) -> None:
+        with self._lock:
+            self.answering.discard(handler)
+            self._lock.notify_all()
+
+    def drain(self, seconds: float) -> int:
+        """Wait up to ``seconds`` for the requests being answered; how many remain."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self.answering, seconds)
+            return len(self.answering)
 
     def refuse(self, request: socket.socket) -> None:
         self.exporter.stats.reject("connections")
@@ -3544,9 +3564,11 @@ class Settings(NamedTuple):
     deny_private: bool = False
     max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     show_help: bool = False
     show_version: bool = False
     config_file: str = ""
+    module: str = ""  # the probe subcommand's module
 
 
 class FlagSpec(NamedTuple):
@@ -3572,6 +3594,7 @@ FLAG_SPECS = (
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
     FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
+    FlagSpec("web.shutdown-timeout", "shutdown_timeout", "25s", "On SIGTERM, how long probes in flight may take to finish and be answered before the exporter exits.", parse_duration),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
@@ -3580,10 +3603,9 @@ FLAG_SPECS = (
 )
 
 
-def parse_flags(argv: Sequence[str]) -> Settings:
+def parse_flags(argv: Sequence[str], flag_specs: Sequence[FlagSpec] = FLAG_SPECS) -> Settings:
     """Go-style flags: -flag value, -flag=value, --flag value, --flag=value; booleans bare."""
-    specs = {spec.name: spec for spec in FLAG_SPECS}
-    specs["h"] = specs["help"]
+    specs = {spec.name: spec for spec in flag_specs}
     values: Dict[str, object] = {}
     debug = False
     args = list(argv)
@@ -3592,7 +3614,7 @@ def parse_flags(argv: Sequence[str]) -> Settings:
         if not arg.startswith("-") or arg in ("-", "--") or arg.startswith("---"):
             raise FlagError("unexpected argument %r" % arg)
         name, eq, value = arg.lstrip("-").partition("=")
-        spec = specs.get(name)
+        spec = specs.get("help" if name == "h" else name)
         if spec is None:
             raise FlagError("flag provided but not defined: --%s" % name)
         if not eq:
@@ -3634,8 +3656,14 @@ _JSON_TYPES = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "str
 
 
 def load_config(path: str) -> Config:
-    """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}}."""
-    return parse_config(read_json_file(path))
+    """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}};
+    no file ("") is the built-in modules."""
+    return parse_config(read_json_file(path)) if path else DEFAULT_CONFIG
+
+
+def log_config(logger: Logger, path: str, config: Config) -> None:
+    """The line that says which config is in force: at start and after each reload."""
+    logger.log("info", "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
 
 
 def read_json_file(path: str) -> object:
@@ -3660,14 +3688,33 @@ def _unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
 
 
 def parse_config(data: object) -> Config:
+    """The config, or a ConfigError naming every module and alias in error, one per line."""
     top = _object(data, "", ("modules", "targets"))
-    modules = dict(DEFAULT_MODULES)
+    modules, targets = dict(DEFAULT_MODULES), {}
+    errors: List[ConfigError] = []
     for name, raw in _object(top.get("modules", {}), "modules").items():
-        modules[name] = parse_module(name, raw, _key_path("modules", name))
-    targets = {}
+        modules[name] = Module(name)  # stands in for a module in error, so aliases using it are not errors too
+        with collecting(errors):
+            modules[name] = parse_module(name, raw, _key_path("modules", name))
     for name, raw in _object(top.get("targets", {}), "targets").items():
-        targets[name] = parse_alias(name, raw, _key_path("targets", name), modules)
+        with collecting(errors):
+            targets[name] = parse_alias(name, raw, _key_path("targets", name), modules)
+    raise_collected(errors)
     return Config(modules, targets)
+
+
+@contextlib.contextmanager
+def collecting(errors: List[ConfigError]) -> Iterator[None]:
+    """A ConfigError raised in the block is added to ``errors`` and checking goes on."""
+    try:
+        yield
+    except ConfigError as err:
+        errors.append(err)
+
+
+def raise_collected(errors: List[ConfigError]) -> None:
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigError("", "\n".join(map(str, errors)))
 
 
 def _json_type(value: object) -> str:
@@ -3867,6 +3914,7 @@ NODE_KEYS = {
     "expect_genesis_hash": ("evm_node", "solana_node", "substrate_node"),
     "expect_network": ("cometbft_node",),
 }
+# A module's config keys are the Module fields they set (all but name and tls_context).
 _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
     "preset": _one_of(*PRESET_NAMES),
     "timeout": _duration,
@@ -3892,11 +3940,18 @@ _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
 
 def parse_module(name: str, raw: object, path: str) -> Module:
     """A module from the config; one named after a preset overrides that built-in module."""
-    fields = _object(raw, path, tuple(_MODULE_KEYS))
-    values = {key: _MODULE_KEYS[key](value, _key_path(path, key)) for key, value in fields.items()}
-    values.setdefault("preset", name if name in PRESETS else "connect")
+    fields, values = _object(raw, path), {}
+    errors: List[ConfigError] = []
+    for key, value in fields.items():
+        with collecting(errors):
+            if key not in _MODULE_KEYS:
+                raise ConfigError(_key_path(path, key), "unknown key")
+            values[key] = _MODULE_KEYS[key](value, _key_path(path, key))
     if "tls" in values:
-        values["tls_context"] = tls_context(values["tls"], _key_path(path, "tls"))  # type: ignore[arg-type]
+        with collecting(errors):
+            values["tls_context"] = tls_context(values["tls"], _key_path(path, "tls"))  # type: ignore[arg-type]
+    raise_collected(errors)
+    values.setdefault("preset", name if name in PRESETS else "connect")
     module = Module(name, **values)  # type: ignore[arg-type]
     if module.expect_chain_id is not None and module.preset not in CHAIN_ID_PRESETS:
         raise ConfigError(_key_path(path, "expect_chain_id"), "preset %s reports no chain id" % module.preset)
@@ -4025,6 +4080,7 @@ def password_from(stream: IO[bytes]) -> str:
 # ==============================================================================================
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS: Tuple[int, ...] = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
@@ -4035,7 +4091,7 @@ def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
     receiver, sender = socket.socketpair()
     sender.setblocking(False)
     signal.set_wakeup_fd(sender.fileno())
-    for signum in (signal.SIGTERM, signal.SIGINT) + RELOAD_SIGNALS:
+    for signum in STOP_SIGNALS + RELOAD_SIGNALS:
         signal.signal(signum, lambda *_: None)
     return receiver, sender
 
@@ -4052,9 +4108,14 @@ def wait_for_stop(wakeup: socket.socket, exporter: Exporter) -> int:
 
 
 def usage_error(message: str) -> int:
-    """One line on stderr and the exit status of a bad command line or configuration."""
-    sys.stderr.write("ws_exporter: %s\n" % message)
+    """``message`` on stderr, each line prefixed; the exit status of a bad command line or config."""
+    sys.stderr.write("".join("ws_exporter: %s\n" % line for line in message.splitlines()))
     return 2
+
+
+def config_error(path: str, err: ConfigError) -> int:
+    """The usage error of a --config.file in error: a line per error found."""
+    return usage_error("\n".join("config file %s: %s" % (path, line) for line in str(err).splitlines()))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -4082,11 +4143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return usage_error("--web.config.file=%s: %s" % (settings.web_config_file, err))
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(fit_descriptor_limit(settings), logger)
-    if settings.config_file:
-        try:
-            exporter.config = load_config(settings.config_file)
-        except ConfigError as err:
-            return usage_error("config file %s: %s" % (settings.config_file, err))
+    try:
+        exporter.config = load_config(settings.config_file)
+    except ConfigError as err:
+        return config_error(settings.config_file, err)
     try:
         server = make_server(exporter, web)
     except OSError as err:
@@ -4095,52 +4155,78 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wakeup, _ = install_stop_signals()
     threading.stack_size(THREAD_STACK_BYTES)
     logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
-               tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower(),
+               tls=server.tls is not None, basic_auth=server.auth is not None,
                max_connections=exporter.settings.max_connections, max_concurrent=exporter.settings.max_concurrent)
+    log_config(logger, settings.config_file, exporter.config)
     return serve(server, exporter, wakeup)
 
 
-PROBE_USAGE = "usage: ws_exporter.py probe TARGET [--module M] [--config.file F] [--timeout 5s]"
+# What a one-shot probe uses: the listener's flags and the caps on serving mean nothing to it.
+PROBE_FLAG_SPECS = (FlagSpec("module", "module", "connect", "", str),) + tuple(
+    spec for spec in FLAG_SPECS if spec.name in ("config.file", "timeout", "probe.allow-target", "probe.deny-private"))
+PROBE_USAGE = "usage: ws_exporter.py probe TARGET, flags before or after it: --%s" % ", --".join(s.name for s in PROBE_FLAG_SPECS)
 
 
 def probe_command(args: List[str]) -> int:
     """``probe TARGET [--module M] [flags]``: one probe in the foreground, its debug page on
     standard output; exit status 0 when it succeeded, 1 when it failed, 2 on a usage or config
     error."""
-    if not args or args[0].startswith("-"):
-        return usage_error(PROBE_USAGE)
-    query, flags, rest = {"target": args[0]}, [], args[1:]
-    while rest:
-        arg = rest.pop(0)
-        name, eq, value = arg.lstrip("-").partition("=")
-        if not (arg.startswith("-") and name == "module"):
-            flags.append(arg)
-        elif eq or rest:
-            query["module"] = value if eq else rest.pop(0)
-        else:
-            return usage_error(PROBE_USAGE)
+    targets, flags = probe_arguments(args)
     try:
-        settings = parse_flags(flags)
-        exporter = Exporter(settings, Logger("error", settings.log_format))
-        if settings.config_file:
-            exporter.config = load_config(settings.config_file)
-        request = exporter.probe_request(query["target"], query.get("module"), None)
-    except (FlagError, BadRequest) as err:
+        settings = parse_flags(flags, PROBE_FLAG_SPECS)
+    except FlagError as err:
+        return usage_error("%s; %s" % (err, PROBE_USAGE))
+    if len(targets) != 1:
+        return usage_error(PROBE_USAGE)
+    exporter = Exporter(settings, Logger("error"))
+    try:
+        exporter.config = load_config(settings.config_file)
+        request = exporter.probe_request(targets[0], settings.module, None)
+    except BadRequest as err:
         return usage_error(str(err))
     except ConfigError as err:
-        return usage_error("config file %s: %s" % (settings.config_file, err))
+        return config_error(settings.config_file, err)
     result, log = exporter.probe(request.target, request.module, request.timeout, alias=request.alias)
     sys.stdout.write(debug_page(log, result, request.module))
     return 0 if result.success else 1
 
 
+def probe_arguments(args: List[str]) -> Tuple[List[str], List[str]]:
+    """``probe``'s command line, flags before or after the target: (targets, flags)."""
+    takes_value = {spec.name for spec in PROBE_FLAG_SPECS if not spec.boolean}
+    targets: List[str] = []
+    flags: List[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("-"):
+            targets.append(arg)
+        elif arg.lstrip("-") in takes_value and rest:  # --flag value
+            flags += [arg, rest.pop(0)]
+        else:
+            flags.append(arg)
+    return targets, flags
+
+
 def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:
-    """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP."""
+    """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP.  Then stop
+    accepting, give the requests being answered --web.shutdown-timeout to finish, and return 0
+    (at once on a second stop signal, those answers lost)."""
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     signum = wait_for_stop(wakeup, exporter)
-    exporter.logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
-    server.shutdown()
-    server.server_close()
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.default_int_handler)  # raises KeyboardInterrupt
+    log = exporter.logger.log
+    try:
+        server.stopping = True  # a request on a kept-alive connection now gets a 503
+        server.shutdown()
+        server.server_close()
+        log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "", in_flight=exporter.stats.in_flight)
+        unanswered = server.drain(exporter.settings.shutdown_timeout)
+    except KeyboardInterrupt:
+        log("warn", "Stopped by a second signal", unanswered=len(server.answering))
+        return 0
+    log("warn" if unanswered else "info", "Shut down", unanswered=unanswered)
     return 0
 
 
