@@ -3032,6 +3032,13 @@ class TestChecks(ChecksTestCase):
         metrics = self.probe_rpc({"eth_chainId": lambda r: [server_close(1001)]}, "evm")
         self.assert_failed(metrics, "check", "connection_closed", up=1)
 
+    def test_a_value_error_in_a_check_is_an_internal_error_not_a_connect_error(self) -> None:
+        handlers = {"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies(evm_block(5, time.time()))}
+        with mock.patch.object(wx, "evm_head", side_effect=ValueError("a bug in the check")):
+            metrics = self.probe_rpc(handlers, "evm")
+        self.assert_check_failed(metrics, "internal_error")
+        self.assertRegex(self.exporter.log.getvalue(), r"Traceback.*\\n.*ValueError: a bug in the check")
+
     def test_generic_steps(self) -> None:
         config = {"modules": {
             "hello": {"steps": [{"send": "hello ${env:WSX_TEST_NAME}"}, {"expect": {"regex": "^welcome"}},

@@ -1211,11 +1211,10 @@ def run_probe(
         close_websocket(conn, result, log)
     except ProbeError as err:
         _record_failure(result, err, log)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # ValueError: idna or ssl refusing a name while connecting
         _record_failure(result, _classify_os_error(err), log)
     except Exception as err:  # a bug: report it as a failed probe, never as a 500
-        log.log("debug", "Probe raised an unexpected exception", traceback=format_exception())
-        _record_failure(result, ProbeError("internal_error", type(err).__name__), log)
+        _record_failure(result, as_probe_error(err, log), log)
     finally:
         if sock is not None:
             sock.close()
@@ -1226,6 +1225,17 @@ def _record_failure(result: ProbeResult, err: ProbeError, log: ProbeLog) -> None
     phase = err.phase or result.phase
     result.failure = (phase, err.reason)
     log.log("info", "Probe failed", phase=phase, reason=err.reason, detail=log.scrub(err.detail))
+
+
+def as_probe_error(err: Exception, log: ProbeLog) -> ProbeError:
+    """What an exception raised by a check means: a socket's error keeps its reason; anything
+    else, a ValueError included, is a bug, whose traceback is logged at debug level."""
+    if isinstance(err, ProbeError):
+        return err
+    if isinstance(err, OSError):
+        return _classify_os_error(err)
+    log.log("debug", "Probe raised an unexpected exception", traceback=log.scrub(format_exception()))
+    return ProbeError("internal_error", type(err).__name__)
 
 
 def _classify_os_error(err: Exception) -> ProbeError:
@@ -1863,8 +1873,8 @@ def run_checks(conn: Connection, module: Module, result: ProbeResult, log: Probe
             session = RpcSession(conn, result, log, check_until(conn.deadline))
             PRESETS[module.preset](session, module, result)
             run_steps(session, module.steps)
-    except (ProbeError, OSError) as err:
-        failure = err if isinstance(err, ProbeError) else _classify_os_error(err)
+    except Exception as err:
+        failure = as_probe_error(err, log)
         if conn.reader.closed is None and failure.reason not in _CONNECTION_LOST:
             close_after_failure(conn, result, log)
         raise ProbeError(failure.reason, failure.detail, failure.phase or "check")
