@@ -2871,6 +2871,10 @@ class TestCheckParsing(unittest.TestCase):
 
     def test_builtin_modules_need_no_config(self) -> None:
         self.assertEqual(set(wx.DEFAULT_MODULES), set(wx.PRESETS))
+        self.assertLessEqual(set(wx.PRESET_KEYS), set(wx._MODULE_KEYS))
+        for name, preset in wx.PRESETS.items():
+            self.assertLessEqual(set(preset.keys), set(wx.PRESET_KEYS), name)
+            self.assertEqual(preset.subscription is not None, preset.check is wx.check_subscription, name)
         self.assertEqual(wx.Module("connect").preset, "connect")
         self.assertFalse(wx.Module("connect").runs_checks())
 

@@ -1839,25 +1839,9 @@ class Subscription(NamedTuple):
     event: Callable[[JsonObject], Optional[object]]  # a message's payload when it is an event
     head: Callable[[object], Head]
     chain_id_method: str = ""  # asked first when the chain has a numeric id
-    head_time: bool = False  # do notifications carry the block time (for max_head_age)?
 
 
 _COMETBFT_QUERY = {"query": "tm.event='NewBlockHeader'"}
-
-SUBSCRIPTIONS: Dict[str, Subscription] = {
-    "evm_newheads": Subscription(
-        "eth_subscribe", ["newHeads"], "eth_unsubscribe", lambda sub: [sub],
-        notification_of("eth_subscription"), evm_head, "eth_chainId", True),
-    "solana_slot": Subscription(
-        "slotSubscribe", [], "slotUnsubscribe", lambda sub: [sub],
-        notification_of("slotNotification"), solana_head),
-    "substrate_newheads": Subscription(
-        "chain_subscribeNewHeads", [], "chain_unsubscribeNewHeads", lambda sub: [sub],
-        notification_of("chain_newHead"), substrate_head),
-    "cometbft_newblock": Subscription(
-        "subscribe", _COMETBFT_QUERY, "unsubscribe", lambda _: _COMETBFT_QUERY,
-        cometbft_event, cometbft_head, "", True),
-}
 
 
 def check_until(deadline: Deadline) -> float:
@@ -1871,7 +1855,7 @@ def run_checks(conn: Connection, module: Module, result: ProbeResult, log: Probe
     try:
         with _Phase(result, "check"):
             session = RpcSession(conn, result, log, check_until(conn.deadline))
-            PRESETS[module.preset](session, module, result)
+            PRESETS[module.preset].check(session, module, result)
             run_steps(session, module.steps)
     except Exception as err:
         failure = as_probe_error(err, log)
@@ -2035,7 +2019,8 @@ def json_at_or(value: object, path: str) -> object:
 def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """Subscribe, wait for min_notifications notifications (and, with ``hold``, keep listening
     that long), unsubscribe."""
-    sub = SUBSCRIPTIONS[module.preset]
+    sub = PRESETS[module.preset].subscription
+    assert sub is not None
     if sub.chain_id_method:
         check_chain_id(session, sub.chain_id_method, module, result)
     session.is_event = sub.event
@@ -2093,25 +2078,58 @@ def wait_for_notifications(session: RpcSession, count: int) -> None:
         session.receive(expired)
 
 
-PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
-    "connect": check_nothing,
-    "ping": check_ping,
-    "evm": check_evm,
-    "evm_node": check_evm_node,
-    "solana_node": check_solana_node,
-    "substrate_node": check_substrate_node,
-    "cometbft_node": check_cometbft_node,
-    "evm_newheads": check_subscription,
-    "solana_slot": check_subscription,
-    "substrate_newheads": check_subscription,
-    "cometbft_newblock": check_subscription,
+class Preset(NamedTuple):
+    """What a preset runs, what it subscribes to (check_subscription), which PRESET_KEYS it honours."""
+
+    check: Callable[[RpcSession, Module, ProbeResult], None]
+    subscription: Optional[Subscription] = None
+    keys: Tuple[str, ...] = ()
+
+
+_HEADS = ("expect_chain_id", "max_head_age")  # a numeric chain id and a block time: EVM's
+_HELD = ("min_notifications", "hold", "max_gap")
+_FINALITY = ("max_finality_lag", "expect_genesis_hash")
+# Module keys only some presets honour, by why a preset without them refuses them.
+_REFUSALS = (
+    (("expect_chain_id",), "reports no chain id"),
+    (("max_head_age",), "reports no block time"),
+    (_HELD, "subscribes to nothing"),
+    (_FINALITY + ("min_peers", "expect_network"), "does not ask the node for it"),
+)
+PRESET_KEYS = {key: why for keys, why in _REFUSALS for key in keys}
+PRESETS: Dict[str, Preset] = {
+    "connect": Preset(check_nothing),
+    "ping": Preset(check_ping),
+    "evm": Preset(check_evm, keys=_HEADS),
+    "evm_node": Preset(check_evm_node, keys=_HEADS + _FINALITY + ("min_peers",)),
+    "solana_node": Preset(check_solana_node, keys=_FINALITY),
+    "substrate_node": Preset(check_substrate_node, keys=_FINALITY + ("min_peers",)),
+    "cometbft_node": Preset(check_cometbft_node, keys=("max_head_age", "min_peers", "expect_network")),
+    "evm_newheads": Preset(check_subscription, Subscription(
+        "eth_subscribe", ["newHeads"], "eth_unsubscribe", lambda sub: [sub],
+        notification_of("eth_subscription"), evm_head, "eth_chainId"), _HELD + _HEADS),
+    "solana_slot": Preset(check_subscription, Subscription(
+        "slotSubscribe", [], "slotUnsubscribe", lambda sub: [sub],
+        notification_of("slotNotification"), solana_head), _HELD),
+    "substrate_newheads": Preset(check_subscription, Subscription(
+        "chain_subscribeNewHeads", [], "chain_unsubscribeNewHeads", lambda sub: [sub],
+        notification_of("chain_newHead"), substrate_head), _HELD),
+    "cometbft_newblock": Preset(check_subscription, Subscription(
+        "subscribe", _COMETBFT_QUERY, "unsubscribe", lambda _: _COMETBFT_QUERY,
+        cometbft_event, cometbft_head), _HELD + ("max_head_age",)),
 }
 PRESET_NAMES = tuple(PRESETS)
 # The built-in modules: one per preset, each named after it.
 DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
-# Presets whose answers carry a numeric chain id or a block time (for expect_chain_id, max_head_age).
-CHAIN_ID_PRESETS = frozenset(["evm", "evm_node"] + [n for n, s in SUBSCRIPTIONS.items() if s.chain_id_method])
-HEAD_TIME_PRESETS = frozenset(["evm", "evm_node", "cometbft_node"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
+
+
+def preset_key_errors(module: Module, keys: Iterable[str]) -> List[Tuple[str, str]]:
+    """(key, problem) for each of ``keys`` (those the config gave) the module's preset cannot honour."""
+    preset = PRESETS[module.preset]
+    errors = [(key, "preset %s %s" % (module.preset, PRESET_KEYS[key])) for key in keys if key in PRESET_KEYS and key not in preset.keys]
+    if "max_gap" in preset.keys and module.max_gap is not None and module.hold is None:
+        errors.append(("max_gap", "needs hold: gaps are measured while a subscription is held"))
+    return errors
 
 
 def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
@@ -3873,13 +3891,6 @@ def _min_notifications(value: object, path: str) -> int:
     return count
 
 
-# Keys that only the node presets use, and the presets that ask the node for what they judge.
-NODE_KEYS = {
-    "min_peers": ("evm_node", "substrate_node", "cometbft_node"),
-    "max_finality_lag": ("evm_node", "solana_node", "substrate_node"),
-    "expect_genesis_hash": ("evm_node", "solana_node", "substrate_node"),
-    "expect_network": ("cometbft_node",),
-}
 _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
     "preset": _one_of(*PRESET_NAMES),
     "timeout": _duration,
@@ -3911,18 +3922,8 @@ def parse_module(name: str, raw: object, path: str) -> Module:
     if "tls" in values:
         values["tls_context"] = tls_context(values["tls"], _key_path(path, "tls"))  # type: ignore[arg-type]
     module = Module(name, **values)  # type: ignore[arg-type]
-    if module.expect_chain_id is not None and module.preset not in CHAIN_ID_PRESETS:
-        raise ConfigError(_key_path(path, "expect_chain_id"), "preset %s reports no chain id" % module.preset)
-    if module.max_head_age is not None and module.preset not in HEAD_TIME_PRESETS:
-        raise ConfigError(_key_path(path, "max_head_age"), "preset %s reports no block time" % module.preset)
-    for key in ("min_notifications", "hold"):
-        if key in fields and module.preset not in SUBSCRIPTIONS:
-            raise ConfigError(_key_path(path, key), "preset %s subscribes to nothing" % module.preset)
-    if module.max_gap is not None and module.hold is None:
-        raise ConfigError(_key_path(path, "max_gap"), "needs hold: gaps are measured while a subscription is held")
-    for key, presets in NODE_KEYS.items():
-        if key in fields and module.preset not in presets:
-            raise ConfigError(_key_path(path, key), "preset %s does not ask the node for it" % module.preset)
+    for key, problem in preset_key_errors(module, fields):
+        raise ConfigError(_key_path(path, key), problem)
     return module
 
 
