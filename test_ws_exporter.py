@@ -2729,6 +2729,11 @@ def rpc_server(handlers: RpcHandlers, seen: Optional[List[Dict[str, object]]] = 
     return behave
 
 
+def rpc_series(metrics: Dict[str, float]) -> List[str]:
+    """The labels of every probe_rpc_duration_seconds series, sorted."""
+    return sorted(k[len("probe_rpc_duration_seconds"):] for k in metrics if k.startswith("probe_rpc_duration_seconds{"))
+
+
 def replies(result: object) -> Callable[[Dict[str, object]], List[bytes]]:
     return lambda request: [rpc_reply(request, result)]
 
@@ -2781,6 +2786,8 @@ class TestNodeModules(ChecksTestCase):
         self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (1000, 968))
         self.assertIn('probe_node_info{client="",version="1.18.22"}', metrics)
         self.assertIn('probe_chain_info{genesis="%s"}' % self.GENESIS, metrics)
+        self.assertEqual(rpc_series(metrics), ['{block="finalized",method="getSlot"}', '{block="processed",method="getSlot"}', '{method="getGenesisHash"}',
+                                               '{method="getHealth"}', '{method="getVersion"}'])
         behind = text_frame({"jsonrpc": "2.0", "id": 1, "error": {
             "code": -32005, "message": "Node is behind by 42 slots", "data": {"numSlotsBehind": 42}}})
         metrics = self.probe_rpc(self.solana(lambda r: [behind]), "solana_node")
@@ -2807,11 +2814,29 @@ class TestNodeModules(ChecksTestCase):
         self.assertEqual((metrics["probe_node_peers"], metrics["probe_node_syncing"]), (5, 0))
         self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (16, 12))
         self.assertIn('probe_node_info{client="",version="1.10.0-7049c3c9883"}', metrics)
+        self.assertEqual(rpc_series(metrics), ['{block="finalized",method="chain_getHeader"}', '{block="latest",method="chain_getHeader"}',
+                                               '{method="chain_getBlockHash"}', '{method="chain_getFinalizedHead"}',
+                                               '{method="system_health"}', '{method="system_version"}'])
         self.assert_check_failed(self.probe_rpc(self.substrate(True), "substrate_node"), "node_syncing")
         self.use_config({"modules": {"strict": {"preset": "substrate_node", "min_peers": 8},
                                      "lag": {"preset": "substrate_node", "max_finality_lag": 2}}})
         self.assert_check_failed(self.probe_rpc(self.substrate(False), "strict"), "too_few_peers")
         self.assert_check_failed(self.probe_rpc(self.substrate(False), "lag"), "finality_lag")
+
+    def test_evm_node_times_each_block_it_asks_for_apart(self) -> None:
+        blocks = {"0x0": evm_block(0, 0), "latest": evm_block(100, time.time()), "finalized": evm_block(36, time.time() - 800)}
+        handlers = {
+            "eth_chainId": replies("0x1"), "eth_syncing": replies(False), "net_peerCount": replies("0x3"),
+            "web3_clientVersion": replies("Geth/v1.14.0/linux-amd64/go1.22"),
+            "eth_getBlockByNumber": lambda r: [rpc_reply(r, blocks[r["params"][0]])],  # type: ignore[index]
+        }
+        metrics = self.probe_rpc(handlers, "evm_node")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(rpc_series(metrics), [
+            '{block="finalized",method="eth_getBlockByNumber"}', '{block="genesis",method="eth_getBlockByNumber"}',
+            '{block="latest",method="eth_getBlockByNumber"}', '{method="eth_chainId"}', '{method="eth_syncing"}',
+            '{method="net_peerCount"}', '{method="web3_clientVersion"}'])
+        self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (100, 36))
 
     def cometbft(self, catching_up: bool) -> RpcHandlers:
         now = time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime())
@@ -2866,8 +2891,8 @@ class TestCheckParsing(unittest.TestCase):
                  ({"code": -32000, "message": "the method eth_x does not exist/is not available"}, "method_not_found"),
                  ("not an object", "rpc_error")]
         for error, reason in cases:
-            self.assertEqual(wx.rpc_failure("m", error, result).reason, reason, error)
-        self.assertEqual(result.rpc_error_codes, {"m": -32000})
+            self.assertEqual(wx.rpc_failure(("m", ""), error, result).reason, reason, error)
+        self.assertEqual(result.rpc_error_codes, {("m", ""): -32000})
 
     def test_builtin_modules_need_no_config(self) -> None:
         self.assertEqual(set(wx.DEFAULT_MODULES), set(wx.PRESETS))
@@ -2932,7 +2957,7 @@ class TestChecks(ChecksTestCase):
         self.assertEqual((metrics["probe_chain_id"], metrics["probe_chain_head_number"]), (1, 1234))
         self.assertEqual(metrics["probe_chain_head_timestamp_seconds"], int(now - 3))
         self.assertTrue(3 <= metrics["probe_chain_head_age_seconds"] < 10)
-        self.assertGreater(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0)
+        self.assertGreater(metrics['probe_rpc_duration_seconds{block="latest",method="eth_getBlockByNumber"}'], 0)
         self.assertEqual(seen[1]["params"], ["latest", False])
         self.assertEqual([r["jsonrpc"] for r in seen], ["2.0", "2.0"])
 
@@ -3398,6 +3423,9 @@ class TestCheckInterop(unittest.TestCase):
         self.assertEqual(anvil["probe_success"], 1, failure_of(anvil))
         self.assertEqual((anvil["probe_chain_id"], anvil["probe_node_syncing"]), (31337, 0))
         self.assertNotIn("probe_node_peers", anvil)  # anvil does not serve net_peerCount: left out
+        self.assertEqual([s for s in rpc_series(anvil) if "eth_getBlockByNumber" in s], [
+            '{block="finalized",method="eth_getBlockByNumber"}', '{block="genesis",method="eth_getBlockByNumber"}',
+            '{block="latest",method="eth_getBlockByNumber"}'])
         self.assertIn('probe_node_info{client="anvil",version="v%s"}' % ANVIL_VERSION, anvil)
         genesis = [k for k in anvil if k.startswith("probe_chain_info{genesis=")]
         self.assertEqual(len(genesis), 1)
@@ -3760,7 +3788,7 @@ class TestKeepAlive(unittest.TestCase):
             metrics = self.exporter.probe("ws://127.0.0.1:%d/" % rpc.port, module="evm")
         self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
         self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_chainId"}'], 0.25)
-        self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0.25)
+        self.assertLess(metrics['probe_rpc_duration_seconds{block="latest",method="eth_getBlockByNumber"}'], 0.25)
 
     def test_a_remembered_request_follows_a_new_config(self) -> None:
         """A reload changes what the next request on a kept-alive connection means."""

@@ -975,6 +975,9 @@ def secret_parts(raw: str) -> Tuple[str, ...]:
     return tuple(sorted((p for p in pieces if len(p) >= SECRET_MIN_CHARS), key=lambda p: (-len(p), p)))
 
 
+RpcCall = Tuple[str, str]  # (JSON-RPC method, the block it asked for where a check asks for several, else "")
+
+
 class ProbeResult:
     """Everything one probe measured; filled during the probe, rendered once."""
 
@@ -994,8 +997,8 @@ class ProbeResult:
         self.total = 0.0
         # What the module's checks measured; None or empty when it did not get that far.
         self.ping_rtt: Optional[float] = None
-        self.rpc_durations: Dict[str, float] = {}
-        self.rpc_error_codes: Dict[str, int] = {}
+        self.rpc_durations: Dict[RpcCall, float] = {}
+        self.rpc_error_codes: Dict[RpcCall, int] = {}
         self.notifications: Optional[int] = None
         self.first_notification: Optional[float] = None  # seconds from subscribing
         self.chain_id: Optional[int] = None
@@ -1675,10 +1678,11 @@ class RpcSession:
     def send_text(self, text: str) -> None:
         self.conn.send(encode_frame(Opcode.TEXT, text.encode("utf-8")))
 
-    def call(self, method: str, params: object, not_served: str = "method_not_found") -> object:
+    def call(self, method: str, params: object, not_served: str = "method_not_found", block: str = "") -> object:
         """Send a request and return its result; an error answer, or an error without an id
         (JSON-RPC 2.0 §5: the server could not tell which request failed), raises (see
-        rpc_failure for ``not_served``)."""
+        rpc_failure for ``not_served``).  ``block`` tells apart the calls of one method that
+        ask for different blocks (see RpcCall)."""
         self.next_id += 1
         request_id = self.next_id
         self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
@@ -1695,13 +1699,13 @@ class RpcSession:
             answer_id = message.get("id")
             if answer_id != request_id and not (answer_id is None and "error" in message):
                 continue  # an answer to nobody we know, or a notification nobody subscribed to
-            self.result.rpc_durations[method] = max(self.conn.arrived - start, 0.0)
+            seconds = self.result.rpc_durations[method, block] = max(self.conn.arrived - start, 0.0)
             if "error" in message:
                 self.last_error = message["error"]
-                raise rpc_failure(method, message["error"], self.result, not_served)
+                raise rpc_failure((method, block), message["error"], self.result, not_served)
             if "result" not in message:
                 raise CheckError("bad_json", "the answer to %s has neither result nor error" % method)
-            self.log.log("debug", "RPC answered", method=method, seconds=round(self.result.rpc_durations[method], 6))
+            self.log.log("debug", "RPC answered", seconds=round(seconds, 6), **dict(rpc_labels((method, block))))
             return message["result"]
 
 
@@ -1710,14 +1714,14 @@ _NOT_SERVED_TEXT = re.compile(r"does not exist|not supported|method not found", 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def rpc_failure(method: str, error: object, result: ProbeResult, not_served: str = "method_not_found") -> CheckError:
+def rpc_failure(call: RpcCall, error: object, result: ProbeResult, not_served: str = "method_not_found") -> CheckError:
     """The failure a JSON-RPC error object stands for: rate_limited; ``not_served`` when the node
     does not serve the method (-32601, or a message saying so); else rpc_error."""
     code = error.get("code") if isinstance(error, dict) else None
     text = str(error.get("message", "")) if isinstance(error, dict) else str(error)
     if isinstance(code, int) and not isinstance(code, bool):
-        result.rpc_error_codes[method] = code
-    detail = "%s answered error %s: %s" % (method, code, _UNPRINTABLE.sub(" ", text)[:100])
+        result.rpc_error_codes[call] = code
+    detail = "%s answered error %s: %s" % (call[0], code, _UNPRINTABLE.sub(" ", text)[:100])
     if code in RATE_LIMIT_CODES or _RATE_LIMIT_TEXT.search(text):
         return CheckError("rate_limited", detail)
     if code == METHOD_NOT_FOUND or _NOT_SERVED_TEXT.search(text):
@@ -1910,7 +1914,7 @@ def record_head(head: Head, module: Module, result: ProbeResult) -> None:
 def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """The chain id, then the latest block's number and time."""
     check_chain_id(session, "eth_chainId", module, result)
-    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False])), module, result)
+    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False], block="latest")), module, result)
 
 
 def check_evm_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
@@ -1924,10 +1928,10 @@ def check_evm_node(session: RpcSession, module: Module, result: ProbeResult) -> 
     if isinstance(version, str):
         client, _, rest = version.partition("/")
         result.node_info = (client[:MAX_INFO_CHARS], rest.partition("/")[0][:MAX_INFO_CHARS])
-    genesis = field(session.call("eth_getBlockByNumber", ["0x0", False]), "hash", "block 0")
+    genesis = field(session.call("eth_getBlockByNumber", ["0x0", False], block="genesis"), "hash", "block 0")
     result.genesis = str(genesis)[:MAX_INFO_CHARS]
-    latest = evm_head(session.call("eth_getBlockByNumber", ["latest", False]))
-    finalized = evm_head(session.call("eth_getBlockByNumber", ["finalized", False]))
+    latest = evm_head(session.call("eth_getBlockByNumber", ["latest", False], block="latest"))
+    finalized = evm_head(session.call("eth_getBlockByNumber", ["finalized", False], block="finalized"))
     result.finalized_head, result.head_number = finalized.number, latest.number
     judge_node(module, result)
     record_head(latest, module, result)
@@ -1965,14 +1969,14 @@ def check_solana_node(session: RpcSession, module: Module, result: ProbeResult) 
     try:
         session.call("getHealth", [])
     except CheckError:
-        if session.result.rpc_error_codes.get("getHealth") != SOLANA_NODE_BEHIND:
+        if session.result.rpc_error_codes.get(("getHealth", "")) != SOLANA_NODE_BEHIND:
             raise
         behind = json_at_or(session.last_error, "data.numSlotsBehind")
         result.behind_slots = as_number(behind, "numSlotsBehind") if behind is not None else None
         raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % behind)
     result.genesis = str(session.call("getGenesisHash", []))[:MAX_INFO_CHARS]
-    result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}]), "slot")
-    result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}]), "slot")
+    result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}], block="processed"), "slot")
+    result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}], block="finalized"), "slot")
     version = optional_call(session, "getVersion")
     if isinstance(version, dict):
         result.node_info = ("", str(version.get("solana-core", ""))[:MAX_INFO_CHARS])
@@ -1986,9 +1990,9 @@ def check_substrate_node(session: RpcSession, module: Module, result: ProbeResul
     result.node_syncing = int(bool(field(health, "isSyncing", "system_health")))
     result.node_peers = as_number(field(health, "peers", "system_health"), "peers")
     result.genesis = str(session.call("chain_getBlockHash", [0]))[:MAX_INFO_CHARS]
-    result.head_number = substrate_head(session.call("chain_getHeader", [])).number
+    result.head_number = substrate_head(session.call("chain_getHeader", [], block="latest")).number
     finalized = session.call("chain_getFinalizedHead", [])
-    result.finalized_head = substrate_head(session.call("chain_getHeader", [finalized])).number
+    result.finalized_head = substrate_head(session.call("chain_getHeader", [finalized], block="finalized")).number
     version = optional_call(session, "system_version")
     if isinstance(version, str):
         result.node_info = ("", version[:MAX_INFO_CHARS])
@@ -2386,8 +2390,8 @@ def probe_samples(result: ProbeResult) -> List[Sample]:
 
 def check_samples(result: ProbeResult) -> List[Sample]:
     """What the module's checks measured, each metric only when it was measured."""
-    samples = [Sample("probe_rpc_duration_seconds", (("method", m),), d) for m, d in sorted(result.rpc_durations.items())]
-    samples += [Sample("probe_rpc_error_code", (("method", m),), c) for m, c in sorted(result.rpc_error_codes.items())]
+    samples = [Sample("probe_rpc_duration_seconds", rpc_labels(call), d) for call, d in sorted(result.rpc_durations.items())]
+    samples += [Sample("probe_rpc_error_code", rpc_labels(call), c) for call, c in sorted(result.rpc_error_codes.items())]
     optional: Tuple[Tuple[str, Optional[float]], ...] = (
         ("probe_websocket_ping_rtt_seconds", result.ping_rtt),
         ("probe_subscription_first_notification_seconds", result.first_notification),
@@ -2410,6 +2414,10 @@ def check_samples(result: ProbeResult) -> List[Sample]:
         identity = ("genesis", result.genesis) if result.genesis else ("network", result.network)
         samples.append(Sample("probe_chain_info", (identity,), 1))
     return samples
+
+
+def rpc_labels(call: RpcCall) -> Labels:
+    return (("method", call[0]), ("block", call[1])) if call[1] else (("method", call[0]),)
 
 
 class Stats:
