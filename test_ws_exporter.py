@@ -3026,6 +3026,26 @@ class TestChecks(ChecksTestCase):
         self.assertEqual(metrics["probe_subscription_notifications"], 0)
         self.assertNotIn("probe_subscription_first_notification_seconds", metrics)
 
+    def test_a_hold_longer_than_the_scrape_allows_is_cut_short_and_the_probe_still_succeeds(self) -> None:
+        self.use_config({"modules": {"held": {"preset": "substrate_newheads", "timeout": "8s", "hold": "5s"}}})
+        handlers = {
+            "chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s"), rpc_notification("chain_newHead", SUBSTRATE_HEADER, "s")],
+            "chain_unsubscribeNewHeads": replies(True),
+        }
+        seen: List[Dict[str, object]] = []
+        server = self.serve(rpc_server(handlers, seen))
+        # The deadline is 3 - 0.5 s: the 5 s hold must end early enough for the unsubscribe and the close.
+        page = self.exporter.probe_raw("ws://127.0.0.1:%d/" % server.port, "3", module="held", debug="true")[2]
+        metrics = parse_metrics(page.partition("returned:\n")[2].partition("\nModule configuration:")[0])
+        self.assertEqual(metrics["probe_success"], 1, page)
+        self.assertEqual(metrics["probe_websocket_close_code"], 1000)
+        self.assertEqual([r["method"] for r in seen], ["chain_subscribeNewHeads", "chain_unsubscribeNewHeads"])
+        held = re.search(r'msg="Hold cut short by the probe deadline" .*held=([0-9.]+) asked=5\b', page)
+        assert held, page
+        # The silence after the one notification is measured up to when the hold really ended.
+        self.assertAlmostEqual(metrics["probe_subscription_max_gap_seconds"], float(held.group(1)), delta=0.1)
+        self.assertLess(float(held.group(1)), 2.5)
+
     def test_too_few_notifications(self) -> None:
         self.use_config({"modules": {"three": {"preset": "substrate_newheads", "min_notifications": 3}}})
         handlers = {"chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s"), rpc_notification("chain_newHead", SUBSTRATE_HEADER)]}
@@ -3154,6 +3174,8 @@ class TestConfig(unittest.TestCase):
             ({"modules": {"eth": {"steps": [{"expect": {"path": "a", "at_least": "1"}}]}}}, "modules.eth.steps[0].expect.at_least: want a number, got string"),
             ({"modules": {"s": {"preset": "solana_slot", "max_head_age": "1m"}}}, "modules.s.max_head_age: preset solana_slot reports no block time"),
             ({"modules": {"p": {"preset": "ping", "expect_chain_id": 1}}}, "modules.p.expect_chain_id: preset ping reports no chain id"),
+            ({"modules": {"h": {"preset": "evm_newheads", "timeout": "3s", "hold": "20s"}}},
+             "modules.h.hold: 20s does not fit in the module's timeout of 3s: the unsubscribe and the close need its last 0.6s"),
             ({"modules": []}, "modules: want an object, got array"),
             ({"module": {}}, "module: unknown key"),
             ({"targets": {"x": {"url": "ftp://h/", "module": "evm"}}}, "targets.x.url: not a probe target: unsupported scheme"),

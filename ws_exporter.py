@@ -237,7 +237,8 @@ FAILURE_REASONS = frozenset(
     )
 )
 # Checks stop this long (at most this share of the probe's timeout) before the deadline, so that a
-# silent node fails as no_notification and the clean close still has time to run.
+# silent node fails as no_notification and the clean close still has time to run; a held
+# subscription ends as long again before that, leaving the unsubscribe the same time.
 CHECK_RESERVE_SECONDS = 0.5
 CHECK_RESERVE_SHARE = 0.1
 PING_PAYLOAD_BYTES = 16
@@ -1848,9 +1849,13 @@ class Subscription(NamedTuple):
 _COMETBFT_QUERY = {"query": "tm.event='NewBlockHeader'"}
 
 
+def check_reserve(seconds: float) -> float:
+    return min(CHECK_RESERVE_SECONDS, seconds * CHECK_RESERVE_SHARE)
+
+
 def check_until(deadline: Deadline) -> float:
     """When checks must end: a little before the deadline, leaving time for the clean close."""
-    return deadline.expires - min(CHECK_RESERVE_SECONDS, deadline.seconds * CHECK_RESERVE_SHARE)
+    return deadline.expires - check_reserve(deadline.seconds)
 
 
 def run_checks(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> None:
@@ -2034,7 +2039,7 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
         subscribed = session.conn.arrived
         wait_for_notifications(session, module.min_notifications)
         if module.hold:
-            record_hold(session, subscribed, hold_subscription(session, subscribed + module.hold), sub, result)
+            record_hold(session, subscribed, hold_subscription(session, subscribed, module.hold), sub, result)
     finally:
         result.notifications = len(session.notifications)
         if session.notifications:
@@ -2046,11 +2051,14 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
     result.notifications = len(session.notifications)
 
 
-def hold_subscription(session: RpcSession, end: float) -> float:
-    """Notifications until ``end`` (a perf_counter() time) or the check's time, whichever comes
-    first; returns when the hold ended."""
+def hold_subscription(session: RpcSession, subscribed: float, hold: float) -> float:
+    """Notifications for ``hold`` seconds from ``subscribed`` (a perf_counter() time), cut short
+    when the unsubscribe would be left less than its reserve; returns when the hold ended."""
+    started = time.perf_counter()
+    to_monotonic = time.monotonic() - started  # session.until is a time.monotonic()
+    end = min(subscribed + hold, session.until - check_reserve(session.conn.deadline.seconds) - to_monotonic)
     done = CheckError("timeout", "the hold is over")
-    kept, session.until = session.until, min(session.until, time.monotonic() + end - time.perf_counter())
+    kept, session.until = session.until, end + to_monotonic
     try:
         while True:
             session.receive(lambda: done)
@@ -2059,7 +2067,10 @@ def hold_subscription(session: RpcSession, end: float) -> float:
             raise
     finally:
         session.until = kept
-    return min(time.perf_counter(), end)
+    ended = max(min(time.perf_counter(), end), started)  # waiting for min_notifications may have passed ``end``
+    if end < subscribed + hold:
+        session.log.log("debug", "Hold cut short by the probe deadline", held=round(ended - subscribed, 3), asked=hold)
+    return ended
 
 
 def record_hold(session: RpcSession, subscribed: float, ended: float, sub: "Subscription", result: ProbeResult) -> None:
@@ -2133,6 +2144,12 @@ def preset_key_errors(module: Module, keys: Iterable[str]) -> List[Tuple[str, st
     errors = [(key, "preset %s %s" % (module.preset, PRESET_KEYS[key])) for key in keys if key in PRESET_KEYS and key not in preset.keys]
     if "max_gap" in preset.keys and module.max_gap is not None and module.hold is None:
         errors.append(("max_gap", "needs hold: gaps are measured while a subscription is held"))
+    # Only the module's own timeout is known here.  Under --timeout, or a shorter scrape timeout,
+    # hold_subscription cuts a hold that does not fit short, and says so in the probe's log.
+    reserves = 2 * check_reserve(module.timeout or 0.0)  # the unsubscribe's and the close's
+    if "hold" in preset.keys and module.hold and module.timeout and module.hold + reserves > module.timeout:
+        fit = "%gs does not fit in the module's timeout of %gs: the unsubscribe and the close need its last %gs"
+        errors.append(("hold", fit % (module.hold, module.timeout, reserves)))
     return errors
 
 
