@@ -237,8 +237,7 @@ FAILURE_REASONS = frozenset(
     )
 )
 # Checks stop this long (at most this share of the probe's timeout) before the deadline, so that a
-# silent node fails as no_notification and the clean close still has time to run; a held
-# subscription ends as long again before that, leaving the unsubscribe the same time.
+# silent node fails as no_notification and the close has time to run; a hold, as long again before.
 CHECK_RESERVE_SECONDS = 0.5
 CHECK_RESERVE_SHARE = 0.1
 PING_PAYLOAD_BYTES = 16
@@ -1213,11 +1212,9 @@ def run_probe(
         if module.runs_checks():
             run_checks(conn, module, result, log)
         close_websocket(conn, result, log)
-    except ProbeError as err:
-        _record_failure(result, err, log)
-    except (OSError, ValueError) as err:  # ValueError: idna or ssl refusing a name while connecting
-        _record_failure(result, _classify_os_error(err), log)
-    except Exception as err:  # a bug: report it as a failed probe, never as a 500
+    except ValueError as err:  # idna or ssl refusing a name while connecting (run_checks judges its own)
+        _record_failure(result, ProbeError("connect_error", str(err) or type(err).__name__), log)
+    except Exception as err:  # whatever it was, a failed probe, never a 500
         _record_failure(result, as_probe_error(err, log), log)
     finally:
         if sock is not None:
@@ -1232,17 +1229,9 @@ def _record_failure(result: ProbeResult, err: ProbeError, log: ProbeLog) -> None
 
 
 def as_probe_error(err: Exception, log: ProbeLog) -> ProbeError:
-    """What an exception raised by a check means: a socket's error keeps its reason; anything
-    else, a ValueError included, is a bug, whose traceback is logged at debug level."""
+    """The failure an exception means: a socket's by its kind; any other but a ProbeError is a bug."""
     if isinstance(err, ProbeError):
         return err
-    if isinstance(err, OSError):
-        return _classify_os_error(err)
-    log.log("debug", "Probe raised an unexpected exception", traceback=log.scrub(format_exception()))
-    return ProbeError("internal_error", type(err).__name__)
-
-
-def _classify_os_error(err: Exception) -> ProbeError:
     if isinstance(err, socket.timeout):
         return ProbeError("timeout", "timed out")
     if isinstance(err, ssl.SSLCertVerificationError):
@@ -1253,7 +1242,10 @@ def _classify_os_error(err: Exception) -> ProbeError:
         return ProbeError("connect_refused", "connection refused")
     if isinstance(err, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
         return ProbeError("connection_closed", "connection reset by peer")
-    return ProbeError("connect_error", str(err) or type(err).__name__)
+    if isinstance(err, OSError):
+        return ProbeError("connect_error", str(err) or type(err).__name__)
+    log.log("debug", "Probe raised an unexpected exception", traceback=log.scrub(format_exception()))
+    return ProbeError("internal_error", type(err).__name__)
 
 
 def open_websocket(
@@ -1645,7 +1637,10 @@ class RpcSession:
                     reason = "rate_limited" if event.code in RATE_LIMIT_CLOSE_CODES else "connection_closed"
                     raise CheckError(reason, "server closed the connection (code %d)" % event.code)
                 else:
-                    return self._counted(event)
+                    self.messages += 1
+                    if self.messages > MAX_CHECK_MESSAGES:
+                        raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
+                    return event
             left = self.until - time.monotonic()
             if left <= 0:
                 raise expired()
@@ -1654,22 +1649,12 @@ class RpcSession:
             except socket.timeout:
                 continue
 
-    def _counted(self, event: Union[Message, Pong]) -> Union[Message, Pong]:
-        self.messages += 1
-        if self.messages > MAX_CHECK_MESSAGES:
-            raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
-        return event
-
-    def next_json(self, expired: Expiry) -> JsonObject:
-        """The next data message, parsed as a JSON object."""
-        while True:
-            event = self.next_event(expired)
-            if isinstance(event, Message):
-                return parse_json_object(event.data)
-
     def receive(self, expired: Expiry) -> Optional[JsonObject]:
-        """The next JSON message, or None when it was a subscription event (set aside)."""
-        message = self.next_json(expired)
+        """The next JSON message; None for a pong or a subscription event (set aside)."""
+        event = self.next_event(expired)
+        if not isinstance(event, Message):
+            return None
+        message = parse_json_object(event.data)
         payload = self.is_event(message)
         if payload is None:
             return message
@@ -1682,19 +1667,14 @@ class RpcSession:
     def call(self, method: str, params: object, not_served: str = "method_not_found", block: str = "") -> object:
         """Send a request and return its result; an error answer, or an error without an id
         (JSON-RPC 2.0 §5: the server could not tell which request failed), raises (see
-        rpc_failure for ``not_served``).  ``block`` tells apart the calls of one method that
-        ask for different blocks (see RpcCall)."""
+        rpc_failure for ``not_served``).  ``block``: see RpcCall."""
         self.next_id += 1
         request_id = self.next_id
         self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
         # From the send to the answer's arrival (as the upgrade phase), not to when it was read.
         start = self.conn.send_started
-
-        def expired() -> CheckError:
-            return CheckError("no_response", "no answer to %s" % method)
-
         while True:
-            message = self.receive(expired)
+            message = self.receive(lambda: CheckError("no_response", "no answer to %s" % method))
             if message is None:
                 continue
             answer_id = message.get("id")
@@ -1853,17 +1833,12 @@ def check_reserve(seconds: float) -> float:
     return min(CHECK_RESERVE_SECONDS, seconds * CHECK_RESERVE_SHARE)
 
 
-def check_until(deadline: Deadline) -> float:
-    """When checks must end: a little before the deadline, leaving time for the clean close."""
-    return deadline.expires - check_reserve(deadline.seconds)
-
-
 def run_checks(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> None:
     """Run the module's checks in the check phase.  When one fails while the connection is
     still usable, the clean close runs before the failure is raised."""
     try:
         with _Phase(result, "check"):
-            session = RpcSession(conn, result, log, check_until(conn.deadline))
+            session = RpcSession(conn, result, log, conn.deadline.expires - check_reserve(conn.deadline.seconds))
             PRESETS[module.preset].check(session, module, result)
             run_steps(session, module.steps)
     except Exception as err:
@@ -1976,9 +1951,9 @@ def check_solana_node(session: RpcSession, module: Module, result: ProbeResult) 
     except CheckError:
         if session.result.rpc_error_codes.get(("getHealth", "")) != SOLANA_NODE_BEHIND:
             raise
-        behind = json_at_or(session.last_error, "data.numSlotsBehind")
-        result.behind_slots = as_number(behind, "numSlotsBehind") if behind is not None else None
-        raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % behind)
+        with contextlib.suppress(KeyError):  # the node need not say by how much
+            result.behind_slots = as_number(json_at(session.last_error, "data.numSlotsBehind"), "numSlotsBehind")
+        raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % result.behind_slots)
     result.genesis = str(session.call("getGenesisHash", []))[:MAX_INFO_CHARS]
     result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}], block="processed"), "slot")
     result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}], block="finalized"), "slot")
@@ -2016,13 +1991,6 @@ def check_cometbft_node(session: RpcSession, module: Module, result: ProbeResult
     result.head_number = head.number
     judge_node(module, result)
     record_head(head, module, result)
-
-
-def json_at_or(value: object, path: str) -> object:
-    try:
-        return json_at(value, path)
-    except KeyError:
-        return None
 
 
 def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> None:
@@ -2164,12 +2132,8 @@ def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
 def expect(session: RpcSession, step: Step, index: int) -> None:
     """Wait for a message the step accepts.  Messages that do not match the regex, or lack the
     JSON path, are skipped; one that has the path with a wrong value fails at once."""
-
-    def expired() -> CheckError:
-        return CheckError("expectation_failed", "step %d: no matching message" % index)
-
     while True:
-        event = session.next_event(expired)
+        event = session.next_event(lambda: CheckError("expectation_failed", "step %d: no matching message" % index))
         if not isinstance(event, Message):
             continue
         text = event.data.decode("utf-8", "replace")
