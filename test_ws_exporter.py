@@ -2880,6 +2880,11 @@ def rpc_server(handlers: RpcHandlers, seen: Optional[List[Dict[str, object]]] = 
     return behave
 
 
+def rpc_series(metrics: Dict[str, float]) -> List[str]:
+    """The labels of every probe_rpc_duration_seconds series, sorted."""
+    return sorted(k[len("probe_rpc_duration_seconds"):] for k in metrics if k.startswith("probe_rpc_duration_seconds{"))
+
+
 def replies(result: object) -> Callable[[Dict[str, object]], List[bytes]]:
     return lambda request: [rpc_reply(request, result)]
 
@@ -2932,6 +2937,8 @@ class TestNodeModules(ChecksTestCase):
         self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (1000, 968))
         self.assertIn('probe_node_info{client="",version="1.18.22"}', metrics)
         self.assertIn('probe_chain_info{genesis="%s"}' % self.GENESIS, metrics)
+        self.assertEqual(rpc_series(metrics), ['{block="finalized",method="getSlot"}', '{block="processed",method="getSlot"}', '{method="getGenesisHash"}',
+                                               '{method="getHealth"}', '{method="getVersion"}'])
         behind = text_frame({"jsonrpc": "2.0", "id": 1, "error": {
             "code": -32005, "message": "Node is behind by 42 slots", "data": {"numSlotsBehind": 42}}})
         metrics = self.probe_rpc(self.solana(lambda r: [behind]), "solana_node")
@@ -2958,11 +2965,29 @@ class TestNodeModules(ChecksTestCase):
         self.assertEqual((metrics["probe_node_peers"], metrics["probe_node_syncing"]), (5, 0))
         self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (16, 12))
         self.assertIn('probe_node_info{client="",version="1.10.0-7049c3c9883"}', metrics)
+        self.assertEqual(rpc_series(metrics), ['{block="finalized",method="chain_getHeader"}', '{block="latest",method="chain_getHeader"}',
+                                               '{method="chain_getBlockHash"}', '{method="chain_getFinalizedHead"}',
+                                               '{method="system_health"}', '{method="system_version"}'])
         self.assert_check_failed(self.probe_rpc(self.substrate(True), "substrate_node"), "node_syncing")
         self.use_config({"modules": {"strict": {"preset": "substrate_node", "min_peers": 8},
                                      "lag": {"preset": "substrate_node", "max_finality_lag": 2}}})
         self.assert_check_failed(self.probe_rpc(self.substrate(False), "strict"), "too_few_peers")
         self.assert_check_failed(self.probe_rpc(self.substrate(False), "lag"), "finality_lag")
+
+    def test_evm_node_times_each_block_it_asks_for_apart(self) -> None:
+        blocks = {"0x0": evm_block(0, 0), "latest": evm_block(100, time.time()), "finalized": evm_block(36, time.time() - 800)}
+        handlers = {
+            "eth_chainId": replies("0x1"), "eth_syncing": replies(False), "net_peerCount": replies("0x3"),
+            "web3_clientVersion": replies("Geth/v1.14.0/linux-amd64/go1.22"),
+            "eth_getBlockByNumber": lambda r: [rpc_reply(r, blocks[r["params"][0]])],  # type: ignore[index]
+        }
+        metrics = self.probe_rpc(handlers, "evm_node")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(rpc_series(metrics), [
+            '{block="finalized",method="eth_getBlockByNumber"}', '{block="genesis",method="eth_getBlockByNumber"}',
+            '{block="latest",method="eth_getBlockByNumber"}', '{method="eth_chainId"}', '{method="eth_syncing"}',
+            '{method="net_peerCount"}', '{method="web3_clientVersion"}'])
+        self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (100, 36))
 
     def cometbft(self, catching_up: bool) -> RpcHandlers:
         now = time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime())
@@ -3017,11 +3042,15 @@ class TestCheckParsing(unittest.TestCase):
                  ({"code": -32000, "message": "the method eth_x does not exist/is not available"}, "method_not_found"),
                  ("not an object", "rpc_error")]
         for error, reason in cases:
-            self.assertEqual(wx.rpc_failure("m", error, result).reason, reason, error)
-        self.assertEqual(result.rpc_error_codes, {"m": -32000})
+            self.assertEqual(wx.rpc_failure(("m", ""), error, result).reason, reason, error)
+        self.assertEqual(result.rpc_error_codes, {("m", ""): -32000})
 
     def test_builtin_modules_need_no_config(self) -> None:
         self.assertEqual(set(wx.DEFAULT_MODULES), set(wx.PRESETS))
+        self.assertLessEqual(set(wx.PRESET_KEYS), set(wx._MODULE_KEYS))
+        for name, preset in wx.PRESETS.items():
+            self.assertLessEqual(set(preset.keys), set(wx.PRESET_KEYS), name)
+            self.assertEqual(preset.subscription is not None, preset.check is wx.check_subscription, name)
         self.assertEqual(wx.Module("connect").preset, "connect")
         self.assertFalse(wx.Module("connect").runs_checks())
 
@@ -3079,7 +3108,7 @@ class TestChecks(ChecksTestCase):
         self.assertEqual((metrics["probe_chain_id"], metrics["probe_chain_head_number"]), (1, 1234))
         self.assertEqual(metrics["probe_chain_head_timestamp_seconds"], int(now - 3))
         self.assertTrue(3 <= metrics["probe_chain_head_age_seconds"] < 10)
-        self.assertGreater(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0)
+        self.assertGreater(metrics['probe_rpc_duration_seconds{block="latest",method="eth_getBlockByNumber"}'], 0)
         self.assertEqual(seen[1]["params"], ["latest", False])
         self.assertEqual([r["jsonrpc"] for r in seen], ["2.0", "2.0"])
 
@@ -3148,6 +3177,26 @@ class TestChecks(ChecksTestCase):
         self.assertEqual(metrics["probe_subscription_notifications"], 0)
         self.assertNotIn("probe_subscription_first_notification_seconds", metrics)
 
+    def test_a_hold_longer_than_the_scrape_allows_is_cut_short_and_the_probe_still_succeeds(self) -> None:
+        self.use_config({"modules": {"held": {"preset": "substrate_newheads", "timeout": "8s", "hold": "5s"}}})
+        handlers = {
+            "chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s"), rpc_notification("chain_newHead", SUBSTRATE_HEADER, "s")],
+            "chain_unsubscribeNewHeads": replies(True),
+        }
+        seen: List[Dict[str, object]] = []
+        server = self.serve(rpc_server(handlers, seen))
+        # The deadline is 3 - 0.5 s: the 5 s hold must end early enough for the unsubscribe and the close.
+        page = self.exporter.probe_raw("ws://127.0.0.1:%d/" % server.port, "3", module="held", debug="true")[2]
+        metrics = parse_metrics(page.partition("returned:\n")[2].partition("\nModule configuration:")[0])
+        self.assertEqual(metrics["probe_success"], 1, page)
+        self.assertEqual(metrics["probe_websocket_close_code"], 1000)
+        self.assertEqual([r["method"] for r in seen], ["chain_subscribeNewHeads", "chain_unsubscribeNewHeads"])
+        held = re.search(r'msg="Hold cut short by the probe deadline" .*held=([0-9.]+) asked=5\b', page)
+        assert held, page
+        # The silence after the one notification is measured up to when the hold really ended.
+        self.assertAlmostEqual(metrics["probe_subscription_max_gap_seconds"], float(held.group(1)), delta=0.1)
+        self.assertLess(float(held.group(1)), 2.5)
+
     def test_too_few_notifications(self) -> None:
         self.use_config({"modules": {"three": {"preset": "substrate_newheads", "min_notifications": 3}}})
         handlers = {"chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s"), rpc_notification("chain_newHead", SUBSTRATE_HEADER)]}
@@ -3182,6 +3231,13 @@ class TestChecks(ChecksTestCase):
     def test_server_closing_during_the_check(self) -> None:
         metrics = self.probe_rpc({"eth_chainId": lambda r: [server_close(1001)]}, "evm")
         self.assert_failed(metrics, "check", "connection_closed", up=1)
+
+    def test_a_value_error_in_a_check_is_an_internal_error_not_a_connect_error(self) -> None:
+        handlers = {"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies(evm_block(5, time.time()))}
+        with mock.patch.object(wx, "evm_head", side_effect=ValueError("a bug in the check")):
+            metrics = self.probe_rpc(handlers, "evm")
+        self.assert_check_failed(metrics, "internal_error")
+        self.assertRegex(self.exporter.log.getvalue(), r"Traceback.*\\n.*ValueError: a bug in the check")
 
     def test_generic_steps(self) -> None:
         config = {"modules": {
@@ -3269,6 +3325,8 @@ class TestConfig(unittest.TestCase):
             ({"modules": {"eth": {"steps": [{"expect": {"path": "a", "at_least": "1"}}]}}}, "modules.eth.steps[0].expect.at_least: want a number, got string"),
             ({"modules": {"s": {"preset": "solana_slot", "max_head_age": "1m"}}}, "modules.s.max_head_age: preset solana_slot reports no block time"),
             ({"modules": {"p": {"preset": "ping", "expect_chain_id": 1}}}, "modules.p.expect_chain_id: preset ping reports no chain id"),
+            ({"modules": {"h": {"preset": "evm_newheads", "timeout": "3s", "hold": "20s"}}},
+             "modules.h.hold: 20s does not fit in the module's timeout of 3s: the unsubscribe and the close need its last 0.6s"),
             ({"modules": []}, "modules: want an object, got array"),
             ({"module": {}}, "module: unknown key"),
             ({"targets": {"x": {"url": "ftp://h/", "module": "evm"}}}, "targets.x.url: not a probe target: unsupported scheme"),
@@ -3565,6 +3623,9 @@ class TestCheckInterop(unittest.TestCase):
         self.assertEqual(anvil["probe_success"], 1, failure_of(anvil))
         self.assertEqual((anvil["probe_chain_id"], anvil["probe_node_syncing"]), (31337, 0))
         self.assertNotIn("probe_node_peers", anvil)  # anvil does not serve net_peerCount: left out
+        self.assertEqual([s for s in rpc_series(anvil) if "eth_getBlockByNumber" in s], [
+            '{block="finalized",method="eth_getBlockByNumber"}', '{block="genesis",method="eth_getBlockByNumber"}',
+            '{block="latest",method="eth_getBlockByNumber"}'])
         self.assertIn('probe_node_info{client="anvil",version="v%s"}' % ANVIL_VERSION, anvil)
         genesis = [k for k in anvil if k.startswith("probe_chain_info{genesis=")]
         self.assertEqual(len(genesis), 1)
@@ -3927,7 +3988,7 @@ class TestKeepAlive(unittest.TestCase):
             metrics = self.exporter.probe("ws://127.0.0.1:%d/" % rpc.port, module="evm")
         self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
         self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_chainId"}'], 0.25)
-        self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0.25)
+        self.assertLess(metrics['probe_rpc_duration_seconds{block="latest",method="eth_getBlockByNumber"}'], 0.25)
 
     def test_a_remembered_request_follows_a_new_config(self) -> None:
         """A reload changes what the next request on a kept-alive connection means."""

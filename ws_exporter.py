@@ -238,7 +238,7 @@ FAILURE_REASONS = frozenset(
     )
 )
 # Checks stop this long (at most this share of the probe's timeout) before the deadline, so that a
-# silent node fails as no_notification and the clean close still has time to run.
+# silent node fails as no_notification and the close has time to run; a hold, as long again before.
 CHECK_RESERVE_SECONDS = 0.5
 CHECK_RESERVE_SHARE = 0.1
 PING_PAYLOAD_BYTES = 16
@@ -975,6 +975,9 @@ def secret_parts(raw: str) -> Tuple[str, ...]:
     return tuple(sorted((p for p in pieces if len(p) >= SECRET_MIN_CHARS), key=lambda p: (-len(p), p)))
 
 
+RpcCall = Tuple[str, str]  # (JSON-RPC method, the block it asked for where a check asks for several, else "")
+
+
 class ProbeResult:
     """Everything one probe measured; filled during the probe, rendered once."""
 
@@ -994,8 +997,8 @@ class ProbeResult:
         self.total = 0.0
         # What the module's checks measured; None or empty when it did not get that far.
         self.ping_rtt: Optional[float] = None
-        self.rpc_durations: Dict[str, float] = {}
-        self.rpc_error_codes: Dict[str, int] = {}
+        self.rpc_durations: Dict[RpcCall, float] = {}
+        self.rpc_error_codes: Dict[RpcCall, int] = {}
         self.notifications: Optional[int] = None
         self.first_notification: Optional[float] = None  # seconds from subscribing
         self.chain_id: Optional[int] = None
@@ -1209,13 +1212,10 @@ def run_probe(
         if module.runs_checks():
             run_checks(conn, module, result, log)
         close_websocket(conn, result, log)
-    except ProbeError as err:
-        _record_failure(result, err, log)
-    except (OSError, ValueError) as err:
-        _record_failure(result, _classify_os_error(err), log)
-    except Exception as err:  # a bug: report it as a failed probe, never as a 500
-        log.log("debug", "Probe raised an unexpected exception", traceback=format_exception())
-        _record_failure(result, ProbeError("internal_error", type(err).__name__), log)
+    except ValueError as err:  # idna or ssl refusing a name while connecting (run_checks judges its own)
+        _record_failure(result, ProbeError("connect_error", str(err) or type(err).__name__), log)
+    except Exception as err:  # whatever it was, a failed probe, never a 500
+        _record_failure(result, as_probe_error(err, log), log)
     finally:
         if sock is not None:
             sock.close()
@@ -1228,7 +1228,10 @@ def _record_failure(result: ProbeResult, err: ProbeError, log: ProbeLog) -> None
     log.log("info", "Probe failed", phase=phase, reason=err.reason, detail=log.scrub(err.detail))
 
 
-def _classify_os_error(err: Exception) -> ProbeError:
+def as_probe_error(err: Exception, log: ProbeLog) -> ProbeError:
+    """The failure an exception means: a socket's by its kind; any other but a ProbeError is a bug."""
+    if isinstance(err, ProbeError):
+        return err
     if isinstance(err, socket.timeout):
         return ProbeError("timeout", "timed out")
     if isinstance(err, ssl.SSLCertVerificationError):
@@ -1239,7 +1242,10 @@ def _classify_os_error(err: Exception) -> ProbeError:
         return ProbeError("connect_refused", "connection refused")
     if isinstance(err, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
         return ProbeError("connection_closed", "connection reset by peer")
-    return ProbeError("connect_error", str(err) or type(err).__name__)
+    if isinstance(err, OSError):
+        return ProbeError("connect_error", str(err) or type(err).__name__)
+    log.log("debug", "Probe raised an unexpected exception", traceback=log.scrub(format_exception()))
+    return ProbeError("internal_error", type(err).__name__)
 
 
 def open_websocket(
@@ -1631,7 +1637,10 @@ class RpcSession:
                     reason = "rate_limited" if event.code in RATE_LIMIT_CLOSE_CODES else "connection_closed"
                     raise CheckError(reason, "server closed the connection (code %d)" % event.code)
                 else:
-                    return self._counted(event)
+                    self.messages += 1
+                    if self.messages > MAX_CHECK_MESSAGES:
+                        raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
+                    return event
             left = self.until - time.monotonic()
             if left <= 0:
                 raise expired()
@@ -1640,22 +1649,12 @@ class RpcSession:
             except socket.timeout:
                 continue
 
-    def _counted(self, event: Union[Message, Pong]) -> Union[Message, Pong]:
-        self.messages += 1
-        if self.messages > MAX_CHECK_MESSAGES:
-            raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
-        return event
-
-    def next_json(self, expired: Expiry) -> JsonObject:
-        """The next data message, parsed as a JSON object."""
-        while True:
-            event = self.next_event(expired)
-            if isinstance(event, Message):
-                return parse_json_object(event.data)
-
     def receive(self, expired: Expiry) -> Optional[JsonObject]:
-        """The next JSON message, or None when it was a subscription event (set aside)."""
-        message = self.next_json(expired)
+        """The next JSON message; None for a pong or a subscription event (set aside)."""
+        event = self.next_event(expired)
+        if not isinstance(event, Message):
+            return None
+        message = parse_json_object(event.data)
         payload = self.is_event(message)
         if payload is None:
             return message
@@ -1665,33 +1664,29 @@ class RpcSession:
     def send_text(self, text: str) -> None:
         self.conn.send(encode_frame(Opcode.TEXT, text.encode("utf-8")))
 
-    def call(self, method: str, params: object, not_served: str = "method_not_found") -> object:
+    def call(self, method: str, params: object, not_served: str = "method_not_found", block: str = "") -> object:
         """Send a request and return its result; an error answer, or an error without an id
         (JSON-RPC 2.0 §5: the server could not tell which request failed), raises (see
-        rpc_failure for ``not_served``)."""
+        rpc_failure for ``not_served``).  ``block``: see RpcCall."""
         self.next_id += 1
         request_id = self.next_id
         self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
         # From the send to the answer's arrival (as the upgrade phase), not to when it was read.
         start = self.conn.send_started
-
-        def expired() -> CheckError:
-            return CheckError("no_response", "no answer to %s" % method)
-
         while True:
-            message = self.receive(expired)
+            message = self.receive(lambda: CheckError("no_response", "no answer to %s" % method))
             if message is None:
                 continue
             answer_id = message.get("id")
             if answer_id != request_id and not (answer_id is None and "error" in message):
                 continue  # an answer to nobody we know, or a notification nobody subscribed to
-            self.result.rpc_durations[method] = max(self.conn.arrived - start, 0.0)
+            seconds = self.result.rpc_durations[method, block] = max(self.conn.arrived - start, 0.0)
             if "error" in message:
                 self.last_error = message["error"]
-                raise rpc_failure(method, message["error"], self.result, not_served)
+                raise rpc_failure((method, block), message["error"], self.result, not_served)
             if "result" not in message:
                 raise CheckError("bad_json", "the answer to %s has neither result nor error" % method)
-            self.log.log("debug", "RPC answered", method=method, seconds=round(self.result.rpc_durations[method], 6))
+            self.log.log("debug", "RPC answered", seconds=round(seconds, 6), **dict(rpc_labels((method, block))))
             return message["result"]
 
 
@@ -1700,14 +1695,14 @@ _NOT_SERVED_TEXT = re.compile(r"does not exist|not supported|method not found", 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def rpc_failure(method: str, error: object, result: ProbeResult, not_served: str = "method_not_found") -> CheckError:
+def rpc_failure(call: RpcCall, error: object, result: ProbeResult, not_served: str = "method_not_found") -> CheckError:
     """The failure a JSON-RPC error object stands for: rate_limited; ``not_served`` when the node
     does not serve the method (-32601, or a message saying so); else rpc_error."""
     code = error.get("code") if isinstance(error, dict) else None
     text = str(error.get("message", "")) if isinstance(error, dict) else str(error)
     if isinstance(code, int) and not isinstance(code, bool):
-        result.rpc_error_codes[method] = code
-    detail = "%s answered error %s: %s" % (method, code, _UNPRINTABLE.sub(" ", text)[:100])
+        result.rpc_error_codes[call] = code
+    detail = "%s answered error %s: %s" % (call[0], code, _UNPRINTABLE.sub(" ", text)[:100])
     if code in RATE_LIMIT_CODES or _RATE_LIMIT_TEXT.search(text):
         return CheckError("rate_limited", detail)
     if code == METHOD_NOT_FOUND or _NOT_SERVED_TEXT.search(text):
@@ -1829,30 +1824,13 @@ class Subscription(NamedTuple):
     event: Callable[[JsonObject], Optional[object]]  # a message's payload when it is an event
     head: Callable[[object], Head]
     chain_id_method: str = ""  # asked first when the chain has a numeric id
-    head_time: bool = False  # do notifications carry the block time (for max_head_age)?
 
 
 _COMETBFT_QUERY = {"query": "tm.event='NewBlockHeader'"}
 
-SUBSCRIPTIONS: Dict[str, Subscription] = {
-    "evm_newheads": Subscription(
-        "eth_subscribe", ["newHeads"], "eth_unsubscribe", lambda sub: [sub],
-        notification_of("eth_subscription"), evm_head, "eth_chainId", True),
-    "solana_slot": Subscription(
-        "slotSubscribe", [], "slotUnsubscribe", lambda sub: [sub],
-        notification_of("slotNotification"), solana_head),
-    "substrate_newheads": Subscription(
-        "chain_subscribeNewHeads", [], "chain_unsubscribeNewHeads", lambda sub: [sub],
-        notification_of("chain_newHead"), substrate_head),
-    "cometbft_newblock": Subscription(
-        "subscribe", _COMETBFT_QUERY, "unsubscribe", lambda _: _COMETBFT_QUERY,
-        cometbft_event, cometbft_head, "", True),
-}
 
-
-def check_until(deadline: Deadline) -> float:
-    """When checks must end: a little before the deadline, leaving time for the clean close."""
-    return deadline.expires - min(CHECK_RESERVE_SECONDS, deadline.seconds * CHECK_RESERVE_SHARE)
+def check_reserve(seconds: float) -> float:
+    return min(CHECK_RESERVE_SECONDS, seconds * CHECK_RESERVE_SHARE)
 
 
 def run_checks(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> None:
@@ -1860,11 +1838,11 @@ def run_checks(conn: Connection, module: Module, result: ProbeResult, log: Probe
     still usable, the clean close runs before the failure is raised."""
     try:
         with _Phase(result, "check"):
-            session = RpcSession(conn, result, log, check_until(conn.deadline))
-            PRESETS[module.preset](session, module, result)
+            session = RpcSession(conn, result, log, conn.deadline.expires - check_reserve(conn.deadline.seconds))
+            PRESETS[module.preset].check(session, module, result)
             run_steps(session, module.steps)
-    except (ProbeError, OSError) as err:
-        failure = err if isinstance(err, ProbeError) else _classify_os_error(err)
+    except Exception as err:
+        failure = as_probe_error(err, log)
         if conn.reader.closed is None and failure.reason not in _CONNECTION_LOST:
             close_after_failure(conn, result, log)
         raise ProbeError(failure.reason, failure.detail, failure.phase or "check")
@@ -1916,7 +1894,7 @@ def record_head(head: Head, module: Module, result: ProbeResult) -> None:
 def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """The chain id, then the latest block's number and time."""
     check_chain_id(session, "eth_chainId", module, result)
-    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False])), module, result)
+    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False], block="latest")), module, result)
 
 
 def check_evm_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
@@ -1930,10 +1908,10 @@ def check_evm_node(session: RpcSession, module: Module, result: ProbeResult) -> 
     if isinstance(version, str):
         client, _, rest = version.partition("/")
         result.node_info = (client[:MAX_INFO_CHARS], rest.partition("/")[0][:MAX_INFO_CHARS])
-    genesis = field(session.call("eth_getBlockByNumber", ["0x0", False]), "hash", "block 0")
+    genesis = field(session.call("eth_getBlockByNumber", ["0x0", False], block="genesis"), "hash", "block 0")
     result.genesis = str(genesis)[:MAX_INFO_CHARS]
-    latest = evm_head(session.call("eth_getBlockByNumber", ["latest", False]))
-    finalized = evm_head(session.call("eth_getBlockByNumber", ["finalized", False]))
+    latest = evm_head(session.call("eth_getBlockByNumber", ["latest", False], block="latest"))
+    finalized = evm_head(session.call("eth_getBlockByNumber", ["finalized", False], block="finalized"))
     result.finalized_head, result.head_number = finalized.number, latest.number
     judge_node(module, result)
     record_head(latest, module, result)
@@ -1971,14 +1949,14 @@ def check_solana_node(session: RpcSession, module: Module, result: ProbeResult) 
     try:
         session.call("getHealth", [])
     except CheckError:
-        if session.result.rpc_error_codes.get("getHealth") != SOLANA_NODE_BEHIND:
+        if session.result.rpc_error_codes.get(("getHealth", "")) != SOLANA_NODE_BEHIND:
             raise
-        behind = json_at_or(session.last_error, "data.numSlotsBehind")
-        result.behind_slots = as_number(behind, "numSlotsBehind") if behind is not None else None
-        raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % behind)
+        with contextlib.suppress(KeyError):  # the node need not say by how much
+            result.behind_slots = as_number(json_at(session.last_error, "data.numSlotsBehind"), "numSlotsBehind")
+        raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % result.behind_slots)
     result.genesis = str(session.call("getGenesisHash", []))[:MAX_INFO_CHARS]
-    result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}]), "slot")
-    result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}]), "slot")
+    result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}], block="processed"), "slot")
+    result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}], block="finalized"), "slot")
     version = optional_call(session, "getVersion")
     if isinstance(version, dict):
         result.node_info = ("", str(version.get("solana-core", ""))[:MAX_INFO_CHARS])
@@ -1992,9 +1970,9 @@ def check_substrate_node(session: RpcSession, module: Module, result: ProbeResul
     result.node_syncing = int(bool(field(health, "isSyncing", "system_health")))
     result.node_peers = as_number(field(health, "peers", "system_health"), "peers")
     result.genesis = str(session.call("chain_getBlockHash", [0]))[:MAX_INFO_CHARS]
-    result.head_number = substrate_head(session.call("chain_getHeader", [])).number
+    result.head_number = substrate_head(session.call("chain_getHeader", [], block="latest")).number
     finalized = session.call("chain_getFinalizedHead", [])
-    result.finalized_head = substrate_head(session.call("chain_getHeader", [finalized])).number
+    result.finalized_head = substrate_head(session.call("chain_getHeader", [finalized], block="finalized")).number
     version = optional_call(session, "system_version")
     if isinstance(version, str):
         result.node_info = ("", version[:MAX_INFO_CHARS])
@@ -2015,17 +1993,11 @@ def check_cometbft_node(session: RpcSession, module: Module, result: ProbeResult
     record_head(head, module, result)
 
 
-def json_at_or(value: object, path: str) -> object:
-    try:
-        return json_at(value, path)
-    except KeyError:
-        return None
-
-
 def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """Subscribe, wait for min_notifications notifications (and, with ``hold``, keep listening
     that long), unsubscribe."""
-    sub = SUBSCRIPTIONS[module.preset]
+    sub = PRESETS[module.preset].subscription
+    assert sub is not None
     if sub.chain_id_method:
         check_chain_id(session, sub.chain_id_method, module, result)
     session.is_event = sub.event
@@ -2035,7 +2007,7 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
         subscribed = session.conn.arrived
         wait_for_notifications(session, module.min_notifications)
         if module.hold:
-            record_hold(session, subscribed, hold_subscription(session, subscribed + module.hold), sub, result)
+            record_hold(session, subscribed, hold_subscription(session, subscribed, module.hold), sub, result)
     finally:
         result.notifications = len(session.notifications)
         if session.notifications:
@@ -2047,11 +2019,14 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
     result.notifications = len(session.notifications)
 
 
-def hold_subscription(session: RpcSession, end: float) -> float:
-    """Notifications until ``end`` (a perf_counter() time) or the check's time, whichever comes
-    first; returns when the hold ended."""
+def hold_subscription(session: RpcSession, subscribed: float, hold: float) -> float:
+    """Notifications for ``hold`` seconds from ``subscribed`` (a perf_counter() time), cut short
+    when the unsubscribe would be left less than its reserve; returns when the hold ended."""
+    started = time.perf_counter()
+    to_monotonic = time.monotonic() - started  # session.until is a time.monotonic()
+    end = min(subscribed + hold, session.until - check_reserve(session.conn.deadline.seconds) - to_monotonic)
     done = CheckError("timeout", "the hold is over")
-    kept, session.until = session.until, min(session.until, time.monotonic() + end - time.perf_counter())
+    kept, session.until = session.until, end + to_monotonic
     try:
         while True:
             session.receive(lambda: done)
@@ -2060,7 +2035,10 @@ def hold_subscription(session: RpcSession, end: float) -> float:
             raise
     finally:
         session.until = kept
-    return min(time.perf_counter(), end)
+    ended = max(min(time.perf_counter(), end), started)  # waiting for min_notifications may have passed ``end``
+    if end < subscribed + hold:
+        session.log.log("debug", "Hold cut short by the probe deadline", held=round(ended - subscribed, 3), asked=hold)
+    return ended
 
 
 def record_hold(session: RpcSession, subscribed: float, ended: float, sub: "Subscription", result: ProbeResult) -> None:
@@ -2083,25 +2061,64 @@ def wait_for_notifications(session: RpcSession, count: int) -> None:
         session.receive(expired)
 
 
-PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
-    "connect": check_nothing,
-    "ping": check_ping,
-    "evm": check_evm,
-    "evm_node": check_evm_node,
-    "solana_node": check_solana_node,
-    "substrate_node": check_substrate_node,
-    "cometbft_node": check_cometbft_node,
-    "evm_newheads": check_subscription,
-    "solana_slot": check_subscription,
-    "substrate_newheads": check_subscription,
-    "cometbft_newblock": check_subscription,
+class Preset(NamedTuple):
+    """What a preset runs, what it subscribes to (check_subscription), which PRESET_KEYS it honours."""
+
+    check: Callable[[RpcSession, Module, ProbeResult], None]
+    subscription: Optional[Subscription] = None
+    keys: Tuple[str, ...] = ()
+
+
+_HEADS = ("expect_chain_id", "max_head_age")  # a numeric chain id and a block time: EVM's
+_HELD = ("min_notifications", "hold", "max_gap")
+_FINALITY = ("max_finality_lag", "expect_genesis_hash")
+# Module keys only some presets honour, by why a preset without them refuses them.
+_REFUSALS = (
+    (("expect_chain_id",), "reports no chain id"),
+    (("max_head_age",), "reports no block time"),
+    (_HELD, "subscribes to nothing"),
+    (_FINALITY + ("min_peers", "expect_network"), "does not ask the node for it"),
+)
+PRESET_KEYS = {key: why for keys, why in _REFUSALS for key in keys}
+PRESETS: Dict[str, Preset] = {
+    "connect": Preset(check_nothing),
+    "ping": Preset(check_ping),
+    "evm": Preset(check_evm, keys=_HEADS),
+    "evm_node": Preset(check_evm_node, keys=_HEADS + _FINALITY + ("min_peers",)),
+    "solana_node": Preset(check_solana_node, keys=_FINALITY),
+    "substrate_node": Preset(check_substrate_node, keys=_FINALITY + ("min_peers",)),
+    "cometbft_node": Preset(check_cometbft_node, keys=("max_head_age", "min_peers", "expect_network")),
+    "evm_newheads": Preset(check_subscription, Subscription(
+        "eth_subscribe", ["newHeads"], "eth_unsubscribe", lambda sub: [sub],
+        notification_of("eth_subscription"), evm_head, "eth_chainId"), _HELD + _HEADS),
+    "solana_slot": Preset(check_subscription, Subscription(
+        "slotSubscribe", [], "slotUnsubscribe", lambda sub: [sub],
+        notification_of("slotNotification"), solana_head), _HELD),
+    "substrate_newheads": Preset(check_subscription, Subscription(
+        "chain_subscribeNewHeads", [], "chain_unsubscribeNewHeads", lambda sub: [sub],
+        notification_of("chain_newHead"), substrate_head), _HELD),
+    "cometbft_newblock": Preset(check_subscription, Subscription(
+        "subscribe", _COMETBFT_QUERY, "unsubscribe", lambda _: _COMETBFT_QUERY,
+        cometbft_event, cometbft_head), _HELD + ("max_head_age",)),
 }
 PRESET_NAMES = tuple(PRESETS)
 # The built-in modules: one per preset, each named after it.
 DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
-# Presets whose answers carry a numeric chain id or a block time (for expect_chain_id, max_head_age).
-CHAIN_ID_PRESETS = frozenset(["evm", "evm_node"] + [n for n, s in SUBSCRIPTIONS.items() if s.chain_id_method])
-HEAD_TIME_PRESETS = frozenset(["evm", "evm_node", "cometbft_node"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
+
+
+def preset_key_errors(module: Module, keys: Iterable[str]) -> List[Tuple[str, str]]:
+    """(key, problem) for each of ``keys`` (those the config gave) the module's preset cannot honour."""
+    preset = PRESETS[module.preset]
+    errors = [(key, "preset %s %s" % (module.preset, PRESET_KEYS[key])) for key in keys if key in PRESET_KEYS and key not in preset.keys]
+    if "max_gap" in preset.keys and module.max_gap is not None and module.hold is None:
+        errors.append(("max_gap", "needs hold: gaps are measured while a subscription is held"))
+    # Only the module's own timeout is known here.  Under --timeout, or a shorter scrape timeout,
+    # hold_subscription cuts a hold that does not fit short, and says so in the probe's log.
+    reserves = 2 * check_reserve(module.timeout or 0.0)  # the unsubscribe's and the close's
+    if "hold" in preset.keys and module.hold and module.timeout and module.hold + reserves > module.timeout:
+        fit = "%gs does not fit in the module's timeout of %gs: the unsubscribe and the close need its last %gs"
+        errors.append(("hold", fit % (module.hold, module.timeout, reserves)))
+    return errors
 
 
 def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
@@ -2115,12 +2132,8 @@ def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
 def expect(session: RpcSession, step: Step, index: int) -> None:
     """Wait for a message the step accepts.  Messages that do not match the regex, or lack the
     JSON path, are skipped; one that has the path with a wrong value fails at once."""
-
-    def expired() -> CheckError:
-        return CheckError("expectation_failed", "step %d: no matching message" % index)
-
     while True:
-        event = session.next_event(expired)
+        event = session.next_event(lambda: CheckError("expectation_failed", "step %d: no matching message" % index))
         if not isinstance(event, Message):
             continue
         text = event.data.decode("utf-8", "replace")
@@ -2358,8 +2371,8 @@ def probe_samples(result: ProbeResult) -> List[Sample]:
 
 def check_samples(result: ProbeResult) -> List[Sample]:
     """What the module's checks measured, each metric only when it was measured."""
-    samples = [Sample("probe_rpc_duration_seconds", (("method", m),), d) for m, d in sorted(result.rpc_durations.items())]
-    samples += [Sample("probe_rpc_error_code", (("method", m),), c) for m, c in sorted(result.rpc_error_codes.items())]
+    samples = [Sample("probe_rpc_duration_seconds", rpc_labels(call), d) for call, d in sorted(result.rpc_durations.items())]
+    samples += [Sample("probe_rpc_error_code", rpc_labels(call), c) for call, c in sorted(result.rpc_error_codes.items())]
     optional: Tuple[Tuple[str, Optional[float]], ...] = (
         ("probe_websocket_ping_rtt_seconds", result.ping_rtt),
         ("probe_subscription_first_notification_seconds", result.first_notification),
@@ -2382,6 +2395,10 @@ def check_samples(result: ProbeResult) -> List[Sample]:
         identity = ("genesis", result.genesis) if result.genesis else ("network", result.network)
         samples.append(Sample("probe_chain_info", (identity,), 1))
     return samples
+
+
+def rpc_labels(call: RpcCall) -> Labels:
+    return (("method", call[0]), ("block", call[1])) if call[1] else (("method", call[0]),)
 
 
 class Stats:
@@ -3907,13 +3924,6 @@ def _min_notifications(value: object, path: str) -> int:
     return count
 
 
-# Keys that only the node presets use, and the presets that ask the node for what they judge.
-NODE_KEYS = {
-    "min_peers": ("evm_node", "substrate_node", "cometbft_node"),
-    "max_finality_lag": ("evm_node", "solana_node", "substrate_node"),
-    "expect_genesis_hash": ("evm_node", "solana_node", "substrate_node"),
-    "expect_network": ("cometbft_node",),
-}
 # A module's config keys are the Module fields they set (all but name and tls_context).
 _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
     "preset": _one_of(*PRESET_NAMES),
@@ -3953,18 +3963,7 @@ def parse_module(name: str, raw: object, path: str) -> Module:
     raise_collected(errors)
     values.setdefault("preset", name if name in PRESETS else "connect")
     module = Module(name, **values)  # type: ignore[arg-type]
-    if module.expect_chain_id is not None and module.preset not in CHAIN_ID_PRESETS:
-        raise ConfigError(_key_path(path, "expect_chain_id"), "preset %s reports no chain id" % module.preset)
-    if module.max_head_age is not None and module.preset not in HEAD_TIME_PRESETS:
-        raise ConfigError(_key_path(path, "max_head_age"), "preset %s reports no block time" % module.preset)
-    for key in ("min_notifications", "hold"):
-        if key in fields and module.preset not in SUBSCRIPTIONS:
-            raise ConfigError(_key_path(path, key), "preset %s subscribes to nothing" % module.preset)
-    if module.max_gap is not None and module.hold is None:
-        raise ConfigError(_key_path(path, "max_gap"), "needs hold: gaps are measured while a subscription is held")
-    for key, presets in NODE_KEYS.items():
-        if key in fields and module.preset not in presets:
-            raise ConfigError(_key_path(path, key), "preset %s does not ask the node for it" % module.preset)
+    raise_collected([ConfigError(_key_path(path, key), problem) for key, problem in preset_key_errors(module, fields)])
     return module
 
 
