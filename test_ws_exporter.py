@@ -2597,6 +2597,169 @@ class TestDeployDashboard(unittest.TestCase):
             self.assertNotIn("$", substitute_grafana_variables(expr))
 
 
+# The reference documentation, read as tables: each documented name is the backquoted first cell
+# of a table row (`| `name` | ... |`) under a known heading.
+DOCS_DIR = os.path.join(HERE, "docs")
+CONFIGMAP_FILE = "kubernetes/configmap.yaml"
+_DOC_ROW = re.compile(r"\| `([^`]+)`[^|]*\|(.*)\|$")
+_ALERT = re.compile(r"(?m)^      - alert: (\w+)$")
+_RECORD = re.compile(r"(?m)^      - record: (\S+)$")
+
+
+def docs_text(name: str) -> str:
+    with open(os.path.join(DOCS_DIR, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def doc_section(text: str, heading: str) -> List[str]:
+    """The lines under the Markdown heading ``heading`` (a whole line, e.g. "## Flags") up to the
+    next heading; lines of fenced code blocks are not headings."""
+    lines = text.splitlines()
+    assert heading in lines, "no heading %r" % heading
+    section: List[str] = []
+    fenced = False
+    for line in lines[lines.index(heading) + 1:]:
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            break
+        section.append(line)
+    return section
+
+
+def doc_rows(text: str, *headings: str) -> List[Tuple[str, List[str]]]:
+    """(name, the other cells) of each table row under ``headings`` whose first cell begins with
+    a backquoted name."""
+    rows = []
+    for heading in headings:
+        for line in doc_section(text, heading):
+            match = _DOC_ROW.match(line)
+            if match:
+                rows.append((match.group(1), [cell.strip() for cell in match.group(2).split(" | ")]))
+    return rows
+
+
+def rule_alerts() -> Dict[str, str]:
+    """Alert name -> severity label, from the rule file."""
+    text = deploy_text(RULES_FILE)
+    starts = [m.start() for m in re.finditer(r"(?m)^      - (?:alert|record): ", text)] + [len(text)]
+    alerts = {}
+    for start, end in zip(starts, starts[1:]):
+        name = _ALERT.match(text, start)
+        if name:
+            severity = re.search(r"(?m)^          severity: (\w+)$", text[start:end])
+            alerts[name.group(1)] = severity.group(1) if severity else ""
+    return alerts
+
+
+class TestDocs(unittest.TestCase):
+    """The documentation names exactly what the code and the rule file define: a metric, failure
+    reason, flag, module key, preset or alert without its line, or a line without its thing,
+    fails here, and the message names them."""
+
+    def assertSameNames(self, documented: List[str], defined: object, where: str) -> None:
+        wanted = set(defined)  # type: ignore[call-overload]
+        missing = sorted(wanted - set(documented))
+        extra = sorted(set(documented) - wanted)
+        twice = sorted({name for name in documented if documented.count(name) > 1})
+        self.assertEqual(
+            (missing, extra, twice), ([], [], []),
+            "%s: missing (defined, not documented): %s; extra (documented, not defined): %s; "
+            "listed more than once: %s" % (where, missing, extra, twice))
+
+    def test_metrics_md_lists_every_metric_with_its_type(self) -> None:
+        rows = doc_rows(docs_text("metrics.md"), "## Probe metrics", "## Check metrics", "## Exporter metrics")
+        self.assertSameNames([name for name, _ in rows], wx.METRICS, "docs/metrics.md metric tables")
+        wrong = [(name, cells[0]) for name, cells in rows if name in wx.METRICS and cells[0] != wx.METRICS[name][0]]
+        self.assertEqual(wrong, [], "docs/metrics.md: metrics documented with the wrong type")
+
+    def test_metrics_md_lists_every_failure_reason_with_known_phases(self) -> None:
+        rows = doc_rows(docs_text("metrics.md"), "## Failure reasons")
+        self.assertSameNames([name for name, _ in rows], wx.FAILURE_REASONS, "docs/metrics.md Failure reasons")
+        phases = {name: set(cells[0].split(", ")) for name, cells in rows}
+        wrong = sorted(name for name, named in phases.items() if not named <= wx.FAILURE_PHASES | {"any"})
+        self.assertEqual(wrong, [], "docs/metrics.md: reasons with a phase that does not exist")
+
+    def test_configuration_md_lists_every_flag_with_its_default(self) -> None:
+        rows = doc_rows(docs_text("configuration.md"), "## Flags")
+        self.assertSameNames([name for name, _ in rows], ["--" + spec.name for spec in wx.FLAG_SPECS],
+                             "docs/configuration.md Flags")
+        documented = dict(rows)
+        wrong = [("--" + spec.name, spec.default) for spec in wx.FLAG_SPECS
+                 if not spec.boolean and spec.default and "--" + spec.name in documented
+                 and documented["--" + spec.name][0] != "`%s`" % spec.default]
+        self.assertEqual(wrong, [], "docs/configuration.md: flags whose documented default is not the code's")
+
+    def test_configuration_md_lists_every_module_key(self) -> None:
+        rows = doc_rows(docs_text("configuration.md"), "### Module keys")
+        self.assertSameNames([name for name, _ in rows], wx._MODULE_KEYS, "docs/configuration.md Module keys")
+
+    def test_configuration_md_lists_every_builtin_module(self) -> None:
+        rows = doc_rows(docs_text("configuration.md"), "## Modules")
+        self.assertSameNames([name for name, _ in rows], wx.PRESET_NAMES, "docs/configuration.md Modules")
+
+    def test_configmap_comment_lists_every_builtin_module(self) -> None:
+        comment = " ".join(line.lstrip("#").strip() for line in deploy_text(CONFIGMAP_FILE).splitlines()
+                           if line.startswith("#"))
+        match = re.search(r"built-in ones, one per preset \(([^)]*)\)", comment)
+        assert match is not None, "deploy/%s: no list of the built-in modules" % CONFIGMAP_FILE
+        self.assertSameNames(re.split(r",\s*", match.group(1)), wx.PRESET_NAMES, "deploy/" + CONFIGMAP_FILE)
+
+    def test_deploy_readme_lists_every_alert_with_its_severity(self) -> None:
+        alerts = rule_alerts()
+        self.assertGreaterEqual(len(alerts), 13)
+        rows = doc_rows(deploy_text("README.md"), "### Alert list")
+        self.assertSameNames([name for name, _ in rows], alerts, "deploy/README.md Alert list")
+        wrong = [(name, cells[-1]) for name, cells in rows if name in alerts and cells[-1] != alerts[name]]
+        self.assertEqual(wrong, [], "deploy/README.md: alerts listed with another severity than the rule file's")
+
+    def test_deploy_readme_lists_every_recording_rule(self) -> None:
+        records = _RECORD.findall(deploy_text(RULES_FILE))
+        rows = doc_rows(deploy_text("README.md"), "### Fleet recording rules")
+        self.assertSameNames([name for name, _ in rows], records, "deploy/README.md Fleet recording rules")
+
+    def test_inhibit_rule_lets_each_critical_probe_alert_mute_endpoint_down(self) -> None:
+        """WebSocketEndpointDown fires for any failed probe. Every other critical alert about a
+        probe says why it failed, so it mutes the general one; WebSocketExporterDown is per job
+        (no instance to match), so it stays out."""
+        block = "\n".join(doc_section(deploy_text("README.md"), "### Paging once"))
+        sources = re.search(r"source_matchers: \['alertname=~\"([\w|]+)\"'\]", block)
+        target = re.search(r"target_matchers: \['alertname=\"(\w+)\"'\]", block)
+        assert sources is not None and target is not None, "deploy/README.md: no inhibit rule under Paging once"
+        self.assertEqual(target.group(1), "WebSocketEndpointDown")
+        self.assertIn("equal: [job, instance]", block)
+        critical = [name for name, severity in rule_alerts().items() if severity == "critical"]
+        intended = set(critical) - {"WebSocketEndpointDown", "WebSocketExporterDown"}
+        self.assertSameNames(sources.group(1).split("|"), intended, "deploy/README.md inhibit rule sources")
+
+    def test_relative_links_between_the_documents_resolve(self) -> None:
+        files = ["README.md", "deploy/README.md"] + ["docs/" + name for name in sorted(os.listdir(DOCS_DIR))]
+        broken = []
+        for name in files:
+            with open(os.path.join(HERE, name), encoding="utf-8") as f:
+                text = f.read()
+            for link in re.findall(r"\]\(([^)\s]+)\)", text):
+                if re.match(r"[a-z]+:", link):
+                    continue
+                path, _, anchor = link.partition("#")
+                target = os.path.normpath(os.path.join(os.path.dirname(name), path)) if path else name
+                if not os.path.exists(os.path.join(HERE, target)):
+                    broken.append((name, link))
+                elif anchor and target.endswith(".md") and anchor not in markdown_anchors(target):
+                    broken.append((name, link))
+        self.assertEqual(broken, [], "links whose file or heading does not exist")
+
+
+def markdown_anchors(name: str) -> Set[str]:
+    """The anchors GitHub makes of a Markdown file's headings: lower case, punctuation dropped,
+    spaces as hyphens."""
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        text = f.read()
+    text = re.sub(r"(?ms)^```.*?^```", "", text)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"(?m)^#{1,6} (.+)$", text)}
+
+
 # Runs a program that knows nothing of stdin, and ends it when stdin closes: when the test ends it,
 # or when the test process dies, so that no scraper outlives the tests.
 _STDIN_WATCH = '"$@" </dev/null & child=$!; read _; kill $child; wait $child'
