@@ -195,6 +195,7 @@ OPENMETRICS_CONTENT_TYPE = OPENMETRICS_MEDIA_TYPE + "; version=1.0.0; charset=ut
 RECENT_PROBES = 100  # probes the landing page lists; older ones (and their /logs) are dropped
 
 PHASES = ("resolve", "connect", "tls", "upgrade", "close")
+CONNECTING_PHASES = frozenset(PHASES[:4])
 FAILURE_PHASES = frozenset(("target", "resolve", "connect", "tls", "upgrade", "check", "close"))
 FAILURE_REASONS = frozenset(
     (
@@ -1212,10 +1213,8 @@ def run_probe(
         if module.runs_checks():
             run_checks(conn, module, result, log)
         close_websocket(conn, result, log)
-    except ValueError as err:  # idna or ssl refusing a name while connecting (run_checks judges its own)
-        _record_failure(result, ProbeError("connect_error", str(err) or type(err).__name__), log)
     except Exception as err:  # whatever it was, a failed probe, never a 500
-        _record_failure(result, as_probe_error(err, log), log)
+        _record_failure(result, as_probe_error(err, result, log), log)
     finally:
         if sock is not None:
             sock.close()
@@ -1228,8 +1227,9 @@ def _record_failure(result: ProbeResult, err: ProbeError, log: ProbeLog) -> None
     log.log("info", "Probe failed", phase=phase, reason=err.reason, detail=log.scrub(err.detail))
 
 
-def as_probe_error(err: Exception, log: ProbeLog) -> ProbeError:
-    """The failure an exception means: a socket's by its kind; any other but a ProbeError is a bug."""
+def as_probe_error(err: Exception, result: ProbeResult, log: ProbeLog) -> ProbeError:
+    """The failure an exception means: a socket's by its kind; any other but a ProbeError is a
+    bug, but for a name that idna or ssl refuse while connecting."""
     if isinstance(err, ProbeError):
         return err
     if isinstance(err, socket.timeout):
@@ -1242,8 +1242,8 @@ def as_probe_error(err: Exception, log: ProbeLog) -> ProbeError:
         return ProbeError("connect_refused", "connection refused")
     if isinstance(err, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
         return ProbeError("connection_closed", "connection reset by peer")
-    if isinstance(err, OSError):
-        return ProbeError("connect_error", str(err) or type(err).__name__)
+    if isinstance(err, OSError) or (isinstance(err, ValueError) and result.phase in CONNECTING_PHASES):
+        return ProbeError("connect_error", str(err) or type(err).__name__)  # idna or ssl refusing a name
     log.log("debug", "Probe raised an unexpected exception", traceback=log.scrub(format_exception()))
     return ProbeError("internal_error", type(err).__name__)
 
@@ -1842,7 +1842,7 @@ def run_checks(conn: Connection, module: Module, result: ProbeResult, log: Probe
             PRESETS[module.preset].check(session, module, result)
             run_steps(session, module.steps)
     except Exception as err:
-        failure = as_probe_error(err, log)
+        failure = as_probe_error(err, result, log)
         if conn.reader.closed is None and failure.reason not in _CONNECTION_LOST:
             close_after_failure(conn, result, log)
         raise ProbeError(failure.reason, failure.detail, failure.phase or "check")
@@ -3986,7 +3986,7 @@ def parse_alias(name: str, raw: object, path: str, modules: Dict[str, Module]) -
 def usage() -> str:
     lines = [
         "usage: ws_exporter.py [flags]",
-        "       ws_exporter.py probe TARGET [--module M] [flags]   one probe, its debug page; exit 0 ok, 1 failed, 2 usage",
+        "       ws_exporter.py probe TARGET [flags]   one probe, its debug page; exit 0 ok, 1 failed, 2 usage",
         "",
         "%s %s: probes WebSocket endpoints for Prometheus." % (EXPORTER_NAME, __version__),
         "",
