@@ -2627,114 +2627,6 @@ class RecentProbes:
             return next((p for p in self._probes if p.id == probe_id), None)
 
 
-class Exporter:
-    """What the HTTP handlers share: settings, modules, counters and the log."""
-
-    def __init__(self, settings: Settings, logger: Logger, modules: Optional[Dict[str, Module]] = None) -> None:
-        self.settings = settings
-        self.logger = logger
-        # Replaced whole on reload: a request reads self.config once and sees one consistent
-        # config, without a lock.
-        self.config = Config(dict(DEFAULT_MODULES if modules is None else modules), {})
-        self.stats = Stats()
-        self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
-        self.recent = RecentProbes()
-        self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
-
-    @property
-    def modules(self) -> Dict[str, Module]:
-        return self.config.modules
-
-    def reload(self) -> Optional[str]:
-        """Load --config.file again; on error keep the old config and return why."""
-        path = self.settings.config_file
-        try:
-            self.config = load_config(path)
-        except ConfigError as err:
-            self.last_reload = (False, self.last_reload[1])
-            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
-            return str(err)
-        self.last_reload = (True, time.time())
-        log_config(self.logger, path, self.config)
-        return None
-
-    def reload_samples(self) -> List[Sample]:
-        successful, when = self.last_reload
-        return [
-            Sample("ws_exporter_config_last_reload_successful", (), int(successful)),
-            Sample("ws_exporter_config_last_reload_success_timestamp_seconds", (), when),
-        ]
-
-    def probe_timeout(self, module: Module, scrape_timeout: Optional[str]) -> float:
-        """The module's timeout (or --timeout), lowered to the scrape timeout minus the offset."""
-        timeout = module.timeout or self.settings.timeout
-        if scrape_timeout is not None:
-            try:
-                header = float(scrape_timeout)
-            except ValueError:
-                header = float("nan")
-            if not (0 < header < float("inf")):
-                raise BadRequest("Invalid %s header: %r" % (SCRAPE_TIMEOUT_HEADER, scrape_timeout[:40]))
-            timeout = min(timeout, header - self.settings.timeout_offset)
-        return max(timeout, MIN_PROBE_TIMEOUT_SECONDS)
-
-    def probe(
-        self, target: str, module: Module, timeout: float, start: Optional[float] = None, alias: str = ""
-    ) -> Tuple[ProbeResult, ProbeLog]:
-        """Run one probe whose deadline counts from ``start`` (when its request arrived);
-        Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
-        by ``alias`` when given (its URL may hold a token)."""
-        result = ProbeResult(module.name, timeout)
-        redacted = alias or _redact_raw_target(target)
-        log = ProbeLog(self.logger, target, module=module.name, target=redacted)
-        if not self.stats.begin(self.settings.max_concurrent):
-            raise Overloaded("Too many probes in flight")
-        started = time.time()
-        try:
-            run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
-        finally:
-            self.stats.end(result)
-        if result.success:
-            log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
-        self.recent.add(started, module, redacted, result, log)
-        return result, log
-
-    def probe_request(self, target: str, module_name: Optional[str], scrape_timeout: Optional[str]) -> "ProbeRequest":
-        """What a probe of ``target`` (a URL or an alias) with the named module (by default the
-        alias's, else connect) runs; BadRequest when it cannot be served."""
-        alias = self.config.targets.get(target)
-        module = lookup_module(module_name or (alias.module if alias else "connect"), self.config.modules)
-        timeout = self.probe_timeout(module, scrape_timeout)
-        return ProbeRequest(alias.url if alias else target, module, timeout, alias.name if alias else "")
-
-    def telemetry_samples(self) -> List[Sample]:
-        figures = process_figures()
-        counters = self.stats.samples(self.config.modules)
-        return build_samples() + counters + self.reload_samples() + (figures.samples() if figures else [])
-
-
-class ProbeRequest(NamedTuple):
-    target: str  # the URL to probe (an alias's own)
-    module: Module
-    timeout: float
-    alias: str  # the alias name the request gave, "" for a URL
-
-
-def _redact_raw_target(raw: str) -> str:
-    try:
-        return parse_target(raw).redacted()
-    except ProbeError:
-        return "<unparsable:%s>" % short_digest(raw)
-
-
-def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
-    """The module a /probe request names; BadRequest when there is none by that name."""
-    module = modules.get(name)
-    if module is None:
-        raise BadRequest('Unknown module "%s"' % name)
-    return module
-
-
 def debug_requested(value: Optional[str]) -> bool:
     """/probe's debug parameter: "true" asks for the debug page, as blackbox_exporter reads it;
     any other value but "false" is refused rather than silently ignored."""
@@ -4077,6 +3969,114 @@ def password_from(stream: IO[bytes]) -> str:
 # ==============================================================================================
 # main
 # ==============================================================================================
+
+
+class Exporter:
+    """What the HTTP handlers share: settings, modules, counters and the log."""
+
+    def __init__(self, settings: Settings, logger: Logger, modules: Optional[Dict[str, Module]] = None) -> None:
+        self.settings = settings
+        self.logger = logger
+        # Replaced whole on reload: a request reads self.config once and sees one consistent
+        # config, without a lock.
+        self.config = Config(dict(DEFAULT_MODULES if modules is None else modules), {})
+        self.stats = Stats()
+        self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
+        self.recent = RecentProbes()
+        self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
+
+    @property
+    def modules(self) -> Dict[str, Module]:
+        return self.config.modules
+
+    def reload(self) -> Optional[str]:
+        """Load --config.file again; on error keep the old config and return why."""
+        path = self.settings.config_file
+        try:
+            self.config = load_config(path)
+        except ConfigError as err:
+            self.last_reload = (False, self.last_reload[1])
+            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
+            return str(err)
+        self.last_reload = (True, time.time())
+        log_config(self.logger, path, self.config)
+        return None
+
+    def reload_samples(self) -> List[Sample]:
+        successful, when = self.last_reload
+        return [
+            Sample("ws_exporter_config_last_reload_successful", (), int(successful)),
+            Sample("ws_exporter_config_last_reload_success_timestamp_seconds", (), when),
+        ]
+
+    def probe_timeout(self, module: Module, scrape_timeout: Optional[str]) -> float:
+        """The module's timeout (or --timeout), lowered to the scrape timeout minus the offset."""
+        timeout = module.timeout or self.settings.timeout
+        if scrape_timeout is not None:
+            try:
+                header = float(scrape_timeout)
+            except ValueError:
+                header = float("nan")
+            if not (0 < header < float("inf")):
+                raise BadRequest("Invalid %s header: %r" % (SCRAPE_TIMEOUT_HEADER, scrape_timeout[:40]))
+            timeout = min(timeout, header - self.settings.timeout_offset)
+        return max(timeout, MIN_PROBE_TIMEOUT_SECONDS)
+
+    def probe(
+        self, target: str, module: Module, timeout: float, start: Optional[float] = None, alias: str = ""
+    ) -> Tuple[ProbeResult, ProbeLog]:
+        """Run one probe whose deadline counts from ``start`` (when its request arrived);
+        Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
+        by ``alias`` when given (its URL may hold a token)."""
+        result = ProbeResult(module.name, timeout)
+        redacted = alias or _redact_raw_target(target)
+        log = ProbeLog(self.logger, target, module=module.name, target=redacted)
+        if not self.stats.begin(self.settings.max_concurrent):
+            raise Overloaded("Too many probes in flight")
+        started = time.time()
+        try:
+            run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
+        finally:
+            self.stats.end(result)
+        if result.success:
+            log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
+        self.recent.add(started, module, redacted, result, log)
+        return result, log
+
+    def probe_request(self, target: str, module_name: Optional[str], scrape_timeout: Optional[str]) -> "ProbeRequest":
+        """What a probe of ``target`` (a URL or an alias) with the named module (by default the
+        alias's, else connect) runs; BadRequest when it cannot be served."""
+        alias = self.config.targets.get(target)
+        module = lookup_module(module_name or (alias.module if alias else "connect"), self.config.modules)
+        timeout = self.probe_timeout(module, scrape_timeout)
+        return ProbeRequest(alias.url if alias else target, module, timeout, alias.name if alias else "")
+
+    def telemetry_samples(self) -> List[Sample]:
+        figures = process_figures()
+        counters = self.stats.samples(self.config.modules)
+        return build_samples() + counters + self.reload_samples() + (figures.samples() if figures else [])
+
+
+class ProbeRequest(NamedTuple):
+    target: str  # the URL to probe (an alias's own)
+    module: Module
+    timeout: float
+    alias: str  # the alias name the request gave, "" for a URL
+
+
+def _redact_raw_target(raw: str) -> str:
+    try:
+        return parse_target(raw).redacted()
+    except ProbeError:
+        return "<unparsable:%s>" % short_digest(raw)
+
+
+def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
+    """The module a /probe request names; BadRequest when there is none by that name."""
+    module = modules.get(name)
+    if module is None:
+        raise BadRequest('Unknown module "%s"' % name)
+    return module
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
