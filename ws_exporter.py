@@ -2030,7 +2030,8 @@ def check_solana_node(session: RpcSession, module: Module, result: ProbeResult) 
     if isinstance(version, dict):
         result.node_info = ("", str(version.get("solana-core", ""))[:MAX_INFO_CHARS])
     judge_node(module, result)
-    record_head(Head(result.head_number, None if block_time is None else float(as_number(block_time, "block time"))), module, result)
+    seconds = None if block_time is None else float(as_number(block_time, "block time"))
+    record_head(Head(result.head_number, seconds), module, result)
 
 
 def check_substrate_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
