@@ -238,13 +238,16 @@ def rpc_notification(method: str, result: object, subscription: object = 7) -> b
     return text_frame({"jsonrpc": "2.0", "method": method, "params": {"subscription": subscription, "result": result}})
 
 
-def rpc_server(handlers: RpcHandlers, seen: Optional[List[Dict[str, object]]] = None) -> Behaviour:
-    """Accept the upgrade; answer each request with the frames handlers[method] returns (nothing
-    for other methods), a pong from the client with handlers["<pong>"], pings with pongs; echo
-    our close."""
+def rpc_server(handlers: RpcHandlers, seen: Optional[List[Dict[str, object]]] = None, paths: Tuple[str, ...] = ()) -> Behaviour:
+    """Accept the upgrade (with ``paths``, on those paths only: 404 elsewhere); answer each request
+    with the frames handlers[method] returns (nothing for other methods), a pong from the client
+    with handlers["<pong>"], pings with pongs; echo our close."""
 
     def behave(sock: socket.socket) -> None:
         head, rest = read_request_head(sock)
+        if paths and head.split(b" ")[1].decode() not in paths:
+            sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return
         sock.sendall(switching_response(request_key(head)))
         while True:
             opcode, payload, rest = read_client_frame(sock, rest)
@@ -1883,11 +1886,12 @@ class TestNodeModules(ChecksTestCase):
     GENESIS = "5eykt4UsFv8P8NJdTREpY1vzqKqZKvdpKuc147dw2N9d"
 
     def solana(self, health: Callable[[Dict[str, object]], List[bytes]]) -> RpcHandlers:
-        slots = {"processed": 1000, "finalized": 968}
+        slots = {"processed": 1000, "confirmed": 990, "finalized": 968}
         return {
             "getHealth": health,
             "getGenesisHash": replies(self.GENESIS),
             "getSlot": lambda r: [rpc_reply(r, slots[r["params"][0]["commitment"]])],  # type: ignore[index]
+            "getBlockTime": replies(int(time.time())),
             "getVersion": replies({"solana-core": "1.18.22", "feature-set": 3469865029}),
         }
 
@@ -1897,7 +1901,8 @@ class TestNodeModules(ChecksTestCase):
         self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (1000, 968))
         self.assertIn('probe_node_info{client="",version="1.18.22"}', metrics)
         self.assertIn('probe_chain_info{genesis="%s"}' % self.GENESIS, metrics)
-        self.assertEqual(rpc_series(metrics), ['{block="finalized",method="getSlot"}', '{block="processed",method="getSlot"}', '{method="getGenesisHash"}',
+        self.assertEqual(rpc_series(metrics), ['{block="confirmed",method="getSlot"}', '{block="finalized",method="getSlot"}',
+                                               '{block="processed",method="getSlot"}', '{method="getBlockTime"}', '{method="getGenesisHash"}',
                                                '{method="getHealth"}', '{method="getVersion"}'])
         behind = text_frame({"jsonrpc": "2.0", "id": 1, "error": {
             "code": -32005, "message": "Node is behind by 42 slots", "data": {"numSlotsBehind": 42}}})
@@ -1917,6 +1922,7 @@ class TestNodeModules(ChecksTestCase):
             "chain_getHeader": lambda r: [rpc_reply(r, headers[(r["params"] or [""])[0]])],  # type: ignore[index]
             "chain_getFinalizedHead": replies("0xf1"),
             "system_version": replies("1.10.0-7049c3c9883"),
+            "state_getStorage": replies(None),
         }
 
     def test_substrate_node(self) -> None:
@@ -1927,7 +1933,7 @@ class TestNodeModules(ChecksTestCase):
         self.assertIn('probe_node_info{client="",version="1.10.0-7049c3c9883"}', metrics)
         self.assertEqual(rpc_series(metrics), ['{block="finalized",method="chain_getHeader"}', '{block="latest",method="chain_getHeader"}',
                                                '{method="chain_getBlockHash"}', '{method="chain_getFinalizedHead"}',
-                                               '{method="system_health"}', '{method="system_version"}'])
+                                               '{method="state_getStorage"}', '{method="system_health"}', '{method="system_version"}'])
         self.assert_check_failed(self.probe_rpc(self.substrate(True), "substrate_node"), "node_syncing")
         self.use_config({"modules": {"strict": {"preset": "substrate_node", "min_peers": 8},
                                      "lag": {"preset": "substrate_node", "max_finality_lag": 2}}})
@@ -1989,6 +1995,329 @@ class TestDeepJson(unittest.TestCase):
         self.assertEqual(failure_of(metrics), ("check", "bad_json"))
         conn.request("GET", "/-/healthy")
         self.assertEqual(conn.getresponse().read(), b"Healthy\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Is the head fresh? Head age on every node preset, Substrate's new JSON-RPC API (chainHead_v1),
+# heads skipped in held subscriptions, CometBFT's /v1/ paths, and Hardhat's node
+# ----------------------------------------------------------------------------------------------
+
+def evm_node_at(block_time: float) -> RpcHandlers:
+    """An EVM node whose latest block was made at ``block_time``."""
+    blocks = {"0x0": evm_block(0, 0), "latest": evm_block(100, block_time), "finalized": evm_block(90, block_time - 120)}
+    return {
+        "eth_chainId": replies("0x1"), "eth_syncing": replies(False), "net_peerCount": replies("0x9"),
+        "web3_clientVersion": replies("Geth/v1.14.0/linux-amd64/go1.22"),
+        "eth_getBlockByNumber": lambda r: [rpc_reply(r, blocks[r["params"][0]])],  # type: ignore[index]
+    }
+
+
+SOLANA_SLOTS = {"processed": 1000, "confirmed": 990, "finalized": 968}
+
+
+def solana_node_at(block_time: Optional[float]) -> RpcHandlers:
+    """A Solana node whose getBlockTime answers for confirmed blocks only, -32004 "Block not
+    available for slot N" past them, and null when it has no time for a block."""
+
+    def block_time_of(request: Dict[str, object]) -> List[bytes]:
+        slot = request["params"][0]  # type: ignore[index]
+        if slot > SOLANA_SLOTS["confirmed"]:
+            return [rpc_error(request["id"], -32004, "Block not available for slot %d" % slot)]
+        return [rpc_reply(request, None if block_time is None else int(block_time))]
+
+    return {
+        "getHealth": replies("ok"), "getGenesisHash": replies(TestNodeModules.GENESIS),
+        "getSlot": lambda r: [rpc_reply(r, SOLANA_SLOTS[r["params"][0]["commitment"]])],  # type: ignore[index]
+        "getBlockTime": block_time_of, "getVersion": replies({"solana-core": "2.0.8"}),
+    }
+
+
+def substrate_node_at(block_time: Optional[float]) -> RpcHandlers:
+    """A Substrate node whose Timestamp.Now (SCALE u64 milliseconds) says ``block_time``; null
+    (storage absent) for any other key, and on a chain without pallet_timestamp."""
+    stamp = None if block_time is None else "0x" + int(block_time * 1000).to_bytes(8, "little").hex()
+    return {
+        "system_health": replies({"peers": 5, "isSyncing": False, "shouldHavePeers": True}),
+        "chain_getBlockHash": replies(CHAINHEAD_GENESIS),
+        "chain_getHeader": lambda r: [rpc_reply(r, dict(SUBSTRATE_HEADER, number="0x10" if not r["params"] else "0xc"))],
+        "chain_getFinalizedHead": replies("0xf1"),
+        "state_getStorage": lambda r: [rpc_reply(r, stamp if r["params"] == [wx.SUBSTRATE_TIMESTAMP_KEY] else None)],
+        "system_version": replies("1.10.0-7049c3c9883"),
+    }
+
+
+def rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime(seconds))
+
+
+def cometbft_node_at(block_time: float) -> RpcHandlers:
+    status = {"node_info": {"network": "cosmoshub-4", "version": "1.0.1"},
+              "sync_info": {"latest_block_height": "19000000", "latest_block_time": rfc3339(block_time), "catching_up": False}}
+    return {"status": replies(status), "net_info": replies({"listening": True, "n_peers": "7", "peers": []})}
+
+
+def node_presets_at(block_time: float) -> Dict[str, RpcHandlers]:
+    """One node of each family, its newest block made at ``block_time``, by node preset."""
+    return {"evm_node": evm_node_at(block_time), "solana_node": solana_node_at(block_time),
+            "substrate_node": substrate_node_at(block_time), "cometbft_node": cometbft_node_at(block_time)}
+
+
+class TestHeadAge(ChecksTestCase):
+    """Every node preset reports the age of the newest block, and max_head_age fails a node whose
+    blocks are old, on all four chain families."""
+
+    def test_every_node_preset_reports_the_time_of_its_newest_block(self) -> None:
+        made = int(time.time()) - 5
+        stamps = {"evm_node": made, "solana_node": made, "substrate_node": made, "cometbft_node": wx.rfc3339_seconds(rfc3339(made))}
+        for preset, handlers in node_presets_at(made).items():
+            with self.subTest(preset=preset):
+                metrics = self.probe_rpc(handlers, preset)
+                self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+                self.assertAlmostEqual(metrics["probe_chain_head_timestamp_seconds"], stamps[preset], places=3)
+                self.assertTrue(4 < metrics["probe_chain_head_age_seconds"] < 60, metrics["probe_chain_head_age_seconds"])
+
+    def test_max_head_age_fails_a_node_whose_blocks_are_ten_minutes_old_on_all_four_families(self) -> None:
+        presets = node_presets_at(time.time() - 600)
+        self.use_config({"modules": {"fresh_" + p: {"preset": p, "max_head_age": "60s"} for p in presets}})
+        for preset, handlers in presets.items():
+            with self.subTest(preset=preset):
+                lenient = self.probe_rpc(handlers, preset)  # the node still answers: without max_head_age it passes
+                self.assertEqual(lenient["probe_success"], 1, failure_of(lenient))
+                self.assertGreaterEqual(lenient["probe_chain_head_age_seconds"], 600)
+                frozen = self.probe_rpc(handlers, "fresh_" + preset)
+                self.assert_check_failed(frozen, "head_too_old")
+                self.assertGreaterEqual(frozen["probe_chain_head_age_seconds"], 600)
+
+    def test_solana_asks_the_time_of_the_confirmed_slot(self) -> None:
+        seen: List[Dict[str, object]] = []
+        metrics = self.probe_rpc(solana_node_at(time.time()), "solana_node", seen=seen)
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))  # the processed slot would get -32004
+        self.assertEqual([r["params"] for r in seen if r["method"] == "getBlockTime"], [[SOLANA_SLOTS["confirmed"]]])
+        self.assertEqual(metrics["probe_chain_head_number"], SOLANA_SLOTS["processed"])
+        self.assertIn('probe_rpc_duration_seconds{block="confirmed",method="getSlot"}', metrics)
+
+    def test_no_block_time_is_no_age_rather_than_a_failure(self) -> None:
+        self.use_config({"modules": {"sol": {"preset": "solana_node", "max_head_age": "60s"},
+                                     "dot": {"preset": "substrate_node", "max_head_age": "60s"}}})
+        seen: List[Dict[str, object]] = []
+        for module, handlers in (("sol", solana_node_at(None)), ("dot", substrate_node_at(None))):
+            with self.subTest(module=module):
+                metrics = self.probe_rpc(handlers, module, seen=seen)
+                self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+                self.assertNotIn("probe_chain_head_age_seconds", metrics)
+                self.assertNotIn("probe_chain_head_timestamp_seconds", metrics)
+                self.assertIn("probe_chain_head_number", metrics)
+        self.assertIn({"jsonrpc": "2.0", "id": 4, "method": "state_getStorage", "params": [wx.SUBSTRATE_TIMESTAMP_KEY]}, seen)
+
+    def test_max_head_age_is_refused_where_no_block_time_is_read(self) -> None:
+        for preset in ("solana_slot", "substrate_newheads", "substrate_chainhead", "ping"):
+            with self.subTest(preset=preset), self.assertRaisesRegex(wx.ConfigError, "reports no block time"):
+                wx.parse_config({"modules": {"m": {"preset": preset, "max_head_age": "1m"}}})
+
+
+class TestScale(unittest.TestCase):
+    """SCALE, as Substrate encodes headers and storage: compact integers in their four modes."""
+
+    def test_compact_integers_in_each_mode(self) -> None:
+        cases = [
+            ("00", 0), ("04", 1), ("a8", 42), ("fc", 63),  # single-byte mode: value << 2
+            ("0101", 64), ("1501", 69), ("fdff", 16383),  # two-byte mode: (value << 2) | 0b01
+            ("02000100", 16384), ("feff0300", 65535), ("feffffff", 2**30 - 1),  # four-byte mode: | 0b10
+            ("0300000040", 2**30), ("03ffffffff", 2**32 - 1), ("0b00407a10f35a", 100000000000000),  # big-integer mode
+        ]
+        for encoded, value in cases:
+            with self.subTest(encoded=encoded):
+                self.assertEqual(wx.scale_compact(bytes.fromhex(encoded) + b"\xee"), value)  # what follows is not read
+
+    def test_a_truncated_compact_integer_is_bad_json(self) -> None:
+        for encoded in ("", "01", "020001", "03ffffff", "0b00407a10f3"):
+            with self.subTest(encoded=encoded), self.assertRaises(wx.CheckError) as caught:
+                wx.scale_compact(bytes.fromhex(encoded))
+            self.assertEqual(caught.exception.reason, "bad_json")
+
+    def test_header_number_and_timestamp(self) -> None:
+        self.assertEqual(wx.substrate_header_number(scale_header(20000002)), 20000002)
+        self.assertEqual(wx.substrate_header_number("0x" + "11" * 32 + "a8"), 42)
+        self.assertEqual(wx.substrate_timestamp("0x" + (1700000000123).to_bytes(8, "little").hex()), 1700000000.123)
+        self.assertIsNone(wx.substrate_timestamp(None))
+        for bad in ("11" * 33, "0x" + "11" * 32, "0xzz", 7):
+            with self.subTest(bad=bad), self.assertRaises(wx.CheckError):
+                wx.substrate_header_number(bad)
+        with self.assertRaises(wx.CheckError):
+            wx.substrate_timestamp("0x0102")
+
+
+CHAINHEAD_GENESIS = "0x91b171bb158e2d3848fa23a9f1c25182fb8e20313b2c1eb49219da7a70ce90c3"
+FINALIZED, BLOCK_1, BLOCK_2 = ("0x" + byte * 32 for byte in ("f0", "b1", "b2"))
+CHAINHEAD_NUMBERS = {FINALIZED: 20000000, BLOCK_1: 20000001, BLOCK_2: 20000002}
+
+
+def scale_header(number: int) -> str:
+    """A SCALE-encoded header: the parent hash, the number as a Compact<u32> (four-byte mode below
+    2**30), the state and extrinsics roots, an empty digest."""
+    return "0x" + "11" * 32 + ((number << 2) | 0b10).to_bytes(4, "little").hex() + "22" * 64 + "00"
+
+
+def follow_events(*events: Dict[str, object]) -> List[bytes]:
+    return [rpc_notification("chainHead_v1_followEvent", event, "follow-1") for event in events]
+
+
+INITIALIZED = {"event": "initialized", "finalizedBlockHashes": [FINALIZED]}
+HEALTHY_FOLLOW = (
+    INITIALIZED,
+    {"event": "newBlock", "blockHash": BLOCK_1, "parentBlockHash": FINALIZED},
+    {"event": "newBlock", "blockHash": BLOCK_2, "parentBlockHash": BLOCK_1},
+    {"event": "bestBlockChanged", "bestBlockHash": BLOCK_2},
+)
+
+
+def chainhead_node(follow: Callable[[Dict[str, object]], List[bytes]]) -> RpcHandlers:
+    """A node serving the new JSON-RPC API: headers of the blocks it reported, null for a follow
+    subscription it does not know."""
+
+    def header(request: Dict[str, object]) -> List[bytes]:
+        subscription, block = request["params"]  # type: ignore[misc]
+        known = subscription == "follow-1" and block in CHAINHEAD_NUMBERS
+        return [rpc_reply(request, scale_header(CHAINHEAD_NUMBERS[block]) if known else None)]
+
+    return {"chainSpec_v1_genesisHash": replies(CHAINHEAD_GENESIS), "chainHead_v1_follow": follow,
+            "chainHead_v1_header": header, "chainHead_v1_unfollow": replies(None)}
+
+
+def following(*events: Dict[str, object]) -> Callable[[Dict[str, object]], List[bytes]]:
+    return lambda request: [rpc_reply(request, "follow-1")] + follow_events(*events)
+
+
+class TestSubstrateChainHead(ChecksTestCase):
+    """substrate_chainhead against a node that answers as the new JSON-RPC spec says."""
+
+    def test_a_healthy_follow(self) -> None:
+        seen: List[Dict[str, object]] = []
+        metrics = self.probe_rpc(chainhead_node(following(*HEALTHY_FOLLOW)), "substrate_chainhead", seen=seen)
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (20000002, 20000000))
+        self.assertIn('probe_chain_info{genesis="%s"}' % CHAINHEAD_GENESIS, metrics)
+        self.assertEqual(metrics["probe_subscription_notifications"], 4)
+        self.assertNotIn("probe_chain_head_age_seconds", metrics)
+        self.assertEqual([(r["method"], r["params"]) for r in seen], [
+            ("chainSpec_v1_genesisHash", []), ("chainHead_v1_follow", [False]),
+            ("chainHead_v1_header", ["follow-1", BLOCK_2]), ("chainHead_v1_header", ["follow-1", FINALIZED]),
+            ("chainHead_v1_unfollow", ["follow-1"])])
+        self.assertIn('probe_rpc_duration_seconds{block="latest",method="chainHead_v1_header"}', metrics)
+        self.assertIn('probe_rpc_duration_seconds{block="finalized",method="chainHead_v1_header"}', metrics)
+
+    def test_the_best_block_is_awaited_when_initialized_comes_alone(self) -> None:
+        handlers = chainhead_node(lambda r: [rpc_reply(r, "follow-1")] + follow_events(INITIALIZED) + [server_frame(wx.Opcode.PING, b"x")])
+        handlers["<pong>"] = lambda _: follow_events({"event": "bestBlockChanged", "bestBlockHash": FINALIZED})
+        metrics = self.probe_rpc(handlers, "substrate_chainhead")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (20000000, 20000000))
+        self.assertEqual(metrics["probe_subscription_notifications"], 2)
+
+    def test_a_silent_follow_fails_as_no_notification(self) -> None:
+        metrics = self.probe_rpc(chainhead_node(following()), "substrate_chainhead", scrape_timeout="1.5")
+        self.assert_check_failed(metrics, "no_notification")
+        self.assertEqual(metrics["probe_subscription_notifications"], 0)
+
+    def test_a_stop_event_fails_as_subscription_stopped(self) -> None:
+        metrics = self.probe_rpc(chainhead_node(following(INITIALIZED, {"event": "stop"})), "substrate_chainhead")
+        self.assert_check_failed(metrics, "subscription_stopped")
+
+    def test_a_header_answered_null_means_the_follow_is_gone(self) -> None:
+        handlers = chainhead_node(following(*HEALTHY_FOLLOW))
+        handlers["chainHead_v1_header"] = replies(None)
+        self.assert_check_failed(self.probe_rpc(handlers, "substrate_chainhead"), "subscription_stopped")
+
+    def test_a_node_without_the_new_api_fails_as_subscription_unsupported(self) -> None:
+        handlers = chainhead_node(lambda r: [rpc_error(r["id"], -32601, "Method not found")])
+        metrics = self.probe_rpc(handlers, "substrate_chainhead")
+        self.assert_check_failed(metrics, "subscription_unsupported")
+        self.assertEqual(metrics['probe_rpc_error_code{method="chainHead_v1_follow"}'], -32601)
+
+    def test_hold_max_gap_finality_and_genesis_work_as_on_the_other_subscriptions(self) -> None:
+        self.use_config({"modules": {
+            "held": {"preset": "substrate_chainhead", "hold": "0.5s", "max_gap": "5s"},
+            "stalled": {"preset": "substrate_chainhead", "hold": "1s", "max_gap": "0.5s"},
+            "lag": {"preset": "substrate_chainhead", "max_finality_lag": 1},
+            "kusama": {"preset": "substrate_chainhead", "expect_genesis_hash": "0x" + "b0" * 32},
+            "five": {"preset": "substrate_chainhead", "min_notifications": 5},
+        }})
+        handlers = chainhead_node(following(*HEALTHY_FOLLOW))
+        held = self.probe_rpc(handlers, "held")
+        self.assertEqual(held["probe_success"], 1, failure_of(held))
+        self.assertGreater(held["probe_subscription_max_gap_seconds"], 0.25)  # the silence after the last event
+        self.assertNotIn("probe_subscription_head_skips", held)  # events name blocks by hash only
+        self.assertNotIn("probe_subscription_head_regressions", held)
+        stalled = self.probe_rpc(handlers, "stalled")
+        self.assert_check_failed(stalled, "subscription_stalled")
+        self.assertGreater(stalled["probe_subscription_max_gap_seconds"], 0.5)
+        self.assert_check_failed(self.probe_rpc(handlers, "lag"), "finality_lag")
+        self.assert_check_failed(self.probe_rpc(handlers, "kusama"), "wrong_chain")
+        self.assert_check_failed(self.probe_rpc(handlers, "five", scrape_timeout="1.5"), "too_few_notifications")
+
+
+HEAD_NUMBERS = (10, 11, 14, 13, 15)  # 12 never comes (13 comes late): two skipped past the highest, one regression
+
+
+class TestHeadSkips(ChecksTestCase):
+    """probe_subscription_head_skips: heads a held subscription jumped over."""
+
+    def held(self, preset: str, handlers: RpcHandlers) -> Dict[str, float]:
+        self.use_config({"modules": {"held": {"preset": preset, "hold": "0.3s"}}})
+        metrics = self.probe_rpc(handlers, "held")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_subscription_notifications"], len(HEAD_NUMBERS))
+        self.assertEqual(metrics["probe_subscription_head_regressions"], 1)
+        return metrics
+
+    def test_skipped_heads_of_evm_substrate_and_cometbft(self) -> None:
+        now = time.time()
+        subscriptions = {
+            "evm_newheads": {"eth_chainId": replies("0x1"), "eth_unsubscribe": replies(True), "eth_subscribe": lambda r: [rpc_reply(r, "0x9")] + [
+                rpc_notification("eth_subscription", evm_block(n, now), "0x9") for n in HEAD_NUMBERS]},
+            "substrate_newheads": {"chain_unsubscribeNewHeads": replies(True), "chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s")] + [
+                rpc_notification("chain_newHead", dict(SUBSTRATE_HEADER, number=hex(n)), "s") for n in HEAD_NUMBERS]},
+            "cometbft_newblock": {"unsubscribe": replies({}), "subscribe": lambda r: [rpc_reply(r, {})] + [
+                cometbft_event(r["id"], str(n), rfc3339(now)) for n in HEAD_NUMBERS]},
+        }
+        for preset, handlers in subscriptions.items():
+            with self.subTest(preset=preset):
+                metrics = self.held(preset, handlers)
+                self.assertEqual(metrics["probe_subscription_head_skips"], 2)
+                self.assertEqual(metrics["probe_chain_head_number"], 15)
+
+    def test_solana_slots_are_skipped_by_design_and_not_counted(self) -> None:
+        handlers = {"slotUnsubscribe": replies(True), "slotSubscribe": lambda r: [rpc_reply(r, 3)] + [
+            rpc_notification("slotNotification", dict(SOLANA_SLOT, slot=n), 3) for n in HEAD_NUMBERS]}
+        self.assertNotIn("probe_subscription_head_skips", self.held("solana_slot", handlers))
+
+    def test_only_a_held_subscription_counts_them(self) -> None:
+        handlers = {"chain_unsubscribeNewHeads": replies(True), "chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s")] + [
+            rpc_notification("chain_newHead", dict(SUBSTRATE_HEADER, number=hex(n)), "s") for n in (10, 12)]}
+        metrics = self.probe_rpc(handlers, "substrate_newheads")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertNotIn("probe_subscription_head_skips", metrics)
+
+
+COMETBFT_PATHS = ("/websocket", "/v1/websocket")  # CometBFT v1 serves its RPC under /v1/ and still accepts the old paths
+
+
+class TestCometBFTPaths(ChecksTestCase):
+    def test_node_and_newblock_on_the_old_and_the_v1_path(self) -> None:
+        handlers = cometbft_node_at(time.time())
+        handlers.update({"subscribe": lambda r: [rpc_reply(r, {}), cometbft_event(r["id"], "19000001", rfc3339(time.time()))],
+                         "unsubscribe": replies({})})
+        server = self.serve(rpc_server(handlers, paths=COMETBFT_PATHS))
+        for path in COMETBFT_PATHS:
+            for module in ("cometbft_node", "cometbft_newblock"):
+                with self.subTest(path=path, module=module):
+                    metrics = self.exporter.probe("ws://127.0.0.1:%d%s" % (server.port, path), "5", module=module)
+                    self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+                    self.assertLess(metrics["probe_chain_head_age_seconds"], 60)
+        elsewhere = self.exporter.probe("ws://127.0.0.1:%d/v2/websocket" % server.port, "5", module="cometbft_node")
+        self.assert_failed(elsewhere, "upgrade", "http_status")
+        self.assertEqual(elsewhere["probe_websocket_status_code"], 404)
+
 
 
 # ==============================================================================================
@@ -3415,6 +3744,10 @@ class TestProgram(unittest.TestCase):
 # exporter as a process under load; a missing peer skips loudly, or fails under CI=true.
 # ==============================================================================================
 
+# .ci/test runs the suite with each interpreter, and tests of a tool rather than of the language
+# with the last one only.
+RUN_ONCE = os.environ.get("WS_RUN_ONCE", "1") == "1"
+
 # ----------------------------------------------------------------------------------------------
 # Real peers nobody here wrote (installed by .ci/peers; paths in WS_* environment variables).
 # Each peer listens on 127.0.0.1 port 0 and prints its port as its first stdout line; each exits
@@ -3810,6 +4143,72 @@ class TestCheckInterop(unittest.TestCase):
         metrics = self.exporter.probe("ws://127.0.0.1:%d/" % self.start(start_node_ws_server), module="ping")
         self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
         self.assertGreater(metrics["probe_websocket_ping_rtt_seconds"], 0)
+
+
+HARDHAT_VERSION = "2.28.6"  # as .ci/peers installs it
+# Hardhat runs only inside a project; this one mines a block a second (by default it mines one
+# per transaction, so nothing would ever come to a newHeads subscription).
+HARDHAT_CONFIG = "module.exports = {networks: {hardhat: {chainId: 31337, mining: {auto: false, interval: 1000}}}};\n"
+
+
+def start_hardhat(workdir: str) -> Tuple["subprocess.Popen[bytes]", int]:
+    """`hardhat node` (EDR) on 127.0.0.1:PORT, HTTP and WebSocket, in a project made in ``workdir``."""
+    with open(os.path.join(workdir, "hardhat.config.js"), "w") as f:
+        f.write(HARDHAT_CONFIG)
+    os.symlink(_env_path("WS_PEER_NODE_PATH"), os.path.join(workdir, "node_modules"))  # a "local installation"
+    port = free_port()
+    argv = [_env_path("WS_PEER_NODE"), _env_path("WS_HARDHAT"), "node", "--hostname", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _listening(proc, port)
+
+
+HARDHAT_PEERS = ("WS_HARDHAT", "WS_PEER_NODE", "WS_PEER_NODE_PATH")
+
+
+@unittest.skipUnless(RUN_ONCE, "runs with one interpreter: the node is under test (about 4 s), not the language")
+class TestHardhatInterop(unittest.TestCase):
+    """evm, evm_node and evm_newheads against Hardhat's node, a third real EVM node next to
+    ganache and anvil; one node for the class."""
+
+    port = 0
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if all(os.environ.get(name) for name in HARDHAT_PEERS):
+            workdir = tempfile.mkdtemp(prefix="wsx-hardhat-")
+            cls.addClassCleanup(shutil.rmtree, workdir, True)
+            proc, cls.port = start_hardhat(workdir)
+            cls.addClassCleanup(stop, proc)
+
+    def setUp(self) -> None:
+        require_peer(self, *HARDHAT_PEERS)
+        self.exporter = ExporterFixture()
+        self.addCleanup(self.exporter.close)
+        self.target = "ws://127.0.0.1:%d/" % self.port
+
+    def test_evm(self) -> None:
+        metrics = self.exporter.probe(self.target, module="evm")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(metrics["probe_chain_id"], 31337)
+        self.assertLess(metrics["probe_chain_head_age_seconds"], 5)
+
+    def test_evm_node(self) -> None:
+        metrics = self.exporter.probe(self.target, module="evm_node")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual((metrics["probe_node_syncing"], metrics["probe_node_peers"]), (0, 0))
+        self.assertIn('probe_node_info{client="HardhatNetwork",version="%s"}' % HARDHAT_VERSION, metrics)
+        self.assertEqual(len([k for k in metrics if k.startswith("probe_chain_info{genesis=")]), 1)
+        self.assertIn('probe_rpc_duration_seconds{block="finalized",method="eth_getBlockByNumber"}', metrics)
+        self.assertGreaterEqual(metrics["probe_chain_finalized_head_number"], 0)
+
+    def test_evm_newheads_held(self) -> None:
+        self.exporter.exporter.config = wx.parse_config({"modules": {
+            "held": {"preset": "evm_newheads", "hold": "2.5s", "max_gap": "2s", "timeout": "6s"}}})
+        metrics = self.exporter.probe(self.target, module="held")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertGreaterEqual(metrics["probe_subscription_notifications"], 2)
+        self.assertEqual((metrics["probe_subscription_head_skips"], metrics["probe_subscription_head_regressions"]), (0, 0))
+        self.assertEqual(metrics["probe_chain_id"], 31337)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4877,11 +5276,6 @@ class TestOutOfDescriptors(unittest.TestCase):
 # ----------------------------------------------------------------------------------------------
 # The short soak and the bench's smoke run
 # ----------------------------------------------------------------------------------------------
-
-# .ci/test runs the suite with each interpreter, and tests of a tool rather than of the language
-# with the last one only.
-RUN_ONCE = os.environ.get("WS_RUN_ONCE", "1") == "1"
-
 
 @unittest.skipUnless(RUN_ONCE, "runs with one interpreter: the exporter as a process is under test")
 class TestShortSoak(unittest.TestCase):

@@ -55,6 +55,7 @@ import http
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -235,6 +236,7 @@ FAILURE_REASONS = frozenset(
         "finality_lag",  # check: the finalized head is more than max_finality_lag behind the head
         "wrong_chain",  # check: the genesis hash or network differs from expect_genesis_hash or expect_network
         "subscription_stalled",  # check: a held subscription went silent for longer than max_gap
+        "subscription_stopped",  # check: the node ended the subscription (chainHead_v1_follow's stop event)
         "expectation_failed",  # check: a step's regex or JSON path expectation did not hold
     )
 )
@@ -250,6 +252,9 @@ MAX_CHECK_MESSAGES = 10000  # messages a check reads before giving up on a chatt
 RATE_LIMIT_CODES = frozenset((429, -32005))
 METHOD_NOT_FOUND = -32601  # JSON-RPC 2.0 §5.1
 SOLANA_NODE_BEHIND = -32005  # getHealth's "Node is behind by N slots", not a rate limit
+# Substrate's storage key of Timestamp.Now: twox128("Timestamp") ++ twox128("Now").
+SUBSTRATE_TIMESTAMP_KEY = "0xf0c365c3cf59d671eb72da0e7a4113c49f1f0515f462cdcf84e0f1d6045dfcbb"
+SUBSTRATE_HASH_BYTES = 32  # a block header starts with its parent's hash
 RATE_LIMIT_CLOSE_CODES = frozenset((1008, 1013))  # RFC 6455 §7.4.1 policy violation, try again later
 HTTP_STATUS_REASONS = {401: "unauthorized", 403: "unauthorized", 429: "rate_limited"}  # upgrade answers
 
@@ -1015,6 +1020,7 @@ class ProbeResult:
         self.finalized_head: Optional[int] = None
         self.max_gap: Optional[float] = None  # the longest silence of a held subscription
         self.head_regressions: Optional[int] = None
+        self.head_skips: Optional[int] = None
 
     @property
     def success(self) -> bool:
@@ -1793,6 +1799,44 @@ def cometbft_head(data: object) -> Head:
     return Head(as_number(field(header, "height", "header"), "height"), rfc3339_seconds(field(header, "time", "header")))
 
 
+def hex_bytes(value: object, what: str) -> bytes:
+    """Substrate's "0x…" hex encoding of SCALE bytes."""
+    if isinstance(value, str) and value[:2] == "0x":
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(value[2:])
+    raise CheckError("bad_json", "%s is not 0x-prefixed hex" % what)
+
+
+def scale_compact(data: bytes) -> int:
+    """The SCALE compact integer that ``data`` starts with.  The low two bits of the first byte
+    give the mode: 0b00, 0b01, 0b10 hold the value shifted left by two in 1, 2 or 4 little-endian
+    bytes; 0b11 is followed by (upper six bits + 4) bytes of the value itself."""
+    if data and data[0] & 0b11 != 0b11:
+        size = 1 << (data[0] & 0b11)
+        if len(data) >= size:
+            return int.from_bytes(data[:size], "little") >> 2
+    elif data:
+        size = (data[0] >> 2) + 4
+        if len(data) > size:
+            return int.from_bytes(data[1 : size + 1], "little")
+    raise CheckError("bad_json", "a truncated SCALE compact integer")
+
+
+def substrate_header_number(header: object) -> int:
+    """The number of a SCALE-encoded header (chainHead_v1_header): the parent hash, then a Compact<u32>."""
+    return scale_compact(hex_bytes(header, "header")[SUBSTRATE_HASH_BYTES:])
+
+
+def substrate_timestamp(value: object) -> Optional[float]:
+    """Timestamp.Now, a SCALE u64 of milliseconds, in seconds; None on a chain without pallet_timestamp."""
+    if value is None:
+        return None
+    data = hex_bytes(value, "Timestamp.Now")
+    if len(data) != 8:
+        raise CheckError("bad_json", "Timestamp.Now is not a u64")
+    return int.from_bytes(data, "little") / 1000
+
+
 def notification_of(method: str) -> Callable[[JsonObject], Optional[object]]:
     """JSON-RPC notifications of ``method`` carry the payload in params.result."""
 
@@ -1814,6 +1858,23 @@ def cometbft_event(message: JsonObject) -> Optional[object]:
     return data
 
 
+_FOLLOW_EVENT = notification_of("chainHead_v1_followEvent")
+
+
+def follow_event(message: JsonObject) -> Optional[object]:
+    """A chainHead_v1_followEvent's payload; a ``stop`` event (the node dropped the follow, as
+    it may when overloaded or when the client is slow) fails the check."""
+    payload = _FOLLOW_EVENT(message)
+    if isinstance(payload, dict) and payload.get("event") == "stop":
+        raise CheckError("subscription_stopped", "the node stopped the chainHead_v1_follow subscription")
+    return payload
+
+
+def no_number(event: object) -> Head:
+    """chainHead events name blocks by hash only: their numbers come from chainHead_v1_header."""
+    return Head(None, None)
+
+
 class Subscription(NamedTuple):
     """A preset that subscribes, waits for notifications and unsubscribes, as data."""
 
@@ -1824,6 +1885,11 @@ class Subscription(NamedTuple):
     event: Callable[[JsonObject], Optional[object]]  # a message's payload when it is an event
     head: Callable[[object], Head]
     chain_id_method: str = ""  # asked first when the chain has a numeric id
+    genesis_method: str = ""  # asked first when the chain names itself by its genesis hash
+    # Heads come one number apart, so a jump is a head skipped; Solana's leaders skip slots by design.
+    consecutive: bool = True
+    # The newest head when the notifications do not carry it: (session, subscription id, module, result).
+    last_head: Optional[Callable[[RpcSession, object, Module, ProbeResult], Head]] = None
 
 
 _COMETBFT_QUERY = {"query": "tm.event='NewBlockHeader'"}
@@ -1945,7 +2011,8 @@ def judge_node(module: Module, result: ProbeResult) -> None:
 
 
 def check_solana_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
-    """getHealth, getGenesisHash, getSlot at processed and finalized commitment, getVersion."""
+    """getHealth, getGenesisHash, getSlot at processed, confirmed and finalized commitment,
+    getBlockTime of the confirmed slot (it answers for confirmed blocks only), getVersion."""
     try:
         session.call("getHealth", [])
     except CheckError:
@@ -1956,27 +2023,33 @@ def check_solana_node(session: RpcSession, module: Module, result: ProbeResult) 
         raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % result.behind_slots)
     result.genesis = str(session.call("getGenesisHash", []))[:MAX_INFO_CHARS]
     result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}], block="processed"), "slot")
+    confirmed = as_number(session.call("getSlot", [{"commitment": "confirmed"}], block="confirmed"), "slot")
     result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}], block="finalized"), "slot")
+    block_time = session.call("getBlockTime", [confirmed])  # null when the node has no time for it
     version = optional_call(session, "getVersion")
     if isinstance(version, dict):
         result.node_info = ("", str(version.get("solana-core", ""))[:MAX_INFO_CHARS])
     judge_node(module, result)
+    seconds = None if block_time is None else float(as_number(block_time, "block time"))
+    record_head(Head(result.head_number, seconds), module, result)
 
 
 def check_substrate_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
-    """system_health, chain_getBlockHash [0], chain_getHeader, chain_getFinalizedHead and its
-    header, system_version."""
+    """system_health, chain_getBlockHash [0], chain_getHeader, Timestamp.Now at the best block
+    (state_getStorage), chain_getFinalizedHead and its header, system_version."""
     health = session.call("system_health", [])
     result.node_syncing = int(bool(field(health, "isSyncing", "system_health")))
     result.node_peers = as_number(field(health, "peers", "system_health"), "peers")
     result.genesis = str(session.call("chain_getBlockHash", [0]))[:MAX_INFO_CHARS]
     result.head_number = substrate_head(session.call("chain_getHeader", [], block="latest")).number
+    block_time = substrate_timestamp(session.call("state_getStorage", [SUBSTRATE_TIMESTAMP_KEY]))
     finalized = session.call("chain_getFinalizedHead", [])
     result.finalized_head = substrate_head(session.call("chain_getHeader", [finalized], block="finalized")).number
     version = optional_call(session, "system_version")
     if isinstance(version, str):
         result.node_info = ("", version[:MAX_INFO_CHARS])
     judge_node(module, result)
+    record_head(Head(result.head_number, block_time), module, result)
 
 
 def check_cometbft_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
@@ -2000,6 +2073,8 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
     assert sub is not None
     if sub.chain_id_method:
         check_chain_id(session, sub.chain_id_method, module, result)
+    if sub.genesis_method:
+        result.genesis = str(session.call(sub.genesis_method, []))[:MAX_INFO_CHARS]
     session.is_event = sub.event
     start = time.perf_counter()
     try:
@@ -2012,7 +2087,8 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
         result.notifications = len(session.notifications)
         if session.notifications:
             result.first_notification = max(session.notifications[0][0] - start, 0.0)
-    record_head(sub.head(session.notifications[-1][1]), module, result)
+    last_head = sub.last_head(session, subscription, module, result) if sub.last_head else sub.head(session.notifications[-1][1])
+    record_head(last_head, module, result)
     if module.max_gap is not None and result.max_gap is not None and result.max_gap > module.max_gap:
         raise CheckError("subscription_stalled", "silent for %.1fs, over %gs" % (result.max_gap, module.max_gap))
     session.call(sub.unsubscribe, sub.unsubscribe_params(subscription))
@@ -2043,11 +2119,51 @@ def hold_subscription(session: RpcSession, subscribed: float, hold: float) -> fl
 
 def record_hold(session: RpcSession, subscribed: float, ended: float, sub: "Subscription", result: ProbeResult) -> None:
     """The longest silence (from the subscribe answer, between notifications, to the end of the
-    hold, on arrival stamps) and how many notifications brought no newer head."""
+    hold, on arrival stamps), how many notifications brought no newer head, and how many heads
+    never came (numbers past the highest so far, less one)."""
     moments = [subscribed] + [arrived for arrived, _ in session.notifications] + [ended]
     result.max_gap = max(later - earlier for earlier, later in zip(moments, moments[1:]))
-    numbers = [sub.head(payload).number for _, payload in session.notifications]
-    result.head_regressions = sum(1 for old, new in zip(numbers, numbers[1:]) if old is not None and new is not None and new <= old)
+    numbers = [number for number in (sub.head(payload).number for _, payload in session.notifications) if number is not None]
+    if len(numbers) < len(session.notifications):
+        return  # heads named by hash only
+    result.head_regressions = sum(1 for old, new in zip(numbers, numbers[1:]) if new <= old)
+    if sub.consecutive:
+        highest = list(itertools.accumulate(numbers, max))
+        result.head_skips = sum(max(new - top - 1, 0) for top, new in zip(highest, numbers[1:]))
+
+
+def followed_blocks(session: RpcSession) -> Tuple[object, object]:
+    """The best and the finalized block's hashes after the follow events so far; the best is
+    None until the first bestBlockChanged (which follows initialized and its newBlock events)."""
+    best: object = None
+    finalized: object = None
+    for _, payload in session.notifications:
+        event = field(payload, "event", "chainHead_v1_followEvent")
+        if event in ("initialized", "finalized"):
+            hashes = field(payload, "finalizedBlockHashes", "%s event" % event)
+            finalized = hashes[-1] if isinstance(hashes, list) and hashes else finalized
+        elif event == "bestBlockChanged":
+            best = field(payload, "bestBlockHash", "bestBlockChanged event")
+    return best, finalized
+
+
+def followed_head(session: RpcSession, subscription: object, module: Module, result: ProbeResult) -> Head:
+    """substrate_chainhead: the best and the finalized block's numbers, from their headers."""
+    best, finalized = followed_blocks(session)
+    while best is None:
+        session.receive(lambda: CheckError("no_notification", "no bestBlockChanged event"))
+        best, finalized = followed_blocks(session)
+    if finalized is None:
+        raise CheckError("bad_json", "a bestBlockChanged event before the initialized event")
+    numbers = []
+    for block, block_hash in (("latest", best), ("finalized", finalized)):
+        header = session.call("chainHead_v1_header", [subscription, block_hash], block=block)
+        if header is None:  # the server dropped the follow (and unpinned its blocks)
+            raise CheckError("subscription_stopped", "chainHead_v1_header answered null")
+        numbers.append(substrate_header_number(header))
+    result.head_number, result.finalized_head = numbers
+    judge_node(module, result)
+    return Head(result.head_number, None)
 
 
 def wait_for_notifications(session: RpcSession, count: int) -> None:
@@ -2072,6 +2188,7 @@ class Preset(NamedTuple):
 _HEADS = ("expect_chain_id", "max_head_age")  # a numeric chain id and a block time: EVM's
 _HELD = ("min_notifications", "hold", "max_gap")
 _FINALITY = ("max_finality_lag", "expect_genesis_hash")
+_AGE = ("max_head_age",)
 # Module keys only some presets honour, by why a preset without them refuses them.
 _REFUSALS = (
     (("expect_chain_id",), "reports no chain id"),
@@ -2085,21 +2202,24 @@ PRESETS: Dict[str, Preset] = {
     "ping": Preset(check_ping),
     "evm": Preset(check_evm, keys=_HEADS),
     "evm_node": Preset(check_evm_node, keys=_HEADS + _FINALITY + ("min_peers",)),
-    "solana_node": Preset(check_solana_node, keys=_FINALITY),
-    "substrate_node": Preset(check_substrate_node, keys=_FINALITY + ("min_peers",)),
-    "cometbft_node": Preset(check_cometbft_node, keys=("max_head_age", "min_peers", "expect_network")),
+    "solana_node": Preset(check_solana_node, keys=_FINALITY + _AGE),
+    "substrate_node": Preset(check_substrate_node, keys=_FINALITY + _AGE + ("min_peers",)),
+    "cometbft_node": Preset(check_cometbft_node, keys=_AGE + ("min_peers", "expect_network")),
     "evm_newheads": Preset(check_subscription, Subscription(
         "eth_subscribe", ["newHeads"], "eth_unsubscribe", lambda sub: [sub],
         notification_of("eth_subscription"), evm_head, "eth_chainId"), _HELD + _HEADS),
     "solana_slot": Preset(check_subscription, Subscription(
         "slotSubscribe", [], "slotUnsubscribe", lambda sub: [sub],
-        notification_of("slotNotification"), solana_head), _HELD),
+        notification_of("slotNotification"), solana_head, consecutive=False), _HELD),
     "substrate_newheads": Preset(check_subscription, Subscription(
         "chain_subscribeNewHeads", [], "chain_unsubscribeNewHeads", lambda sub: [sub],
         notification_of("chain_newHead"), substrate_head), _HELD),
     "cometbft_newblock": Preset(check_subscription, Subscription(
         "subscribe", _COMETBFT_QUERY, "unsubscribe", lambda _: _COMETBFT_QUERY,
-        cometbft_event, cometbft_head), _HELD + ("max_head_age",)),
+        cometbft_event, cometbft_head), _HELD + _AGE),
+    "substrate_chainhead": Preset(check_subscription, Subscription(
+        "chainHead_v1_follow", [False], "chainHead_v1_unfollow", lambda sub: [sub], follow_event, no_number,
+        genesis_method="chainSpec_v1_genesisHash", last_head=followed_head), _HELD + _FINALITY),
 }
 PRESET_NAMES = tuple(PRESETS)
 # The built-in modules: one per preset, each named after it.
@@ -2220,6 +2340,7 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "probe_node_info": ("gauge", "The node's client and version, as it names them"),
     "probe_subscription_max_gap_seconds": ("gauge", "Longest silence of a held subscription in seconds"),
     "probe_subscription_head_regressions": ("gauge", "Notifications of a held subscription whose head did not move forward"),
+    "probe_subscription_head_skips": ("gauge", "Heads a held subscription never delivered: numbers it jumped over"),
     "ws_exporter_config_last_reload_successful": ("gauge", "Whether the last configuration reload attempt was successful"),
     "ws_exporter_config_last_reload_success_timestamp_seconds": ("gauge", "Timestamp of the last successful configuration reload"),
     "ws_exporter_build_info": ("gauge", "A metric with a constant '1' value labeled by version and python_version"),
@@ -2387,6 +2508,7 @@ def check_samples(result: ProbeResult) -> List[Sample]:
         ("probe_node_behind_slots", result.behind_slots),
         ("probe_subscription_max_gap_seconds", result.max_gap),
         ("probe_subscription_head_regressions", result.head_regressions),
+        ("probe_subscription_head_skips", result.head_skips),
     )
     samples += [Sample(name, (), value) for name, value in optional if value is not None]
     if result.node_info is not None:
