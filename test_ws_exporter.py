@@ -3501,12 +3501,40 @@ class TestFailureEdges(unittest.TestCase):
         self.assertEqual(failure_of(metrics), ("connect", "connect_error"))
         self.assertNotIn("PORTKEY", fixture.log.getvalue())
 
-    def test_a_refused_resolver_thread_gives_its_slot_back(self) -> None:
+    def test_a_refused_resolver_thread_leaves_the_resolver_able_to_start_one_later(self) -> None:
+        resolver = wx.Resolver()
         with mock.patch.object(wx.threading.Thread, "start", side_effect=RuntimeError("can't start new thread")):
             for _ in range(wx.MAX_RESOLVER_THREADS + 1):
                 with self.assertRaises(RuntimeError):
-                    wx.resolve("localhost", 80, wx.Deadline(5))
-        self.assertTrue(wx.resolve("localhost", 80, wx.Deadline(5)))
+                    resolver.submit("localhost", 80)
+        self.assertEqual((resolver.threads, resolver.busy), (0, 0))
+        self.assertTrue(resolver.submit("localhost", 80).done.acquire(timeout=5))
+
+    def test_resolver_threads_stay_for_the_next_lookup_and_are_capped(self) -> None:
+        resolver = wx.Resolver()
+        for _ in range(5):
+            lookup = resolver.submit("localhost", 80)
+            self.assertTrue(lookup.done.acquire(timeout=5))
+            self.assertIsInstance(lookup.outcome, list)
+        self.assertEqual(resolver.threads, 1)  # one thread served all five, one after the other
+        release = threading.Event()
+        self.addCleanup(release.set)
+        started = threading.Semaphore(0)
+
+        def hang(host: str, port: int, flags: int) -> List[wx.AddrInfo]:
+            started.release()
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "late")
+
+        with mock.patch.object(wx, "_getaddrinfo", hang):
+            lookups = [resolver.submit("hung.example", 80) for _ in range(wx.MAX_RESOLVER_THREADS + 5)]
+            for _ in range(wx.MAX_RESOLVER_THREADS):
+                self.assertTrue(started.acquire(timeout=10))
+            self.assertEqual((resolver.threads, resolver.busy), (wx.MAX_RESOLVER_THREADS, wx.MAX_RESOLVER_THREADS + 5))
+            release.set()
+            for lookup in lookups:
+                self.assertTrue(lookup.done.acquire(timeout=10))
+        self.assertEqual((resolver.threads, resolver.busy), (wx.MAX_RESOLVER_THREADS, 0))
 
 
 class TestConfigFiles(unittest.TestCase):

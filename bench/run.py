@@ -706,7 +706,7 @@ def silent_probes(exporter: Exporter, target_port: int, count: int,
 
 
 def make_pki(directory: str) -> Dict[str, str]:
-    """A CA and a server certificate for 127.0.0.1 (IP SAN), with the openssl CLI."""
+    """A CA and a server certificate for 127.0.0.1 and localhost, with the openssl CLI."""
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
 
@@ -716,7 +716,7 @@ def make_pki(directory: str) -> Dict[str, str]:
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
             "-subj", "/CN=127.0.0.1")
     with open(os.path.join(directory, "ext.cnf"), "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
     return {name: os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key")}
