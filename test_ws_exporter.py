@@ -1313,10 +1313,30 @@ class TestProgram(unittest.TestCase):
         bad = self.run_exporter("probe", "ws://127.0.0.1:%d/" % free_port(), "--timeout", "2s")
         self.assertEqual(bad.returncode, 1)
         self.assertIn('probe_failure_info{phase="connect",reason="connect_refused"} 1', bad.stdout)
-        for args in ((), ("--module", "ping"), ("ws://x/", "--module"), ("ws://x/", "--module=nope"), ("ws://x/", "--timeout=soon")):
+        for args in ((), ("--module", "ping"), ("ws://x/", "--module"), ("ws://x/", "--module=nope"), ("ws://x/", "--timeout=soon"),
+                     ("ws://x/", "ws://y/")):
             with self.subTest(args=args):
                 usage = self.run_exporter("probe", *args)
                 self.assertEqual((usage.returncode, usage.stdout, usage.stderr.count("\n")), (2, "", 1))
+
+    def test_probe_command_takes_its_flags_before_or_after_the_target(self) -> None:
+        target = "ws://127.0.0.1:%d/" % free_port()
+        for args in (("--module", "ping", "--timeout=2s", target), (target, "--module=ping", "--timeout", "2s"),
+                     ("--module=ping", target, "--probe.deny-private=false", "--timeout=2s")):
+            with self.subTest(args=args):
+                result = self.run_exporter("probe", *args)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn('"preset": "ping"', result.stdout)
+                self.assertIn("probe_timeout_seconds 2\n", result.stdout)
+
+    def test_probe_command_refuses_flags_that_mean_nothing_to_one_probe(self) -> None:
+        for args in (("--web.listen-address=:9095", "ws://x/"), ("ws://x/", "--probe.max-concurrent", "5"),
+                     ("ws://x/", "--web.config.file", "w.json"), ("--log.level=debug", "ws://x/")):
+            with self.subTest(args=args):
+                result = self.run_exporter("probe", *args)
+                self.assertEqual((result.returncode, result.stdout, result.stderr.count("\n")), (2, "", 1))
+                flag = args[0 if args[0] != "ws://x/" else 1].partition("=")[0]
+                self.assertIn("flag provided but not defined: %s; usage: ws_exporter.py probe" % flag, result.stderr)
 
     def test_bad_flag_exits_2_with_one_line(self) -> None:
         result = self.run_exporter("--timeout=soon")
@@ -1337,6 +1357,77 @@ class TestProgram(unittest.TestCase):
             self.assertEqual(code, 0)
             self.assertLess(time.monotonic() - start, 1.5)
 
+    def probe_in_flight(self, *flags: str) -> Tuple[ExporterProcess, http.client.HTTPConnection, threading.Event]:
+        """An exporter answering a scraper's ping probe, whose server holds the pong back until
+        the returned event is set."""
+        pinged, pong = threading.Event(), threading.Event()
+
+        def late_pong(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            sock.sendall(switching_response(request_key(head)))
+            _, payload, rest = read_client_frame(sock, rest)
+            pinged.set()
+            pong.wait(30)
+            sock.sendall(server_frame(wx.Opcode.PONG, payload))
+            _, payload, _ = read_client_frame(sock, rest)
+            sock.sendall(server_frame(wx.Opcode.CLOSE, payload))
+
+        server = LocalServer(late_pong)
+        self.addCleanup(server.close)
+        self.addCleanup(pong.set)
+        proc = ExporterProcess(*flags)
+        self.addCleanup(proc.stop)
+        scraper = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+        self.addCleanup(scraper.close)
+        scraper.request("GET", "/probe?module=ping&target=ws://127.0.0.1:%d/" % server.port)
+        self.assertTrue(pinged.wait(10))
+        return proc, scraper, pong
+
+    def log_line(self, proc: ExporterProcess, msg: str) -> str:
+        """The next line of the exporter's log with this message."""
+        assert proc.proc.stderr is not None
+        line = ""
+        while "msg=%s" % json.dumps(msg) not in line and "msg=%s " % msg not in line:
+            line = proc.proc.stderr.readline()
+            self.assertTrue(line, "the log ended before %r" % msg)
+        return line
+
+    def test_sigterm_stops_accepting_answers_the_probe_in_flight_then_exits_0(self) -> None:
+        proc, scraper, pong = self.probe_in_flight()
+        idle = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=10)
+        self.addCleanup(idle.close)
+        idle.request("GET", "/-/healthy")
+        self.assertEqual(idle.getresponse().read(), b"Healthy\n")  # kept alive
+        proc.proc.send_signal(signal.SIGTERM)
+        self.assertIn("in_flight=1", self.log_line(proc, "Shutting down"))
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proc.port), 5).close()
+        idle.request("GET", "/-/healthy")
+        answer = idle.getresponse()
+        self.assertEqual((answer.status, answer.getheader("Connection"), answer.read()), (503, "close", b"Shutting down\n"))
+        pong.set()
+        answer = scraper.getresponse()
+        self.assertEqual(answer.status, 200)
+        self.assertEqual(parse_metrics(answer.read().decode())["probe_success"], 1)
+        self.assertIn("unanswered=0", self.log_line(proc, "Shut down"))
+        self.assertEqual(proc.proc.wait(10), 0)
+
+    def test_a_second_stop_signal_exits_0_at_once(self) -> None:
+        proc, scraper, _ = self.probe_in_flight("--timeout=60s")
+        proc.proc.send_signal(signal.SIGTERM)
+        self.log_line(proc, "Shutting down")
+        proc.proc.send_signal(signal.SIGINT)
+        self.assertIn("unanswered=1", self.log_line(proc, "Stopped by a second signal"))
+        self.assertEqual(proc.proc.wait(10), 0)  # not the 25 s of --web.shutdown-timeout, nor the probe's minute
+        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
+            scraper.getresponse()
+
+    def test_the_shutdown_timeout_bounds_the_wait_for_probes_in_flight(self) -> None:
+        proc, _, _ = self.probe_in_flight("--timeout=60s", "--web.shutdown-timeout=1s")
+        proc.proc.send_signal(signal.SIGTERM)
+        self.assertIn("unanswered=1", self.log_line(proc, "Shut down"))
+        self.assertEqual(proc.proc.wait(10), 0)
+
     def test_a_restart_after_kill_9_listens_on_the_same_port_at_once(self) -> None:
         port = free_port()
         first = ExporterProcess("--web.listen-address=127.0.0.1:%d" % port)
@@ -1353,12 +1444,38 @@ class TestProgram(unittest.TestCase):
         self.addCleanup(second.stop)
         self.assertIn("msg=Listening", second.first_line)  # not "Cannot listen ... Address already in use"
 
-    def test_json_logs(self) -> None:
-        proc = ExporterProcess("--log.format=json")
-        code = proc.stop()
+    def test_json_logs_carry_numbers_and_booleans_as_json_types(self) -> None:
+        proc = ExporterProcess("--log.format=json", "--debug")
+        self.addCleanup(proc.stop)
         record = json.loads(proc.first_line)
         self.assertEqual((record["level"], record["msg"]), ("info", "Listening"))
-        self.assertEqual(code, 0)
+        self.assertIs(record["tls"], False)
+        self.assertIs(record["basic_auth"], False)
+        self.assertIsInstance(record["max_connections"], int)
+        self.assertEqual(http_status(proc.port, "/-/healthy"), 200)
+        assert proc.proc.stderr is not None
+        while record["msg"] != "HTTP request":
+            record = json.loads(proc.proc.stderr.readline())
+        self.assertEqual((record["path"], record["code"]), ("/-/healthy", 200))
+        self.assertEqual(proc.stop(), 0)
+
+    def test_the_start_logs_the_config_in_force_as_a_reload_does(self) -> None:
+        directory = tempfile.mkdtemp(prefix="wsx-config-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = write_config(directory, {"modules": {"mine": {}}, "targets": {"t": {"url": "ws://h/"}}})
+        builtin = len(wx.DEFAULT_MODULES)
+        for flags, expected in (((), ("", builtin, 0)), (("--config.file=" + path,), (path, builtin + 1, 1))):
+            proc = ExporterProcess("--log.format=json", *flags)
+            self.addCleanup(proc.stop)
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.stderr is not None
+            record = json.loads(proc.proc.stderr.readline())  # the line after Listening
+            self.assertEqual(tuple(record.get(k) for k in ("msg", "file", "modules", "targets")), ("Config loaded",) + expected)
+            self.assertEqual(proc.stop(), 0)
+
+    def test_logfmt_writes_booleans_and_numbers_bare(self) -> None:
+        line = wx.format_logfmt("info", "Listening", {"tls": False, "auth": True, "code": 200, "seconds": 0.5}, 0.0)
+        self.assertEqual(line, "ts=1970-01-01T00:00:00.000Z level=info msg=Listening tls=false auth=true code=200 seconds=0.5")
 
     def test_listens_on_ipv4_and_ipv6_for_a_bare_port(self) -> None:
         if not socket.has_dualstack_ipv6():
@@ -2480,6 +2597,169 @@ class TestDeployDashboard(unittest.TestCase):
             self.assertNotIn("$", substitute_grafana_variables(expr))
 
 
+# The reference documentation, read as tables: each documented name is the backquoted first cell
+# of a table row (`| `name` | ... |`) under a known heading.
+DOCS_DIR = os.path.join(HERE, "docs")
+CONFIGMAP_FILE = "kubernetes/configmap.yaml"
+_DOC_ROW = re.compile(r"\| `([^`]+)`[^|]*\|(.*)\|$")
+_ALERT = re.compile(r"(?m)^      - alert: (\w+)$")
+_RECORD = re.compile(r"(?m)^      - record: (\S+)$")
+
+
+def docs_text(name: str) -> str:
+    with open(os.path.join(DOCS_DIR, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def doc_section(text: str, heading: str) -> List[str]:
+    """The lines under the Markdown heading ``heading`` (a whole line, e.g. "## Flags") up to the
+    next heading; lines of fenced code blocks are not headings."""
+    lines = text.splitlines()
+    assert heading in lines, "no heading %r" % heading
+    section: List[str] = []
+    fenced = False
+    for line in lines[lines.index(heading) + 1:]:
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            break
+        section.append(line)
+    return section
+
+
+def doc_rows(text: str, *headings: str) -> List[Tuple[str, List[str]]]:
+    """(name, the other cells) of each table row under ``headings`` whose first cell begins with
+    a backquoted name."""
+    rows = []
+    for heading in headings:
+        for line in doc_section(text, heading):
+            match = _DOC_ROW.match(line)
+            if match:
+                rows.append((match.group(1), [cell.strip() for cell in match.group(2).split(" | ")]))
+    return rows
+
+
+def rule_alerts() -> Dict[str, str]:
+    """Alert name -> severity label, from the rule file."""
+    text = deploy_text(RULES_FILE)
+    starts = [m.start() for m in re.finditer(r"(?m)^      - (?:alert|record): ", text)] + [len(text)]
+    alerts = {}
+    for start, end in zip(starts, starts[1:]):
+        name = _ALERT.match(text, start)
+        if name:
+            severity = re.search(r"(?m)^          severity: (\w+)$", text[start:end])
+            alerts[name.group(1)] = severity.group(1) if severity else ""
+    return alerts
+
+
+class TestDocs(unittest.TestCase):
+    """The documentation names exactly what the code and the rule file define: a metric, failure
+    reason, flag, module key, preset or alert without its line, or a line without its thing,
+    fails here, and the message names them."""
+
+    def assertSameNames(self, documented: List[str], defined: object, where: str) -> None:
+        wanted = set(defined)  # type: ignore[call-overload]
+        missing = sorted(wanted - set(documented))
+        extra = sorted(set(documented) - wanted)
+        twice = sorted({name for name in documented if documented.count(name) > 1})
+        self.assertEqual(
+            (missing, extra, twice), ([], [], []),
+            "%s: missing (defined, not documented): %s; extra (documented, not defined): %s; "
+            "listed more than once: %s" % (where, missing, extra, twice))
+
+    def test_metrics_md_lists_every_metric_with_its_type(self) -> None:
+        rows = doc_rows(docs_text("metrics.md"), "## Probe metrics", "## Check metrics", "## Exporter metrics")
+        self.assertSameNames([name for name, _ in rows], wx.METRICS, "docs/metrics.md metric tables")
+        wrong = [(name, cells[0]) for name, cells in rows if name in wx.METRICS and cells[0] != wx.METRICS[name][0]]
+        self.assertEqual(wrong, [], "docs/metrics.md: metrics documented with the wrong type")
+
+    def test_metrics_md_lists_every_failure_reason_with_known_phases(self) -> None:
+        rows = doc_rows(docs_text("metrics.md"), "## Failure reasons")
+        self.assertSameNames([name for name, _ in rows], wx.FAILURE_REASONS, "docs/metrics.md Failure reasons")
+        phases = {name: set(cells[0].split(", ")) for name, cells in rows}
+        wrong = sorted(name for name, named in phases.items() if not named <= wx.FAILURE_PHASES | {"any"})
+        self.assertEqual(wrong, [], "docs/metrics.md: reasons with a phase that does not exist")
+
+    def test_configuration_md_lists_every_flag_with_its_default(self) -> None:
+        rows = doc_rows(docs_text("configuration.md"), "## Flags")
+        self.assertSameNames([name for name, _ in rows], ["--" + spec.name for spec in wx.FLAG_SPECS],
+                             "docs/configuration.md Flags")
+        documented = dict(rows)
+        wrong = [("--" + spec.name, spec.default) for spec in wx.FLAG_SPECS
+                 if not spec.boolean and spec.default and "--" + spec.name in documented
+                 and documented["--" + spec.name][0] != "`%s`" % spec.default]
+        self.assertEqual(wrong, [], "docs/configuration.md: flags whose documented default is not the code's")
+
+    def test_configuration_md_lists_every_module_key(self) -> None:
+        rows = doc_rows(docs_text("configuration.md"), "### Module keys")
+        self.assertSameNames([name for name, _ in rows], wx._MODULE_KEYS, "docs/configuration.md Module keys")
+
+    def test_configuration_md_lists_every_builtin_module(self) -> None:
+        rows = doc_rows(docs_text("configuration.md"), "## Modules")
+        self.assertSameNames([name for name, _ in rows], wx.PRESET_NAMES, "docs/configuration.md Modules")
+
+    def test_configmap_comment_lists_every_builtin_module(self) -> None:
+        comment = " ".join(line.lstrip("#").strip() for line in deploy_text(CONFIGMAP_FILE).splitlines()
+                           if line.startswith("#"))
+        match = re.search(r"built-in ones, one per preset \(([^)]*)\)", comment)
+        assert match is not None, "deploy/%s: no list of the built-in modules" % CONFIGMAP_FILE
+        self.assertSameNames(re.split(r",\s*", match.group(1)), wx.PRESET_NAMES, "deploy/" + CONFIGMAP_FILE)
+
+    def test_deploy_readme_lists_every_alert_with_its_severity(self) -> None:
+        alerts = rule_alerts()
+        self.assertGreaterEqual(len(alerts), 13)
+        rows = doc_rows(deploy_text("README.md"), "### Alert list")
+        self.assertSameNames([name for name, _ in rows], alerts, "deploy/README.md Alert list")
+        wrong = [(name, cells[-1]) for name, cells in rows if name in alerts and cells[-1] != alerts[name]]
+        self.assertEqual(wrong, [], "deploy/README.md: alerts listed with another severity than the rule file's")
+
+    def test_deploy_readme_lists_every_recording_rule(self) -> None:
+        records = _RECORD.findall(deploy_text(RULES_FILE))
+        rows = doc_rows(deploy_text("README.md"), "### Fleet recording rules")
+        self.assertSameNames([name for name, _ in rows], records, "deploy/README.md Fleet recording rules")
+
+    def test_inhibit_rule_lets_each_critical_probe_alert_mute_endpoint_down(self) -> None:
+        """WebSocketEndpointDown fires for any failed probe. Every other critical alert about a
+        probe says why it failed, so it mutes the general one; WebSocketExporterDown is per job
+        (no instance to match), so it stays out."""
+        block = "\n".join(doc_section(deploy_text("README.md"), "### Paging once"))
+        sources = re.search(r"source_matchers: \['alertname=~\"([\w|]+)\"'\]", block)
+        target = re.search(r"target_matchers: \['alertname=\"(\w+)\"'\]", block)
+        assert sources is not None and target is not None, "deploy/README.md: no inhibit rule under Paging once"
+        self.assertEqual(target.group(1), "WebSocketEndpointDown")
+        self.assertIn("equal: [job, instance]", block)
+        critical = [name for name, severity in rule_alerts().items() if severity == "critical"]
+        intended = set(critical) - {"WebSocketEndpointDown", "WebSocketExporterDown"}
+        self.assertSameNames(sources.group(1).split("|"), intended, "deploy/README.md inhibit rule sources")
+
+    def test_relative_links_between_the_documents_resolve(self) -> None:
+        files = ["README.md", "deploy/README.md"] + ["docs/" + name for name in sorted(os.listdir(DOCS_DIR))]
+        broken = []
+        for name in files:
+            with open(os.path.join(HERE, name), encoding="utf-8") as f:
+                text = f.read()
+            for link in re.findall(r"\]\(([^)\s]+)\)", text):
+                if re.match(r"[a-z]+:", link):
+                    continue
+                path, _, anchor = link.partition("#")
+                target = os.path.normpath(os.path.join(os.path.dirname(name), path)) if path else name
+                if not os.path.exists(os.path.join(HERE, target)):
+                    broken.append((name, link))
+                elif anchor and target.endswith(".md") and anchor not in markdown_anchors(target):
+                    broken.append((name, link))
+        self.assertEqual(broken, [], "links whose file or heading does not exist")
+
+
+def markdown_anchors(name: str) -> Set[str]:
+    """The anchors GitHub makes of a Markdown file's headings: lower case, punctuation dropped,
+    spaces as hyphens."""
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        text = f.read()
+    text = re.sub(r"(?ms)^```.*?^```", "", text)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"(?m)^#{1,6} (.+)$", text)}
+
+
 # Runs a program that knows nothing of stdin, and ends it when stdin closes: when the test ends it,
 # or when the test process dies, so that no scraper outlives the tests.
 _STDIN_WATCH = '"$@" </dev/null & child=$!; read _; kill $child; wait $child'
@@ -2763,6 +3043,11 @@ def rpc_server(handlers: RpcHandlers, seen: Optional[List[Dict[str, object]]] = 
     return behave
 
 
+def rpc_series(metrics: Dict[str, float]) -> List[str]:
+    """The labels of every probe_rpc_duration_seconds series, sorted."""
+    return sorted(k[len("probe_rpc_duration_seconds"):] for k in metrics if k.startswith("probe_rpc_duration_seconds{"))
+
+
 def replies(result: object) -> Callable[[Dict[str, object]], List[bytes]]:
     return lambda request: [rpc_reply(request, result)]
 
@@ -2815,6 +3100,8 @@ class TestNodeModules(ChecksTestCase):
         self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (1000, 968))
         self.assertIn('probe_node_info{client="",version="1.18.22"}', metrics)
         self.assertIn('probe_chain_info{genesis="%s"}' % self.GENESIS, metrics)
+        self.assertEqual(rpc_series(metrics), ['{block="finalized",method="getSlot"}', '{block="processed",method="getSlot"}', '{method="getGenesisHash"}',
+                                               '{method="getHealth"}', '{method="getVersion"}'])
         behind = text_frame({"jsonrpc": "2.0", "id": 1, "error": {
             "code": -32005, "message": "Node is behind by 42 slots", "data": {"numSlotsBehind": 42}}})
         metrics = self.probe_rpc(self.solana(lambda r: [behind]), "solana_node")
@@ -2841,11 +3128,29 @@ class TestNodeModules(ChecksTestCase):
         self.assertEqual((metrics["probe_node_peers"], metrics["probe_node_syncing"]), (5, 0))
         self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (16, 12))
         self.assertIn('probe_node_info{client="",version="1.10.0-7049c3c9883"}', metrics)
+        self.assertEqual(rpc_series(metrics), ['{block="finalized",method="chain_getHeader"}', '{block="latest",method="chain_getHeader"}',
+                                               '{method="chain_getBlockHash"}', '{method="chain_getFinalizedHead"}',
+                                               '{method="system_health"}', '{method="system_version"}'])
         self.assert_check_failed(self.probe_rpc(self.substrate(True), "substrate_node"), "node_syncing")
         self.use_config({"modules": {"strict": {"preset": "substrate_node", "min_peers": 8},
                                      "lag": {"preset": "substrate_node", "max_finality_lag": 2}}})
         self.assert_check_failed(self.probe_rpc(self.substrate(False), "strict"), "too_few_peers")
         self.assert_check_failed(self.probe_rpc(self.substrate(False), "lag"), "finality_lag")
+
+    def test_evm_node_times_each_block_it_asks_for_apart(self) -> None:
+        blocks = {"0x0": evm_block(0, 0), "latest": evm_block(100, time.time()), "finalized": evm_block(36, time.time() - 800)}
+        handlers = {
+            "eth_chainId": replies("0x1"), "eth_syncing": replies(False), "net_peerCount": replies("0x3"),
+            "web3_clientVersion": replies("Geth/v1.14.0/linux-amd64/go1.22"),
+            "eth_getBlockByNumber": lambda r: [rpc_reply(r, blocks[r["params"][0]])],  # type: ignore[index]
+        }
+        metrics = self.probe_rpc(handlers, "evm_node")
+        self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
+        self.assertEqual(rpc_series(metrics), [
+            '{block="finalized",method="eth_getBlockByNumber"}', '{block="genesis",method="eth_getBlockByNumber"}',
+            '{block="latest",method="eth_getBlockByNumber"}', '{method="eth_chainId"}', '{method="eth_syncing"}',
+            '{method="net_peerCount"}', '{method="web3_clientVersion"}'])
+        self.assertEqual((metrics["probe_chain_head_number"], metrics["probe_chain_finalized_head_number"]), (100, 36))
 
     def cometbft(self, catching_up: bool) -> RpcHandlers:
         now = time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime())
@@ -2900,11 +3205,15 @@ class TestCheckParsing(unittest.TestCase):
                  ({"code": -32000, "message": "the method eth_x does not exist/is not available"}, "method_not_found"),
                  ("not an object", "rpc_error")]
         for error, reason in cases:
-            self.assertEqual(wx.rpc_failure("m", error, result).reason, reason, error)
-        self.assertEqual(result.rpc_error_codes, {"m": -32000})
+            self.assertEqual(wx.rpc_failure(("m", ""), error, result).reason, reason, error)
+        self.assertEqual(result.rpc_error_codes, {("m", ""): -32000})
 
     def test_builtin_modules_need_no_config(self) -> None:
         self.assertEqual(set(wx.DEFAULT_MODULES), set(wx.PRESETS))
+        self.assertLessEqual(set(wx.PRESET_KEYS), set(wx._MODULE_KEYS))
+        for name, preset in wx.PRESETS.items():
+            self.assertLessEqual(set(preset.keys), set(wx.PRESET_KEYS), name)
+            self.assertEqual(preset.subscription is not None, preset.check is wx.check_subscription, name)
         self.assertEqual(wx.Module("connect").preset, "connect")
         self.assertFalse(wx.Module("connect").runs_checks())
 
@@ -2962,7 +3271,7 @@ class TestChecks(ChecksTestCase):
         self.assertEqual((metrics["probe_chain_id"], metrics["probe_chain_head_number"]), (1, 1234))
         self.assertEqual(metrics["probe_chain_head_timestamp_seconds"], int(now - 3))
         self.assertTrue(3 <= metrics["probe_chain_head_age_seconds"] < 10)
-        self.assertGreater(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0)
+        self.assertGreater(metrics['probe_rpc_duration_seconds{block="latest",method="eth_getBlockByNumber"}'], 0)
         self.assertEqual(seen[1]["params"], ["latest", False])
         self.assertEqual([r["jsonrpc"] for r in seen], ["2.0", "2.0"])
 
@@ -3031,6 +3340,26 @@ class TestChecks(ChecksTestCase):
         self.assertEqual(metrics["probe_subscription_notifications"], 0)
         self.assertNotIn("probe_subscription_first_notification_seconds", metrics)
 
+    def test_a_hold_longer_than_the_scrape_allows_is_cut_short_and_the_probe_still_succeeds(self) -> None:
+        self.use_config({"modules": {"held": {"preset": "substrate_newheads", "timeout": "8s", "hold": "5s"}}})
+        handlers = {
+            "chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s"), rpc_notification("chain_newHead", SUBSTRATE_HEADER, "s")],
+            "chain_unsubscribeNewHeads": replies(True),
+        }
+        seen: List[Dict[str, object]] = []
+        server = self.serve(rpc_server(handlers, seen))
+        # The deadline is 3 - 0.5 s: the 5 s hold must end early enough for the unsubscribe and the close.
+        page = self.exporter.probe_raw("ws://127.0.0.1:%d/" % server.port, "3", module="held", debug="true")[2]
+        metrics = parse_metrics(page.partition("returned:\n")[2].partition("\nModule configuration:")[0])
+        self.assertEqual(metrics["probe_success"], 1, page)
+        self.assertEqual(metrics["probe_websocket_close_code"], 1000)
+        self.assertEqual([r["method"] for r in seen], ["chain_subscribeNewHeads", "chain_unsubscribeNewHeads"])
+        held = re.search(r'msg="Hold cut short by the probe deadline" .*held=([0-9.]+) asked=5\b', page)
+        assert held, page
+        # The silence after the one notification is measured up to when the hold really ended.
+        self.assertAlmostEqual(metrics["probe_subscription_max_gap_seconds"], float(held.group(1)), delta=0.1)
+        self.assertLess(float(held.group(1)), 2.5)
+
     def test_too_few_notifications(self) -> None:
         self.use_config({"modules": {"three": {"preset": "substrate_newheads", "min_notifications": 3}}})
         handlers = {"chain_subscribeNewHeads": lambda r: [rpc_reply(r, "s"), rpc_notification("chain_newHead", SUBSTRATE_HEADER)]}
@@ -3065,6 +3394,13 @@ class TestChecks(ChecksTestCase):
     def test_server_closing_during_the_check(self) -> None:
         metrics = self.probe_rpc({"eth_chainId": lambda r: [server_close(1001)]}, "evm")
         self.assert_failed(metrics, "check", "connection_closed", up=1)
+
+    def test_a_value_error_in_a_check_is_an_internal_error_not_a_connect_error(self) -> None:
+        handlers = {"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies(evm_block(5, time.time()))}
+        with mock.patch.object(wx, "evm_head", side_effect=ValueError("a bug in the check")):
+            metrics = self.probe_rpc(handlers, "evm")
+        self.assert_check_failed(metrics, "internal_error")
+        self.assertRegex(self.exporter.log.getvalue(), r"Traceback.*\\n.*ValueError: a bug in the check")
 
     def test_generic_steps(self) -> None:
         config = {"modules": {
@@ -3152,6 +3488,8 @@ class TestConfig(unittest.TestCase):
             ({"modules": {"eth": {"steps": [{"expect": {"path": "a", "at_least": "1"}}]}}}, "modules.eth.steps[0].expect.at_least: want a number, got string"),
             ({"modules": {"s": {"preset": "solana_slot", "max_head_age": "1m"}}}, "modules.s.max_head_age: preset solana_slot reports no block time"),
             ({"modules": {"p": {"preset": "ping", "expect_chain_id": 1}}}, "modules.p.expect_chain_id: preset ping reports no chain id"),
+            ({"modules": {"h": {"preset": "evm_newheads", "timeout": "3s", "hold": "20s"}}},
+             "modules.h.hold: 20s does not fit in the module's timeout of 3s: the unsubscribe and the close need its last 0.6s"),
             ({"modules": []}, "modules: want an object, got array"),
             ({"module": {}}, "module: unknown key"),
             ({"targets": {"x": {"url": "ftp://h/", "module": "evm"}}}, "targets.x.url: not a probe target: unsupported scheme"),
@@ -3162,6 +3500,32 @@ class TestConfig(unittest.TestCase):
         for config, message in cases:
             with self.subTest(message):
                 self.assertEqual(self.error_of(config), message)
+
+    def test_the_config_keys_are_the_module_fields_and_the_debug_page_shows_them_all(self) -> None:
+        self.assertEqual(set(wx._MODULE_KEYS), set(wx.Module._fields) - {"name", "tls_context"})
+        self.assertEqual(list(wx.Module("m").settings()), [f for f in wx.Module._fields if f != "tls_context"])
+
+    def test_every_error_in_a_file_is_reported_one_per_line_at_start_and_on_reload(self) -> None:
+        config = {"modules": {"a": {"timeout": 5, "colour": "red"}, "b": {"preset": "bitcoin"}},
+                  "targets": {"x": {"url": "ftp://h/", "module": "a"}, "y": {"url": "ws://h/", "module": "a"}}}
+        errors = [
+            "modules.a.timeout: want a string, got number",
+            "modules.a.colour: unknown key",
+            "modules.b.preset: want one of: %s" % ", ".join(wx.PRESET_NAMES),
+            "targets.x.url: not a probe target: unsupported scheme",
+        ]  # targets.y is no error: module a is there, only in error itself
+        self.assertEqual(self.error_of(config).splitlines(), errors)
+        path = write_config(self.dir, config)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "ws_exporter.py"), "--config.file", path],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stderr.splitlines()), (2, ["ws_exporter: config file %s: %s" % (path, e) for e in errors]))
+        fixture = ExporterFixture(config_file=path)
+        self.addCleanup(fixture.close)
+        status, _, body = fixture.get("/-/reload", method="POST")
+        self.assertEqual((status, body), (500, "Config reload failed: %s\n" % "\n".join(errors)))
+        logged = [line for line in fixture.log.getvalue().splitlines() if "Config reload failed" in line]
+        self.assertEqual(len(logged), 1)
+        self.assertIn(json.dumps("\n".join(errors)), logged[0])
 
     def test_env_and_file_substitution(self) -> None:
         secret = os.path.join(self.dir, "key")
@@ -3276,6 +3640,7 @@ class TestAliasesAndReload(ChecksTestCase):
 
         self.assertEqual((status_of("first"), status_of("second")), (200, 400))
         assert proc.proc.stderr is not None
+        self.assertIn("msg=\"Config loaded\" file=%s" % path, proc.proc.stderr.readline())  # the start's
         for content, expect in ({"modules": {"second": {}}}, "Config loaded"), ("{broken", "Config reload failed"):
             write_config(self.dir, content)
             proc.proc.send_signal(signal.SIGHUP)
@@ -3421,6 +3786,9 @@ class TestCheckInterop(unittest.TestCase):
         self.assertEqual(anvil["probe_success"], 1, failure_of(anvil))
         self.assertEqual((anvil["probe_chain_id"], anvil["probe_node_syncing"]), (31337, 0))
         self.assertNotIn("probe_node_peers", anvil)  # anvil does not serve net_peerCount: left out
+        self.assertEqual([s for s in rpc_series(anvil) if "eth_getBlockByNumber" in s], [
+            '{block="finalized",method="eth_getBlockByNumber"}', '{block="genesis",method="eth_getBlockByNumber"}',
+            '{block="latest",method="eth_getBlockByNumber"}'])
         self.assertIn('probe_node_info{client="anvil",version="v%s"}' % ANVIL_VERSION, anvil)
         genesis = [k for k in anvil if k.startswith("probe_chain_info{genesis=")]
         self.assertEqual(len(genesis), 1)
@@ -3811,7 +4179,7 @@ class TestKeepAlive(unittest.TestCase):
             metrics = self.exporter.probe("ws://127.0.0.1:%d/" % rpc.port, module="evm")
         self.assertEqual(metrics["probe_success"], 1, failure_of(metrics))
         self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_chainId"}'], 0.25)
-        self.assertLess(metrics['probe_rpc_duration_seconds{method="eth_getBlockByNumber"}'], 0.25)
+        self.assertLess(metrics['probe_rpc_duration_seconds{block="latest",method="eth_getBlockByNumber"}'], 0.25)
 
     def test_a_remembered_request_follows_a_new_config(self) -> None:
         """A reload changes what the next request on a kept-alive connection means."""

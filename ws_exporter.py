@@ -75,6 +75,7 @@ from typing import (
     Deque,
     Dict,
     Iterable,
+    Iterator,
     List,
     NamedTuple,
     Optional,
@@ -160,6 +161,7 @@ THREAD_STACK_BYTES = 2 * 1024 * 1024
 RESERVED_DESCRIPTORS = 16 + MAX_RESOLVER_THREADS  # see fit_descriptor_limit
 DEFAULT_MAX_CONCURRENT_PROBES = 512
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0  # within Kubernetes' default 30 s grace period
 MAX_RELOAD_BODY_BYTES = 65536  # POST /-/reload needs no body; a small one is read and dropped
 
 # TLS and basic auth on the exporter's own listener (--web.config.file).
@@ -193,6 +195,7 @@ OPENMETRICS_CONTENT_TYPE = OPENMETRICS_MEDIA_TYPE + "; version=1.0.0; charset=ut
 RECENT_PROBES = 100  # probes the landing page lists; older ones (and their /logs) are dropped
 
 PHASES = ("resolve", "connect", "tls", "upgrade", "close")
+CONNECTING_PHASES = frozenset(PHASES[:4])
 FAILURE_PHASES = frozenset(("target", "resolve", "connect", "tls", "upgrade", "check", "close"))
 FAILURE_REASONS = frozenset(
     (
@@ -236,7 +239,7 @@ FAILURE_REASONS = frozenset(
     )
 )
 # Checks stop this long (at most this share of the probe's timeout) before the deadline, so that a
-# silent node fails as no_notification and the clean close still has time to run.
+# silent node fails as no_notification and the close has time to run; a hold, as long again before.
 CHECK_RESERVE_SECONDS = 0.5
 CHECK_RESERVE_SHARE = 0.1
 PING_PAYLOAD_BYTES = 16
@@ -844,29 +847,11 @@ class Module(NamedTuple):
     max_gap: Optional[float] = None  # seconds of silence a held subscription may have
 
     def settings(self) -> Dict[str, object]:
-        """The module as shown on the debug page, header values and proxy credentials redacted."""
-        return {
-            "name": self.name,
-            "timeout": self.timeout,
-            "headers": {name: "<redacted>" for name, _ in self.headers},
-            "subprotocols": list(self.subprotocols),
-            "preset": self.preset,
-            "origin": self.origin,
-            "tls": self.tls._asdict(),
-            "ip_protocol": self.ip_protocol,
-            "ip_protocol_fallback": self.ip_protocol_fallback,
-            "proxy_url": redact_proxy_url(self.proxy_url),
-            "expect_chain_id": self.expect_chain_id,
-            "max_head_age": self.max_head_age,
-            "min_notifications": self.min_notifications,
-            "steps": [step_settings(step) for step in self.steps],
-            "min_peers": self.min_peers,
-            "max_finality_lag": self.max_finality_lag,
-            "expect_genesis_hash": self.expect_genesis_hash,
-            "expect_network": self.expect_network,
-            "hold": self.hold,
-            "max_gap": self.max_gap,
-        }
+        """The module as shown on the debug page: every field but the TLS context built from
+        ``tls``, those that may carry secrets redacted (MODULE_FIELDS_SHOWN)."""
+        fields = self._asdict()
+        del fields["tls_context"]
+        return {key: MODULE_FIELDS_SHOWN[key](value) if key in MODULE_FIELDS_SHOWN else value for key, value in fields.items()}
 
     def runs_checks(self) -> bool:
         return self.preset != "connect" or bool(self.steps)
@@ -890,6 +875,16 @@ def step_settings(step: Step) -> Dict[str, object]:
         shown["equals"] = step.equals[0]
     shown.update((k, v) for k, v in (("at_least", step.at_least), ("at_most", step.at_most)) if v is not None)
     return {"expect": shown}
+
+
+# How the debug page shows the Module fields that need more than their value.
+MODULE_FIELDS_SHOWN: Dict[str, Callable[[Any], object]] = {
+    "headers": lambda headers: {name: "<redacted>" for name, _ in headers},
+    "subprotocols": list,
+    "tls": TLSOptions._asdict,
+    "proxy_url": redact_proxy_url,
+    "steps": lambda steps: [step_settings(step) for step in steps],
+}
 
 
 class TargetPolicy(NamedTuple):
@@ -982,6 +977,9 @@ def secret_parts(raw: str) -> Tuple[str, ...]:
     return tuple(sorted((p for p in pieces if len(p) >= SECRET_MIN_CHARS), key=lambda p: (-len(p), p)))
 
 
+RpcCall = Tuple[str, str]  # (JSON-RPC method, the block it asked for where a check asks for several, else "")
+
+
 class ProbeResult:
     """Everything one probe measured; filled during the probe, rendered once."""
 
@@ -1001,8 +999,8 @@ class ProbeResult:
         self.total = 0.0
         # What the module's checks measured; None or empty when it did not get that far.
         self.ping_rtt: Optional[float] = None
-        self.rpc_durations: Dict[str, float] = {}
-        self.rpc_error_codes: Dict[str, int] = {}
+        self.rpc_durations: Dict[RpcCall, float] = {}
+        self.rpc_error_codes: Dict[RpcCall, int] = {}
         self.notifications: Optional[int] = None
         self.first_notification: Optional[float] = None  # seconds from subscribing
         self.chain_id: Optional[int] = None
@@ -1225,13 +1223,8 @@ def run_probe(
         if module.runs_checks():
             run_checks(conn, module, result, log)
         close_websocket(conn, result, log)
-    except ProbeError as err:
-        _record_failure(result, err, log)
-    except (OSError, ValueError) as err:
-        _record_failure(result, _classify_os_error(err), log)
-    except Exception as err:  # a bug: report it as a failed probe, never as a 500
-        log.log("debug", "Probe raised an unexpected exception", traceback=format_exception())
-        _record_failure(result, ProbeError("internal_error", type(err).__name__), log)
+    except Exception as err:  # whatever it was, a failed probe, never a 500
+        _record_failure(result, as_probe_error(err, result, log), log)
     finally:
         if sock is not None:
             sock.close()
@@ -1244,7 +1237,11 @@ def _record_failure(result: ProbeResult, err: ProbeError, log: ProbeLog) -> None
     log.log("info", "Probe failed", phase=phase, reason=err.reason, detail=log.scrub(err.detail))
 
 
-def _classify_os_error(err: Exception) -> ProbeError:
+def as_probe_error(err: Exception, result: ProbeResult, log: ProbeLog) -> ProbeError:
+    """The failure an exception means: a socket's by its kind; any other but a ProbeError is a
+    bug, but for a name that idna or ssl refuse while connecting."""
+    if isinstance(err, ProbeError):
+        return err
     if isinstance(err, socket.timeout):
         return ProbeError("timeout", "timed out")
     if isinstance(err, ssl.SSLCertVerificationError):
@@ -1255,7 +1252,10 @@ def _classify_os_error(err: Exception) -> ProbeError:
         return ProbeError("connect_refused", "connection refused")
     if isinstance(err, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
         return ProbeError("connection_closed", "connection reset by peer")
-    return ProbeError("connect_error", str(err) or type(err).__name__)
+    if isinstance(err, OSError) or (isinstance(err, ValueError) and result.phase in CONNECTING_PHASES):
+        return ProbeError("connect_error", str(err) or type(err).__name__)  # idna or ssl refusing a name
+    log.log("debug", "Probe raised an unexpected exception", traceback=log.scrub(format_exception()))
+    return ProbeError("internal_error", type(err).__name__)
 
 
 def open_websocket(
@@ -1687,7 +1687,10 @@ class RpcSession:
                     reason = "rate_limited" if event.code in RATE_LIMIT_CLOSE_CODES else "connection_closed"
                     raise CheckError(reason, "server closed the connection (code %d)" % event.code)
                 else:
-                    return self._counted(event)
+                    self.messages += 1
+                    if self.messages > MAX_CHECK_MESSAGES:
+                        raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
+                    return event
             left = self.until - time.monotonic()
             if left <= 0:
                 raise expired()
@@ -1696,22 +1699,12 @@ class RpcSession:
             except socket.timeout:
                 continue
 
-    def _counted(self, event: Union[Message, Pong]) -> Union[Message, Pong]:
-        self.messages += 1
-        if self.messages > MAX_CHECK_MESSAGES:
-            raise CheckError("expectation_failed", "more than %d messages during the check" % MAX_CHECK_MESSAGES)
-        return event
-
-    def next_json(self, expired: Expiry) -> JsonObject:
-        """The next data message, parsed as a JSON object."""
-        while True:
-            event = self.next_event(expired)
-            if isinstance(event, Message):
-                return parse_json_object(event.data)
-
     def receive(self, expired: Expiry) -> Optional[JsonObject]:
-        """The next JSON message, or None when it was a subscription event (set aside)."""
-        message = self.next_json(expired)
+        """The next JSON message; None for a pong or a subscription event (set aside)."""
+        event = self.next_event(expired)
+        if not isinstance(event, Message):
+            return None
+        message = parse_json_object(event.data)
         payload = self.is_event(message)
         if payload is None:
             return message
@@ -1721,33 +1714,29 @@ class RpcSession:
     def send_text(self, text: str) -> None:
         self.conn.send(encode_frame(Opcode.TEXT, text.encode("utf-8")))
 
-    def call(self, method: str, params: object, not_served: str = "method_not_found") -> object:
+    def call(self, method: str, params: object, not_served: str = "method_not_found", block: str = "") -> object:
         """Send a request and return its result; an error answer, or an error without an id
         (JSON-RPC 2.0 §5: the server could not tell which request failed), raises (see
-        rpc_failure for ``not_served``)."""
+        rpc_failure for ``not_served``).  ``block``: see RpcCall."""
         self.next_id += 1
         request_id = self.next_id
         self.send_text(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
         # From the send to the answer's arrival (as the upgrade phase), not to when it was read.
         start = self.conn.send_started
-
-        def expired() -> CheckError:
-            return CheckError("no_response", "no answer to %s" % method)
-
         while True:
-            message = self.receive(expired)
+            message = self.receive(lambda: CheckError("no_response", "no answer to %s" % method))
             if message is None:
                 continue
             answer_id = message.get("id")
             if answer_id != request_id and not (answer_id is None and "error" in message):
                 continue  # an answer to nobody we know, or a notification nobody subscribed to
-            self.result.rpc_durations[method] = max(self.conn.arrived - start, 0.0)
+            seconds = self.result.rpc_durations[method, block] = max(self.conn.arrived - start, 0.0)
             if "error" in message:
                 self.last_error = message["error"]
-                raise rpc_failure(method, message["error"], self.result, not_served)
+                raise rpc_failure((method, block), message["error"], self.result, not_served)
             if "result" not in message:
                 raise CheckError("bad_json", "the answer to %s has neither result nor error" % method)
-            self.log.log("debug", "RPC answered", method=method, seconds=round(self.result.rpc_durations[method], 6))
+            self.log.log("debug", "RPC answered", seconds=round(seconds, 6), **dict(rpc_labels((method, block))))
             return message["result"]
 
 
@@ -1756,14 +1745,14 @@ _NOT_SERVED_TEXT = re.compile(r"does not exist|not supported|method not found", 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def rpc_failure(method: str, error: object, result: ProbeResult, not_served: str = "method_not_found") -> CheckError:
+def rpc_failure(call: RpcCall, error: object, result: ProbeResult, not_served: str = "method_not_found") -> CheckError:
     """The failure a JSON-RPC error object stands for: rate_limited; ``not_served`` when the node
     does not serve the method (-32601, or a message saying so); else rpc_error."""
     code = error.get("code") if isinstance(error, dict) else None
     text = str(error.get("message", "")) if isinstance(error, dict) else str(error)
     if isinstance(code, int) and not isinstance(code, bool):
-        result.rpc_error_codes[method] = code
-    detail = "%s answered error %s: %s" % (method, code, _UNPRINTABLE.sub(" ", text)[:100])
+        result.rpc_error_codes[call] = code
+    detail = "%s answered error %s: %s" % (call[0], code, _UNPRINTABLE.sub(" ", text)[:100])
     if code in RATE_LIMIT_CODES or _RATE_LIMIT_TEXT.search(text):
         return CheckError("rate_limited", detail)
     if code == METHOD_NOT_FOUND or _NOT_SERVED_TEXT.search(text):
@@ -1885,30 +1874,13 @@ class Subscription(NamedTuple):
     event: Callable[[JsonObject], Optional[object]]  # a message's payload when it is an event
     head: Callable[[object], Head]
     chain_id_method: str = ""  # asked first when the chain has a numeric id
-    head_time: bool = False  # do notifications carry the block time (for max_head_age)?
 
 
 _COMETBFT_QUERY = {"query": "tm.event='NewBlockHeader'"}
 
-SUBSCRIPTIONS: Dict[str, Subscription] = {
-    "evm_newheads": Subscription(
-        "eth_subscribe", ["newHeads"], "eth_unsubscribe", lambda sub: [sub],
-        notification_of("eth_subscription"), evm_head, "eth_chainId", True),
-    "solana_slot": Subscription(
-        "slotSubscribe", [], "slotUnsubscribe", lambda sub: [sub],
-        notification_of("slotNotification"), solana_head),
-    "substrate_newheads": Subscription(
-        "chain_subscribeNewHeads", [], "chain_unsubscribeNewHeads", lambda sub: [sub],
-        notification_of("chain_newHead"), substrate_head),
-    "cometbft_newblock": Subscription(
-        "subscribe", _COMETBFT_QUERY, "unsubscribe", lambda _: _COMETBFT_QUERY,
-        cometbft_event, cometbft_head, "", True),
-}
 
-
-def check_until(deadline: Deadline) -> float:
-    """When checks must end: a little before the deadline, leaving time for the clean close."""
-    return deadline.expires - min(CHECK_RESERVE_SECONDS, deadline.seconds * CHECK_RESERVE_SHARE)
+def check_reserve(seconds: float) -> float:
+    return min(CHECK_RESERVE_SECONDS, seconds * CHECK_RESERVE_SHARE)
 
 
 def run_checks(conn: Connection, module: Module, result: ProbeResult, log: ProbeLog) -> None:
@@ -1916,11 +1888,11 @@ def run_checks(conn: Connection, module: Module, result: ProbeResult, log: Probe
     still usable, the clean close runs before the failure is raised."""
     try:
         with _Phase(result, "check"):
-            session = RpcSession(conn, result, log, check_until(conn.deadline))
-            PRESETS[module.preset](session, module, result)
+            session = RpcSession(conn, result, log, conn.deadline.expires - check_reserve(conn.deadline.seconds))
+            PRESETS[module.preset].check(session, module, result)
             run_steps(session, module.steps)
-    except (ProbeError, OSError) as err:
-        failure = err if isinstance(err, ProbeError) else _classify_os_error(err)
+    except Exception as err:
+        failure = as_probe_error(err, result, log)
         if conn.reader.closed is None and failure.reason not in _CONNECTION_LOST:
             close_after_failure(conn, result, log)
         raise ProbeError(failure.reason, failure.detail, failure.phase or "check")
@@ -1972,7 +1944,7 @@ def record_head(head: Head, module: Module, result: ProbeResult) -> None:
 def check_evm(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """The chain id, then the latest block's number and time."""
     check_chain_id(session, "eth_chainId", module, result)
-    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False])), module, result)
+    record_head(evm_head(session.call("eth_getBlockByNumber", ["latest", False], block="latest")), module, result)
 
 
 def check_evm_node(session: RpcSession, module: Module, result: ProbeResult) -> None:
@@ -1986,10 +1958,10 @@ def check_evm_node(session: RpcSession, module: Module, result: ProbeResult) -> 
     if isinstance(version, str):
         client, _, rest = version.partition("/")
         result.node_info = (client[:MAX_INFO_CHARS], rest.partition("/")[0][:MAX_INFO_CHARS])
-    genesis = field(session.call("eth_getBlockByNumber", ["0x0", False]), "hash", "block 0")
+    genesis = field(session.call("eth_getBlockByNumber", ["0x0", False], block="genesis"), "hash", "block 0")
     result.genesis = str(genesis)[:MAX_INFO_CHARS]
-    latest = evm_head(session.call("eth_getBlockByNumber", ["latest", False]))
-    finalized = evm_head(session.call("eth_getBlockByNumber", ["finalized", False]))
+    latest = evm_head(session.call("eth_getBlockByNumber", ["latest", False], block="latest"))
+    finalized = evm_head(session.call("eth_getBlockByNumber", ["finalized", False], block="finalized"))
     result.finalized_head, result.head_number = finalized.number, latest.number
     judge_node(module, result)
     record_head(latest, module, result)
@@ -2027,14 +1999,14 @@ def check_solana_node(session: RpcSession, module: Module, result: ProbeResult) 
     try:
         session.call("getHealth", [])
     except CheckError:
-        if session.result.rpc_error_codes.get("getHealth") != SOLANA_NODE_BEHIND:
+        if session.result.rpc_error_codes.get(("getHealth", "")) != SOLANA_NODE_BEHIND:
             raise
-        behind = json_at_or(session.last_error, "data.numSlotsBehind")
-        result.behind_slots = as_number(behind, "numSlotsBehind") if behind is not None else None
-        raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % behind)
+        with contextlib.suppress(KeyError):  # the node need not say by how much
+            result.behind_slots = as_number(json_at(session.last_error, "data.numSlotsBehind"), "numSlotsBehind")
+        raise CheckError("node_unhealthy", "getHealth: behind by %s slots" % result.behind_slots)
     result.genesis = str(session.call("getGenesisHash", []))[:MAX_INFO_CHARS]
-    result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}]), "slot")
-    result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}]), "slot")
+    result.head_number = as_number(session.call("getSlot", [{"commitment": "processed"}], block="processed"), "slot")
+    result.finalized_head = as_number(session.call("getSlot", [{"commitment": "finalized"}], block="finalized"), "slot")
     version = optional_call(session, "getVersion")
     if isinstance(version, dict):
         result.node_info = ("", str(version.get("solana-core", ""))[:MAX_INFO_CHARS])
@@ -2048,9 +2020,9 @@ def check_substrate_node(session: RpcSession, module: Module, result: ProbeResul
     result.node_syncing = int(bool(field(health, "isSyncing", "system_health")))
     result.node_peers = as_number(field(health, "peers", "system_health"), "peers")
     result.genesis = str(session.call("chain_getBlockHash", [0]))[:MAX_INFO_CHARS]
-    result.head_number = substrate_head(session.call("chain_getHeader", [])).number
+    result.head_number = substrate_head(session.call("chain_getHeader", [], block="latest")).number
     finalized = session.call("chain_getFinalizedHead", [])
-    result.finalized_head = substrate_head(session.call("chain_getHeader", [finalized])).number
+    result.finalized_head = substrate_head(session.call("chain_getHeader", [finalized], block="finalized")).number
     version = optional_call(session, "system_version")
     if isinstance(version, str):
         result.node_info = ("", version[:MAX_INFO_CHARS])
@@ -2071,17 +2043,11 @@ def check_cometbft_node(session: RpcSession, module: Module, result: ProbeResult
     record_head(head, module, result)
 
 
-def json_at_or(value: object, path: str) -> object:
-    try:
-        return json_at(value, path)
-    except KeyError:
-        return None
-
-
 def check_subscription(session: RpcSession, module: Module, result: ProbeResult) -> None:
     """Subscribe, wait for min_notifications notifications (and, with ``hold``, keep listening
     that long), unsubscribe."""
-    sub = SUBSCRIPTIONS[module.preset]
+    sub = PRESETS[module.preset].subscription
+    assert sub is not None
     if sub.chain_id_method:
         check_chain_id(session, sub.chain_id_method, module, result)
     session.is_event = sub.event
@@ -2091,7 +2057,7 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
         subscribed = session.conn.arrived
         wait_for_notifications(session, module.min_notifications)
         if module.hold:
-            record_hold(session, subscribed, hold_subscription(session, subscribed + module.hold), sub, result)
+            record_hold(session, subscribed, hold_subscription(session, subscribed, module.hold), sub, result)
     finally:
         result.notifications = len(session.notifications)
         if session.notifications:
@@ -2103,11 +2069,14 @@ def check_subscription(session: RpcSession, module: Module, result: ProbeResult)
     result.notifications = len(session.notifications)
 
 
-def hold_subscription(session: RpcSession, end: float) -> float:
-    """Notifications until ``end`` (a perf_counter() time) or the check's time, whichever comes
-    first; returns when the hold ended."""
+def hold_subscription(session: RpcSession, subscribed: float, hold: float) -> float:
+    """Notifications for ``hold`` seconds from ``subscribed`` (a perf_counter() time), cut short
+    when the unsubscribe would be left less than its reserve; returns when the hold ended."""
+    started = time.perf_counter()
+    to_monotonic = time.monotonic() - started  # session.until is a time.monotonic()
+    end = min(subscribed + hold, session.until - check_reserve(session.conn.deadline.seconds) - to_monotonic)
     done = CheckError("timeout", "the hold is over")
-    kept, session.until = session.until, min(session.until, time.monotonic() + end - time.perf_counter())
+    kept, session.until = session.until, end + to_monotonic
     try:
         while True:
             session.receive(lambda: done)
@@ -2116,7 +2085,10 @@ def hold_subscription(session: RpcSession, end: float) -> float:
             raise
     finally:
         session.until = kept
-    return min(time.perf_counter(), end)
+    ended = max(min(time.perf_counter(), end), started)  # waiting for min_notifications may have passed ``end``
+    if end < subscribed + hold:
+        session.log.log("debug", "Hold cut short by the probe deadline", held=round(ended - subscribed, 3), asked=hold)
+    return ended
 
 
 def record_hold(session: RpcSession, subscribed: float, ended: float, sub: "Subscription", result: ProbeResult) -> None:
@@ -2139,25 +2111,64 @@ def wait_for_notifications(session: RpcSession, count: int) -> None:
         session.receive(expired)
 
 
-PRESETS: Dict[str, Callable[[RpcSession, Module, ProbeResult], None]] = {
-    "connect": check_nothing,
-    "ping": check_ping,
-    "evm": check_evm,
-    "evm_node": check_evm_node,
-    "solana_node": check_solana_node,
-    "substrate_node": check_substrate_node,
-    "cometbft_node": check_cometbft_node,
-    "evm_newheads": check_subscription,
-    "solana_slot": check_subscription,
-    "substrate_newheads": check_subscription,
-    "cometbft_newblock": check_subscription,
+class Preset(NamedTuple):
+    """What a preset runs, what it subscribes to (check_subscription), which PRESET_KEYS it honours."""
+
+    check: Callable[[RpcSession, Module, ProbeResult], None]
+    subscription: Optional[Subscription] = None
+    keys: Tuple[str, ...] = ()
+
+
+_HEADS = ("expect_chain_id", "max_head_age")  # a numeric chain id and a block time: EVM's
+_HELD = ("min_notifications", "hold", "max_gap")
+_FINALITY = ("max_finality_lag", "expect_genesis_hash")
+# Module keys only some presets honour, by why a preset without them refuses them.
+_REFUSALS = (
+    (("expect_chain_id",), "reports no chain id"),
+    (("max_head_age",), "reports no block time"),
+    (_HELD, "subscribes to nothing"),
+    (_FINALITY + ("min_peers", "expect_network"), "does not ask the node for it"),
+)
+PRESET_KEYS = {key: why for keys, why in _REFUSALS for key in keys}
+PRESETS: Dict[str, Preset] = {
+    "connect": Preset(check_nothing),
+    "ping": Preset(check_ping),
+    "evm": Preset(check_evm, keys=_HEADS),
+    "evm_node": Preset(check_evm_node, keys=_HEADS + _FINALITY + ("min_peers",)),
+    "solana_node": Preset(check_solana_node, keys=_FINALITY),
+    "substrate_node": Preset(check_substrate_node, keys=_FINALITY + ("min_peers",)),
+    "cometbft_node": Preset(check_cometbft_node, keys=("max_head_age", "min_peers", "expect_network")),
+    "evm_newheads": Preset(check_subscription, Subscription(
+        "eth_subscribe", ["newHeads"], "eth_unsubscribe", lambda sub: [sub],
+        notification_of("eth_subscription"), evm_head, "eth_chainId"), _HELD + _HEADS),
+    "solana_slot": Preset(check_subscription, Subscription(
+        "slotSubscribe", [], "slotUnsubscribe", lambda sub: [sub],
+        notification_of("slotNotification"), solana_head), _HELD),
+    "substrate_newheads": Preset(check_subscription, Subscription(
+        "chain_subscribeNewHeads", [], "chain_unsubscribeNewHeads", lambda sub: [sub],
+        notification_of("chain_newHead"), substrate_head), _HELD),
+    "cometbft_newblock": Preset(check_subscription, Subscription(
+        "subscribe", _COMETBFT_QUERY, "unsubscribe", lambda _: _COMETBFT_QUERY,
+        cometbft_event, cometbft_head), _HELD + ("max_head_age",)),
 }
 PRESET_NAMES = tuple(PRESETS)
 # The built-in modules: one per preset, each named after it.
 DEFAULT_MODULES = {name: Module(name, preset=name) for name in PRESET_NAMES}
-# Presets whose answers carry a numeric chain id or a block time (for expect_chain_id, max_head_age).
-CHAIN_ID_PRESETS = frozenset(["evm", "evm_node"] + [n for n, s in SUBSCRIPTIONS.items() if s.chain_id_method])
-HEAD_TIME_PRESETS = frozenset(["evm", "evm_node", "cometbft_node"] + [n for n, s in SUBSCRIPTIONS.items() if s.head_time])
+
+
+def preset_key_errors(module: Module, keys: Iterable[str]) -> List[Tuple[str, str]]:
+    """(key, problem) for each of ``keys`` (those the config gave) the module's preset cannot honour."""
+    preset = PRESETS[module.preset]
+    errors = [(key, "preset %s %s" % (module.preset, PRESET_KEYS[key])) for key in keys if key in PRESET_KEYS and key not in preset.keys]
+    if "max_gap" in preset.keys and module.max_gap is not None and module.hold is None:
+        errors.append(("max_gap", "needs hold: gaps are measured while a subscription is held"))
+    # Only the module's own timeout is known here.  Under --timeout, or a shorter scrape timeout,
+    # hold_subscription cuts a hold that does not fit short, and says so in the probe's log.
+    reserves = 2 * check_reserve(module.timeout or 0.0)  # the unsubscribe's and the close's
+    if "hold" in preset.keys and module.hold and module.timeout and module.hold + reserves > module.timeout:
+        fit = "%gs does not fit in the module's timeout of %gs: the unsubscribe and the close need its last %gs"
+        errors.append(("hold", fit % (module.hold, module.timeout, reserves)))
+    return errors
 
 
 def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
@@ -2171,12 +2182,8 @@ def run_steps(session: RpcSession, steps: Sequence[Step]) -> None:
 def expect(session: RpcSession, step: Step, index: int) -> None:
     """Wait for a message the step accepts.  Messages that do not match the regex, or lack the
     JSON path, are skipped; one that has the path with a wrong value fails at once."""
-
-    def expired() -> CheckError:
-        return CheckError("expectation_failed", "step %d: no matching message" % index)
-
     while True:
-        event = session.next_event(expired)
+        event = session.next_event(lambda: CheckError("expectation_failed", "step %d: no matching message" % index))
         if not isinstance(event, Message):
             continue
         text = event.data.decode("utf-8", "replace")
@@ -2414,8 +2421,8 @@ def probe_samples(result: ProbeResult) -> List[Sample]:
 
 def check_samples(result: ProbeResult) -> List[Sample]:
     """What the module's checks measured, each metric only when it was measured."""
-    samples = [Sample("probe_rpc_duration_seconds", (("method", m),), d) for m, d in sorted(result.rpc_durations.items())]
-    samples += [Sample("probe_rpc_error_code", (("method", m),), c) for m, c in sorted(result.rpc_error_codes.items())]
+    samples = [Sample("probe_rpc_duration_seconds", rpc_labels(call), d) for call, d in sorted(result.rpc_durations.items())]
+    samples += [Sample("probe_rpc_error_code", rpc_labels(call), c) for call, c in sorted(result.rpc_error_codes.items())]
     optional: Tuple[Tuple[str, Optional[float]], ...] = (
         ("probe_websocket_ping_rtt_seconds", result.ping_rtt),
         ("probe_subscription_first_notification_seconds", result.first_notification),
@@ -2438,6 +2445,10 @@ def check_samples(result: ProbeResult) -> List[Sample]:
         identity = ("genesis", result.genesis) if result.genesis else ("network", result.network)
         samples.append(Sample("probe_chain_info", (identity,), 1))
     return samples
+
+
+def rpc_labels(call: RpcCall) -> Labels:
+    return (("method", call[0]), ("block", call[1])) if call[1] else (("method", call[0]),)
 
 
 class Stats:
@@ -2564,7 +2575,7 @@ _LOGFMT_BARE = re.compile(r"[A-Za-z0-9_.:/@<>+\-]+")
 
 
 def _logfmt_value(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value) if value is None else str(value)
+    text = value if isinstance(value, str) else json.dumps(value) if value is None or isinstance(value, bool) else str(value)
     if _LOGFMT_BARE.fullmatch(text):
         return text
     return json.dumps(text)
@@ -2664,115 +2675,6 @@ class RecentProbes:
     def get(self, probe_id: int) -> Optional[RecentProbe]:
         with self._lock:
             return next((p for p in self._probes if p.id == probe_id), None)
-
-
-class Exporter:
-    """What the HTTP handlers share: settings, modules, counters and the log."""
-
-    def __init__(self, settings: Settings, logger: Logger, modules: Optional[Dict[str, Module]] = None) -> None:
-        self.settings = settings
-        self.logger = logger
-        # Replaced whole on reload: a request reads self.config once and sees one consistent
-        # config, without a lock.
-        self.config = Config(dict(DEFAULT_MODULES if modules is None else modules), {})
-        self.stats = Stats()
-        self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
-        self.recent = RecentProbes()
-        self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
-
-    @property
-    def modules(self) -> Dict[str, Module]:
-        return self.config.modules
-
-    def reload(self) -> Optional[str]:
-        """Load --config.file again; on error keep the old config and return why."""
-        path = self.settings.config_file
-        try:
-            self.config = load_config(path) if path else DEFAULT_CONFIG
-        except ConfigError as err:
-            self.last_reload = (False, self.last_reload[1])
-            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
-            return str(err)
-        self.last_reload = (True, time.time())
-        modules, targets = len(self.config.modules), len(self.config.targets)
-        self.logger.log("info", "Config loaded", file=path, modules=modules, targets=targets)
-        return None
-
-    def reload_samples(self) -> List[Sample]:
-        successful, when = self.last_reload
-        return [
-            Sample("ws_exporter_config_last_reload_successful", (), int(successful)),
-            Sample("ws_exporter_config_last_reload_success_timestamp_seconds", (), when),
-        ]
-
-    def probe_timeout(self, module: Module, scrape_timeout: Optional[str]) -> float:
-        """The module's timeout (or --timeout), lowered to the scrape timeout minus the offset."""
-        timeout = module.timeout or self.settings.timeout
-        if scrape_timeout is not None:
-            try:
-                header = float(scrape_timeout)
-            except ValueError:
-                header = float("nan")
-            if not (0 < header < float("inf")):
-                raise BadRequest("Invalid %s header: %r" % (SCRAPE_TIMEOUT_HEADER, scrape_timeout[:40]))
-            timeout = min(timeout, header - self.settings.timeout_offset)
-        return max(timeout, MIN_PROBE_TIMEOUT_SECONDS)
-
-    def probe(
-        self, target: str, module: Module, timeout: float, start: Optional[float] = None, alias: str = ""
-    ) -> Tuple[ProbeResult, ProbeLog]:
-        """Run one probe whose deadline counts from ``start`` (when its request arrived);
-        Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
-        by ``alias`` when given (its URL may hold a token)."""
-        result = ProbeResult(module.name, timeout)
-        redacted = alias or _redact_raw_target(target)
-        log = ProbeLog(self.logger, target, module=module.name, target=redacted)
-        if not self.stats.begin(self.settings.max_concurrent):
-            raise Overloaded("Too many probes in flight")
-        started = time.time()
-        try:
-            run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
-        finally:
-            self.stats.end(result)
-        if result.success:
-            log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
-        self.recent.add(started, module, redacted, result, log)
-        return result, log
-
-    def probe_request(self, target: str, module_name: Optional[str], scrape_timeout: Optional[str]) -> "ProbeRequest":
-        """What a probe of ``target`` (a URL or an alias) with the named module (by default the
-        alias's, else connect) runs; BadRequest when it cannot be served."""
-        alias = self.config.targets.get(target)
-        module = lookup_module(module_name or (alias.module if alias else "connect"), self.config.modules)
-        timeout = self.probe_timeout(module, scrape_timeout)
-        return ProbeRequest(alias.url if alias else target, module, timeout, alias.name if alias else "")
-
-    def telemetry_samples(self) -> List[Sample]:
-        figures = process_figures()
-        counters = self.stats.samples(self.config.modules)
-        return build_samples() + counters + self.reload_samples() + (figures.samples() if figures else [])
-
-
-class ProbeRequest(NamedTuple):
-    target: str  # the URL to probe (an alias's own)
-    module: Module
-    timeout: float
-    alias: str  # the alias name the request gave, "" for a URL
-
-
-def _redact_raw_target(raw: str) -> str:
-    try:
-        return parse_target(raw).redacted()
-    except ProbeError:
-        return "<unparsable:%s>" % short_digest(raw)
-
-
-def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
-    """The module a /probe request names; BadRequest when there is none by that name."""
-    module = modules.get(name)
-    if module is None:
-        raise BadRequest('Unknown module "%s"' % name)
-    return module
 
 
 def debug_requested(value: Optional[str]) -> bool:
@@ -2946,7 +2848,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.reader.next_request()
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.answered(self)
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -2954,6 +2859,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.path = "/" + self.path.lstrip("/")  # never a scheme-relative URL
         if self.command not in ALLOWED_METHODS:
             self.method_not_allowed()
+            return False
+        if not self.server.admit(self):
+            self.close_connection = True
+            self.respond(503, "Shutting down\n")
             return False
         return True
 
@@ -3098,7 +3007,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data = data[: data.index(b"\r\n\r\n") + 4]
         send_within(self.connection, data, RESPONSE_WRITE_SECONDS)
         path = (self.path or "").partition("?")[0]  # the query carries targets: never logged
-        self.server.exporter.logger.log("debug", "HTTP request", method=self.command or "", path=path, code=str(status))
+        self.server.exporter.logger.log("debug", "HTTP request", method=self.command or "", path=path, code=status)
 
     def log_message(self, format: str, *args: object) -> None:
         detail = _QUERY_IN_TEXT.sub("?<redacted>", format % args)
@@ -3120,7 +3029,9 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.auth = BasicAuth(self.web.users) if self.web.users else None
         self.tls = ServerTLS(self.web.tls, exporter.logger) if self.web.tls is not None else None
         self.connections = 0
-        self._lock = threading.Lock()
+        self.answering: Set[Handler] = set()  # the handlers answering a request now
+        self.stopping = False  # no more requests are admitted: the process is shutting down
+        self._lock = threading.Condition()  # guards the above; notified when a request is answered
         self.spare: Optional[int] = _spare_descriptor()  # closed to refuse a connection when none is left
         settings = exporter.settings
         self.routes: Dict[str, Callable[[Handler, str], None]] = {  # GET and HEAD
@@ -3180,6 +3091,24 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         except RuntimeError:  # the system refused another thread
             self.release_connection()
         self.refuse(request)
+
+    def admit(self, handler: Handler) -> bool:
+        """Count ``handler`` as answering a request, unless the process is shutting down."""
+        with self._lock:
+            if not self.stopping:
+                self.answering.add(handler)
+            return not self.stopping
+
+    def answered(self, handler: Handler) -> None:
+        with self._lock:
+            self.answering.discard(handler)
+            self._lock.notify_all()
+
+    def drain(self, seconds: float) -> int:
+        """Wait up to ``seconds`` for the requests being answered; how many remain."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self.answering, seconds)
+            return len(self.answering)
 
     def refuse(self, request: socket.socket) -> None:
         self.exporter.stats.reject("connections")
@@ -3595,9 +3524,11 @@ class Settings(NamedTuple):
     deny_private: bool = False
     max_concurrent: int = DEFAULT_MAX_CONCURRENT_PROBES
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     show_help: bool = False
     show_version: bool = False
     config_file: str = ""
+    module: str = ""  # the probe subcommand's module
 
 
 class FlagSpec(NamedTuple):
@@ -3623,6 +3554,7 @@ FLAG_SPECS = (
     FlagSpec("log.format", "log_format", "logfmt", "Output format of log messages: logfmt or json.", _choice(LOG_FORMATS)),
     FlagSpec("probe.max-concurrent", "max_concurrent", str(DEFAULT_MAX_CONCURRENT_PROBES), "Probes allowed to run at once; more get a quick 503.", _positive(int)),
     FlagSpec("web.max-connections", "max_connections", str(DEFAULT_MAX_CONNECTIONS), "Client connections served at once; more get a quick 503.", _positive(int)),
+    FlagSpec("web.shutdown-timeout", "shutdown_timeout", "25s", "On SIGTERM, how long probes in flight may take to finish and be answered before the exporter exits.", parse_duration),
     FlagSpec("probe.allow-target", "allow_targets", "", "Only probe hosts matching this pattern (e.g. *.example.net); repeatable. Default: any host.", _host_pattern, repeatable=True),
     FlagSpec("probe.deny-private", "deny_private", "false", "Refuse targets resolving to loopback, private, link-local or unique-local addresses.", parse_bool, True),
     FlagSpec("debug", "log_level", "false", "Enable debug logging (same as --log.level=debug).", lambda v: "debug" if parse_bool(v) else None, True),
@@ -3631,10 +3563,9 @@ FLAG_SPECS = (
 )
 
 
-def parse_flags(argv: Sequence[str]) -> Settings:
+def parse_flags(argv: Sequence[str], flag_specs: Sequence[FlagSpec] = FLAG_SPECS) -> Settings:
     """Go-style flags: -flag value, -flag=value, --flag value, --flag=value; booleans bare."""
-    specs = {spec.name: spec for spec in FLAG_SPECS}
-    specs["h"] = specs["help"]
+    specs = {spec.name: spec for spec in flag_specs}
     values: Dict[str, object] = {}
     debug = False
     args = list(argv)
@@ -3643,7 +3574,7 @@ def parse_flags(argv: Sequence[str]) -> Settings:
         if not arg.startswith("-") or arg in ("-", "--") or arg.startswith("---"):
             raise FlagError("unexpected argument %r" % arg)
         name, eq, value = arg.lstrip("-").partition("=")
-        spec = specs.get(name)
+        spec = specs.get("help" if name == "h" else name)
         if spec is None:
             raise FlagError("flag provided but not defined: --%s" % name)
         if not eq:
@@ -3685,8 +3616,14 @@ _JSON_TYPES = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "str
 
 
 def load_config(path: str) -> Config:
-    """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}}."""
-    return parse_config(read_json_file(path))
+    """Read and check a JSON config file: {"modules": {NAME: {...}}, "targets": {NAME: {...}}};
+    no file ("") is the built-in modules."""
+    return parse_config(read_json_file(path)) if path else DEFAULT_CONFIG
+
+
+def log_config(logger: Logger, path: str, config: Config) -> None:
+    """The line that says which config is in force: at start and after each reload."""
+    logger.log("info", "Config loaded", file=path, modules=len(config.modules), targets=len(config.targets))
 
 
 def read_json_file(path: str) -> object:
@@ -3711,14 +3648,33 @@ def _unique_keys(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
 
 
 def parse_config(data: object) -> Config:
+    """The config, or a ConfigError naming every module and alias in error, one per line."""
     top = _object(data, "", ("modules", "targets"))
-    modules = dict(DEFAULT_MODULES)
+    modules, targets = dict(DEFAULT_MODULES), {}
+    errors: List[ConfigError] = []
     for name, raw in _object(top.get("modules", {}), "modules").items():
-        modules[name] = parse_module(name, raw, _key_path("modules", name))
-    targets = {}
+        modules[name] = Module(name)  # stands in for a module in error, so aliases using it are not errors too
+        with collecting(errors):
+            modules[name] = parse_module(name, raw, _key_path("modules", name))
     for name, raw in _object(top.get("targets", {}), "targets").items():
-        targets[name] = parse_alias(name, raw, _key_path("targets", name), modules)
+        with collecting(errors):
+            targets[name] = parse_alias(name, raw, _key_path("targets", name), modules)
+    raise_collected(errors)
     return Config(modules, targets)
+
+
+@contextlib.contextmanager
+def collecting(errors: List[ConfigError]) -> Iterator[None]:
+    """A ConfigError raised in the block is added to ``errors`` and checking goes on."""
+    try:
+        yield
+    except ConfigError as err:
+        errors.append(err)
+
+
+def raise_collected(errors: List[ConfigError]) -> None:
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigError("", "\n".join(map(str, errors)))
 
 
 def _json_type(value: object) -> str:
@@ -3911,13 +3867,7 @@ def _min_notifications(value: object, path: str) -> int:
     return count
 
 
-# Keys that only the node presets use, and the presets that ask the node for what they judge.
-NODE_KEYS = {
-    "min_peers": ("evm_node", "substrate_node", "cometbft_node"),
-    "max_finality_lag": ("evm_node", "solana_node", "substrate_node"),
-    "expect_genesis_hash": ("evm_node", "solana_node", "substrate_node"),
-    "expect_network": ("cometbft_node",),
-}
+# A module's config keys are the Module fields they set (all but name and tls_context).
 _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
     "preset": _one_of(*PRESET_NAMES),
     "timeout": _duration,
@@ -3943,24 +3893,20 @@ _MODULE_KEYS: Dict[str, Callable[[object, str], object]] = {
 
 def parse_module(name: str, raw: object, path: str) -> Module:
     """A module from the config; one named after a preset overrides that built-in module."""
-    fields = _object(raw, path, tuple(_MODULE_KEYS))
-    values = {key: _MODULE_KEYS[key](value, _key_path(path, key)) for key, value in fields.items()}
-    values.setdefault("preset", name if name in PRESETS else "connect")
+    fields, values = _object(raw, path), {}
+    errors: List[ConfigError] = []
+    for key, value in fields.items():
+        with collecting(errors):
+            if key not in _MODULE_KEYS:
+                raise ConfigError(_key_path(path, key), "unknown key")
+            values[key] = _MODULE_KEYS[key](value, _key_path(path, key))
     if "tls" in values:
-        values["tls_context"] = tls_context(values["tls"], _key_path(path, "tls"))  # type: ignore[arg-type]
+        with collecting(errors):
+            values["tls_context"] = tls_context(values["tls"], _key_path(path, "tls"))  # type: ignore[arg-type]
+    raise_collected(errors)
+    values.setdefault("preset", name if name in PRESETS else "connect")
     module = Module(name, **values)  # type: ignore[arg-type]
-    if module.expect_chain_id is not None and module.preset not in CHAIN_ID_PRESETS:
-        raise ConfigError(_key_path(path, "expect_chain_id"), "preset %s reports no chain id" % module.preset)
-    if module.max_head_age is not None and module.preset not in HEAD_TIME_PRESETS:
-        raise ConfigError(_key_path(path, "max_head_age"), "preset %s reports no block time" % module.preset)
-    for key in ("min_notifications", "hold"):
-        if key in fields and module.preset not in SUBSCRIPTIONS:
-            raise ConfigError(_key_path(path, key), "preset %s subscribes to nothing" % module.preset)
-    if module.max_gap is not None and module.hold is None:
-        raise ConfigError(_key_path(path, "max_gap"), "needs hold: gaps are measured while a subscription is held")
-    for key, presets in NODE_KEYS.items():
-        if key in fields and module.preset not in presets:
-            raise ConfigError(_key_path(path, key), "preset %s does not ask the node for it" % module.preset)
+    raise_collected([ConfigError(_key_path(path, key), problem) for key, problem in preset_key_errors(module, fields)])
     return module
 
 
@@ -3983,7 +3929,7 @@ def parse_alias(name: str, raw: object, path: str, modules: Dict[str, Module]) -
 def usage() -> str:
     lines = [
         "usage: ws_exporter.py [flags]",
-        "       ws_exporter.py probe TARGET [--module M] [flags]   one probe, its debug page; exit 0 ok, 1 failed, 2 usage",
+        "       ws_exporter.py probe TARGET [flags]   one probe, its debug page; exit 0 ok, 1 failed, 2 usage",
         "",
         "%s %s: probes WebSocket endpoints for Prometheus." % (EXPORTER_NAME, __version__),
         "",
@@ -4076,6 +4022,115 @@ def password_from(stream: IO[bytes]) -> str:
 # ==============================================================================================
 
 
+class Exporter:
+    """What the HTTP handlers share: settings, modules, counters and the log."""
+
+    def __init__(self, settings: Settings, logger: Logger, modules: Optional[Dict[str, Module]] = None) -> None:
+        self.settings = settings
+        self.logger = logger
+        # Replaced whole on reload: a request reads self.config once and sees one consistent
+        # config, without a lock.
+        self.config = Config(dict(DEFAULT_MODULES if modules is None else modules), {})
+        self.stats = Stats()
+        self.policy = TargetPolicy(settings.allow_targets, settings.deny_private)
+        self.recent = RecentProbes()
+        self.last_reload: Tuple[bool, float] = (True, time.time())  # (successful, last success)
+
+    @property
+    def modules(self) -> Dict[str, Module]:
+        return self.config.modules
+
+    def reload(self) -> Optional[str]:
+        """Load --config.file again; on error keep the old config and return why."""
+        path = self.settings.config_file
+        try:
+            self.config = load_config(path)
+        except ConfigError as err:
+            self.last_reload = (False, self.last_reload[1])
+            self.logger.log("error", "Config reload failed, keeping the old config", file=path, err=str(err))
+            return str(err)
+        self.last_reload = (True, time.time())
+        log_config(self.logger, path, self.config)
+        return None
+
+    def reload_samples(self) -> List[Sample]:
+        successful, when = self.last_reload
+        return [
+            Sample("ws_exporter_config_last_reload_successful", (), int(successful)),
+            Sample("ws_exporter_config_last_reload_success_timestamp_seconds", (), when),
+        ]
+
+    def probe_timeout(self, module: Module, scrape_timeout: Optional[str]) -> float:
+        """The module's timeout (or --timeout), lowered to the scrape timeout minus the offset."""
+        timeout = module.timeout or self.settings.timeout
+        if scrape_timeout is not None:
+            try:
+                header = float(scrape_timeout)
+            except ValueError:
+                header = float("nan")
+            if not (0 < header < float("inf")):
+                raise BadRequest("Invalid %s header: %r" % (SCRAPE_TIMEOUT_HEADER, scrape_timeout[:40]))
+            timeout = min(timeout, header - self.settings.timeout_offset)
+        return max(timeout, MIN_PROBE_TIMEOUT_SECONDS)
+
+    def probe(
+        self, target: str, module: Module, timeout: float, start: Optional[float] = None, alias: str = ""
+    ) -> Tuple[ProbeResult, ProbeLog]:
+        """Run one probe whose deadline counts from ``start`` (when its request arrived);
+        Overloaded when --probe.max-concurrent probes are already running.  Logs name the target
+        by ``alias`` when given (its URL may hold a token)."""
+        result = ProbeResult(module.name, timeout)
+        redacted = alias or _redact_raw_target(target)
+        log = ProbeLog(self.logger, target, module=module.name, target=redacted)
+        if not self.stats.begin(self.settings.max_concurrent):
+            raise Overloaded("Too many probes in flight")
+        started = time.time()
+        try:
+            run_probe(target, module, Deadline(timeout, start), result, log, self.policy)
+        finally:
+            self.stats.end(result)
+        if result.success:
+            log.log("debug", "Probe succeeded", duration_seconds=round(result.total, 6))
+        self.recent.add(started, module, redacted, result, log)
+        return result, log
+
+    def probe_request(self, target: str, module_name: Optional[str], scrape_timeout: Optional[str]) -> "ProbeRequest":
+        """What a probe of ``target`` (a URL or an alias) with the named module (by default the
+        alias's, else connect) runs; BadRequest when it cannot be served."""
+        alias = self.config.targets.get(target)
+        module = lookup_module(module_name or (alias.module if alias else "connect"), self.config.modules)
+        timeout = self.probe_timeout(module, scrape_timeout)
+        return ProbeRequest(alias.url if alias else target, module, timeout, alias.name if alias else "")
+
+    def telemetry_samples(self) -> List[Sample]:
+        figures = process_figures()
+        counters = self.stats.samples(self.config.modules)
+        return build_samples() + counters + self.reload_samples() + (figures.samples() if figures else [])
+
+
+class ProbeRequest(NamedTuple):
+    target: str  # the URL to probe (an alias's own)
+    module: Module
+    timeout: float
+    alias: str  # the alias name the request gave, "" for a URL
+
+
+def _redact_raw_target(raw: str) -> str:
+    try:
+        return parse_target(raw).redacted()
+    except ProbeError:
+        return "<unparsable:%s>" % short_digest(raw)
+
+
+def lookup_module(name: str, modules: Dict[str, Module]) -> Module:
+    """The module a /probe request names; BadRequest when there is none by that name."""
+    module = modules.get(name)
+    if module is None:
+        raise BadRequest('Unknown module "%s"' % name)
+    return module
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS: Tuple[int, ...] = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
@@ -4086,7 +4141,7 @@ def install_stop_signals() -> Tuple[socket.socket, socket.socket]:
     receiver, sender = socket.socketpair()
     sender.setblocking(False)
     signal.set_wakeup_fd(sender.fileno())
-    for signum in (signal.SIGTERM, signal.SIGINT) + RELOAD_SIGNALS:
+    for signum in STOP_SIGNALS + RELOAD_SIGNALS:
         signal.signal(signum, lambda *_: None)
     return receiver, sender
 
@@ -4103,9 +4158,14 @@ def wait_for_stop(wakeup: socket.socket, exporter: Exporter) -> int:
 
 
 def usage_error(message: str) -> int:
-    """One line on stderr and the exit status of a bad command line or configuration."""
-    sys.stderr.write("ws_exporter: %s\n" % message)
+    """``message`` on stderr, each line prefixed; the exit status of a bad command line or config."""
+    sys.stderr.write("".join("ws_exporter: %s\n" % line for line in message.splitlines()))
     return 2
+
+
+def config_error(path: str, err: ConfigError) -> int:
+    """The usage error of a --config.file in error: a line per error found."""
+    return usage_error("\n".join("config file %s: %s" % (path, line) for line in str(err).splitlines()))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -4133,11 +4193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return usage_error("--web.config.file=%s: %s" % (settings.web_config_file, err))
     logger = Logger(settings.log_level, settings.log_format)
     exporter = Exporter(fit_descriptor_limit(settings), logger)
-    if settings.config_file:
-        try:
-            exporter.config = load_config(settings.config_file)
-        except ConfigError as err:
-            return usage_error("config file %s: %s" % (settings.config_file, err))
+    try:
+        exporter.config = load_config(settings.config_file)
+    except ConfigError as err:
+        return config_error(settings.config_file, err)
     try:
         server = make_server(exporter, web)
     except OSError as err:
@@ -4146,52 +4205,78 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wakeup, _ = install_stop_signals()
     threading.stack_size(THREAD_STACK_BYTES)
     logger.log("info", "Listening", address=format_address(server.server_address), version=__version__,
-               tls=str(server.tls is not None).lower(), basic_auth=str(server.auth is not None).lower(),
+               tls=server.tls is not None, basic_auth=server.auth is not None,
                max_connections=exporter.settings.max_connections, max_concurrent=exporter.settings.max_concurrent)
+    log_config(logger, settings.config_file, exporter.config)
     return serve(server, exporter, wakeup)
 
 
-PROBE_USAGE = "usage: ws_exporter.py probe TARGET [--module M] [--config.file F] [--timeout 5s]"
+# What a one-shot probe uses: the listener's flags and the caps on serving mean nothing to it.
+PROBE_FLAG_SPECS = (FlagSpec("module", "module", "connect", "", str),) + tuple(
+    spec for spec in FLAG_SPECS if spec.name in ("config.file", "timeout", "probe.allow-target", "probe.deny-private"))
+PROBE_USAGE = "usage: ws_exporter.py probe TARGET, flags before or after it: --%s" % ", --".join(s.name for s in PROBE_FLAG_SPECS)
 
 
 def probe_command(args: List[str]) -> int:
     """``probe TARGET [--module M] [flags]``: one probe in the foreground, its debug page on
     standard output; exit status 0 when it succeeded, 1 when it failed, 2 on a usage or config
     error."""
-    if not args or args[0].startswith("-"):
-        return usage_error(PROBE_USAGE)
-    query, flags, rest = {"target": args[0]}, [], args[1:]
-    while rest:
-        arg = rest.pop(0)
-        name, eq, value = arg.lstrip("-").partition("=")
-        if not (arg.startswith("-") and name == "module"):
-            flags.append(arg)
-        elif eq or rest:
-            query["module"] = value if eq else rest.pop(0)
-        else:
-            return usage_error(PROBE_USAGE)
+    targets, flags = probe_arguments(args)
     try:
-        settings = parse_flags(flags)
-        exporter = Exporter(settings, Logger("error", settings.log_format))
-        if settings.config_file:
-            exporter.config = load_config(settings.config_file)
-        request = exporter.probe_request(query["target"], query.get("module"), None)
-    except (FlagError, BadRequest) as err:
+        settings = parse_flags(flags, PROBE_FLAG_SPECS)
+    except FlagError as err:
+        return usage_error("%s; %s" % (err, PROBE_USAGE))
+    if len(targets) != 1:
+        return usage_error(PROBE_USAGE)
+    exporter = Exporter(settings, Logger("error"))
+    try:
+        exporter.config = load_config(settings.config_file)
+        request = exporter.probe_request(targets[0], settings.module, None)
+    except BadRequest as err:
         return usage_error(str(err))
     except ConfigError as err:
-        return usage_error("config file %s: %s" % (settings.config_file, err))
+        return config_error(settings.config_file, err)
     result, log = exporter.probe(request.target, request.module, request.timeout, alias=request.alias)
     sys.stdout.write(debug_page(log, result, request.module))
     return 0 if result.success else 1
 
 
+def probe_arguments(args: List[str]) -> Tuple[List[str], List[str]]:
+    """``probe``'s command line, flags before or after the target: (targets, flags)."""
+    takes_value = {spec.name for spec in PROBE_FLAG_SPECS if not spec.boolean}
+    targets: List[str] = []
+    flags: List[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("-"):
+            targets.append(arg)
+        elif arg.lstrip("-") in takes_value and rest:  # --flag value
+            flags += [arg, rest.pop(0)]
+        else:
+            flags.append(arg)
+    return targets, flags
+
+
 def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> int:
-    """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP."""
+    """Serve until a stop signal arrives on ``wakeup``, reloading on SIGHUP.  Then stop
+    accepting, give the requests being answered --web.shutdown-timeout to finish, and return 0
+    (at once on a second stop signal, those answers lost)."""
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     signum = wait_for_stop(wakeup, exporter)
-    exporter.logger.log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "")
-    server.shutdown()
-    server.server_close()
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.default_int_handler)  # raises KeyboardInterrupt
+    log = exporter.logger.log
+    try:
+        server.stopping = True  # a request on a kept-alive connection now gets a 503
+        server.shutdown()
+        server.server_close()
+        log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "", in_flight=exporter.stats.in_flight)
+        unanswered = server.drain(exporter.settings.shutdown_timeout)
+    except KeyboardInterrupt:
+        log("warn", "Stopped by a second signal", unanswered=len(server.answering))
+        return 0
+    log("warn" if unanswered else "info", "Shut down", unanswered=unanswered)
     return 0
 
 

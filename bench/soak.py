@@ -188,7 +188,7 @@ def expect(target: Target, version: int, flap_up: bool) -> Expect:
         return failed("connect", "connect_refused")
     if cls == "dns":  # a resolver that does not answer in time: a timeout, still in phase resolve
         return failed("resolve", "dns_error", 0, ("resolve", "timeout"))
-    if cls == "429":  # README, Failure reasons: an upgrade answered 429 is rate_limited
+    if cls == "429":  # docs/metrics.md, Failure reasons: an upgrade answered 429 is rate_limited
         return failed("upgrade", "rate_limited", 429)
     if cls == "status":
         return failed("upgrade", "http_status", target.arg)
