@@ -2780,18 +2780,30 @@ class _RequestReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
-        while True:
-            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):  # none decrypted already
-                wait_ready(self.sock, READABLE, self.time_left())
-            try:
-                count = self.sock.recv_into(buffer)
-                break
-            except (BlockingIOError, ssl.SSLWantReadError):  # woken for nothing (or part of a TLS record)
-                continue
+        count = self._receive_tls(buffer) if isinstance(self.sock, ssl.SSLSocket) else self._receive(buffer)
         if count and self.deadline is None:
             self.started = time.monotonic()
             self.deadline = self.started + REQUEST_READ_SECONDS
         return count
+
+    def _receive(self, buffer: "bytearray | memoryview") -> int:
+        """One recv on the blocking socket, which the kernel ends when the time left is up (see
+        Connection)."""
+        kernel_timeout(self.sock, socket.SO_RCVTIMEO, self.time_left())
+        try:
+            return self.sock.recv_into(buffer)
+        except BlockingIOError:
+            raise socket.timeout("timed out")
+
+    def _receive_tls(self, buffer: "bytearray | memoryview") -> int:
+        assert isinstance(self.sock, ssl.SSLSocket)
+        while True:
+            if not self.sock.pending():  # none decrypted already
+                wait_ready(self.sock, READABLE, self.time_left())
+            try:
+                return self.sock.recv_into(buffer)
+            except ssl.SSLWantReadError:  # part of a TLS record
+                continue
 
     def time_left(self) -> float:
         return KEEPALIVE_IDLE_SECONDS if self.deadline is None else self.deadline - time.monotonic()
@@ -2813,13 +2825,18 @@ def reason_phrase(status: int) -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=1)  # formatted once a second, not once an answer
+def http_date(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)
+
+
 def response_bytes(status: int, body: str, content_type: str, headers: Sequence[Tuple[str, str]], close: bool) -> bytes:
     """A whole HTTP/1.1 response, head and body in one piece: sent in two, the body would meet
     Nagle's algorithm and the client's delayed ACK."""
     data = body.encode("utf-8")
     fields = [
         ("Server", SERVER_HEADER),
-        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Date", http_date(int(time.time()))),
         ("Content-Type", content_type),
         ("Content-Length", str(len(data))),
     ]
@@ -2841,7 +2858,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.setblocking(False)  # reads and writes wait in poll(), under their deadlines
+        if isinstance(self.connection, ssl.SSLSocket):  # TLS waits in poll(), plain sockets under kernel timeouts
+            self.connection.setblocking(False)
         self.rfile.close()  # replaced by a reader that keeps the request's deadline
         self.reader = _RequestReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
