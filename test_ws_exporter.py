@@ -1545,6 +1545,64 @@ class TestHostileServers(ProbeTestCase):
         self.assert_failed(metrics, "upgrade", "timeout")
         self.assertLess(time.monotonic() - start, 2.5)
 
+    def test_a_tls_handshake_dripped_past_the_deadline_times_out_in_tls(self) -> None:
+        context = server_tls(shared_pki(), "good")
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def drip_handshake(sock: socket.socket) -> None:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing, server_side=True)
+            incoming.write(sock.recv(65536))  # the ClientHello
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.do_handshake()
+            for byte in outgoing.read():
+                if stop.wait(0.05):  # the hostile server's pace, not synchronisation
+                    return
+                sock.sendall(bytes([byte]))
+
+        start = time.monotonic()
+        with trusting(shared_pki()["ca.pem"]):
+            metrics = self.probe_local(drip_handshake, "wss", scrape_timeout="1.5")
+        self.assert_failed(metrics, "tls", "timeout")
+        self.assertLess(time.monotonic() - start, 2.5)
+
+    def test_an_upgrade_answer_dripped_over_tls_past_the_deadline_times_out(self) -> None:
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def slow_drip(sock: socket.socket) -> None:
+            read_request_head(sock)
+            for byte in b"HTTP/1.1 101 Switching Protocols\r\n" * 100:
+                if stop.wait(0.05):
+                    return
+                sock.sendall(bytes([byte]))  # a TLS record for each byte
+
+        start = time.monotonic()
+        with trusting(shared_pki()["ca.pem"]):
+            metrics = self.probe_local(slow_drip, "wss", scrape_timeout="1.5", tls=server_tls(shared_pki(), "good"))
+        self.assert_failed(metrics, "upgrade", "timeout")
+        self.assertLess(time.monotonic() - start, 2.5)
+
+    def test_a_frame_dripped_past_the_deadline_fails_the_check_in_time(self) -> None:
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def drip_pong(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            sock.sendall(switching_response(request_key(head)))
+            _, payload, _ = read_client_frame(sock, rest)  # the ping
+            for byte in server_frame(wx.Opcode.PONG, payload):  # 18 bytes: 1.8 s, past the deadline
+                if stop.wait(0.1):
+                    return
+                sock.sendall(bytes([byte]))
+
+        start = time.monotonic()
+        server = self.serve(drip_pong)
+        metrics = self.exporter.probe("ws://127.0.0.1:%d/" % server.port, "1.5", module="ping")
+        self.assertEqual(failure_of(metrics)[1], "no_response")  # the pong was still arriving
+        self.assertLess(time.monotonic() - start, 2.5)
+
     def test_endless_and_oversized_heads_hit_the_limits(self) -> None:
         def endless(sock: socket.socket) -> None:
             read_request_head(sock)
