@@ -1051,12 +1051,12 @@ class Connection:
     """An open socket with the frame reader that decodes what arrives on it; every send and
     receive ends by the probe's deadline.
 
-    A plain socket blocks, with the time left set as the kernel's SO_RCVTIMEO or SO_SNDTIMEO
-    before each call (a setsockopt keeps the interpreter lock; settimeout's ioctl hands it to
-    another thread): a read is one recvmsg, which also brings the kernel's arrival stamp.  Under
-    TLS (``start_tls``) OpenSSL reads and writes the socket itself, in C, and the socket is
-    non-blocking, since OpenSSL's loop would retry a kernel timeout for ever: each wait is a poll()
-    bounded by the deadline, then a peek for the arrival stamp of what woke it."""
+    The socket blocks, with the time left set as the kernel's SO_RCVTIMEO or SO_SNDTIMEO before
+    each call (a setsockopt keeps the interpreter lock, where settimeout's ioctl or a poll()
+    would hand it to another thread): a read is one recvmsg, which also brings the kernel's
+    arrival stamp.  TLS (``start_tls``) runs through memory buffers: OpenSSL never touches the
+    socket, so TLS reads keep their stamps too, and the client's last handshake message leaves
+    with the first request."""
 
     def __init__(self, sock: socket.socket, deadline: Deadline) -> None:
         self.sock = sock
@@ -1064,36 +1064,64 @@ class Connection:
         self.reader = FrameReader()
         self.send_started = 0.0  # perf_counter() just before the last send went to the kernel
         self.arrived = 0.0  # perf_counter() when the bytes last received reached this host
-        self.tls: Optional[ssl.SSLSocket] = None
+        self.tls: Optional[ssl.SSLObject] = None
+        self._incoming = ssl.MemoryBIO()  # TLS records received, for OpenSSL to decrypt
+        self._outgoing = ssl.MemoryBIO()  # TLS records OpenSSL wrote, to send
 
     def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         """The TLS handshake, with SNI and the context's certificate checks, within the deadline."""
-        self.sock.setblocking(False)
-        self.sock = self.tls = context.wrap_socket(self.sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+        tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
         while True:
             try:
-                self.tls.do_handshake()
-                return
+                tls.do_handshake()
+                break
             except ssl.SSLWantReadError:
-                self._wait(READABLE, self.deadline.remaining())
-            except ssl.SSLWantWriteError:
-                wait_ready(self.sock, WRITABLE, self.deadline.remaining())
+                self._send(self._outgoing.read())
+                data = self._receive(self.deadline.remaining())
+                if data:
+                    self._incoming.write(data)
+                else:  # the server closed: do_handshake raises SSLEOFError next
+                    self._incoming.write_eof()
+        self.tls = tls
 
     def send(self, data: bytes) -> None:
         """All of ``data`` within the deadline, however slowly the peer reads."""
-        self.send_started = time.perf_counter()
-        send_within(self.sock, data, self.deadline.remaining())
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self._outgoing.read()
+        self.send_started = time.perf_counter()  # after encrypting, which may wait for the interpreter
+        self._send(data)
 
     def receive(self, limit: Optional[float] = None) -> bytes:
         """Bytes from the peer within the deadline (and ``limit`` seconds when given)."""
         timeout = self.deadline.remaining()
         timeout = timeout if limit is None else min(timeout, limit)
-        data = self._receive_tls(timeout) if self.tls is not None else self._receive(timeout)
+        data = self._receive(timeout) if self.tls is None else self._receive_tls(time.monotonic() + timeout)
         if not data:
             raise ProbeError("connection_closed", "peer closed the connection")
         return data
 
+    def _receive_tls(self, until: float) -> bytes:
+        assert self.tls is not None
+        while True:
+            try:
+                return self.tls.read(RECV_BYTES)  # what OpenSSL holds decrypted, or can decrypt
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:  # the peer's close_notify
+                return b""
+            if self._outgoing.pending:  # a handshake message still to go (TLS 1.3's Finished)
+                self._send(self._outgoing.read())
+            data = self._receive(until - time.monotonic())
+            if not data:
+                return b""
+            self._incoming.write(data)
+
+    def _send(self, data: bytes) -> None:
+        send_within(self.sock, data, self.deadline.remaining())
+
     def _receive(self, timeout: float) -> bytes:
+        """One read of what has arrived (b"" at the end of the stream); sets ``arrived``."""
         kernel_timeout(self.sock, socket.SO_RCVTIMEO, timeout)
         try:
             if not SO_TIMESTAMPNS:
@@ -1105,29 +1133,6 @@ class Connection:
             raise socket.timeout("timed out")
         self.arrived = arrival_time(ancillary)
         return data
-
-    def _receive_tls(self, timeout: float) -> bytes:
-        assert self.tls is not None
-        until = time.monotonic() + timeout
-        while True:
-            if not self.tls.pending():  # nothing decrypted yet: wait for the network first
-                self._wait(READABLE, until - time.monotonic())
-            try:
-                return self.tls.recv(RECV_BYTES)
-            except ssl.SSLWantReadError:  # part of a record, or a handshake message such as a ticket
-                continue
-            except ssl.SSLZeroReturnError:  # the peer's close_notify
-                return b""
-
-    def _wait(self, events: int, seconds: float) -> None:
-        """Until the non-blocking socket is readable; then the arrival stamp of the first byte
-        waiting (a peek, which leaves it for OpenSSL)."""
-        wait_ready(self.sock, events, seconds)
-        self.arrived = time.perf_counter()
-        if SO_TIMESTAMPNS:
-            with contextlib.suppress(OSError):  # an error or the end: the read that follows says which
-                _, ancillary, _, _ = socket.socket.recvmsg(self.sock, 1, _ANCILLARY_BYTES, socket.MSG_PEEK)
-                self.arrived = arrival_time(ancillary)
 
 
 CAN_POLL = hasattr(select, "poll")  # not on Windows, which waits in select()
@@ -1297,7 +1302,7 @@ def open_websocket(
             # The span the server and the network took, not the moments this thread held the GIL.
             phase.start, phase.end = conn.send_started, conn.arrived
     except BaseException:
-        conn.sock.close()
+        sock.close()
         raise
     result.connected = True
     log.log("debug", "Upgrade accepted", status=result.status_code)
@@ -1538,7 +1543,7 @@ _EXPIRIES_LOCK = threading.Lock()
 MAX_CACHED_CERTIFICATES = 1024
 
 
-def certificate_expiry(tls: ssl.SSLSocket) -> Optional[float]:
+def certificate_expiry(tls: ssl.SSLObject) -> Optional[float]:
     """The peer certificate's notAfter in unix seconds.  Decoding a certificate into a dict and
     parsing its date with strptime cost more than the rest of a TLS probe's Python work, and a
     fleet's servers show the same certificates again and again: they are remembered by their
