@@ -1522,6 +1522,64 @@ class TestHostileServers(ProbeTestCase):
         self.assert_failed(metrics, "upgrade", "timeout")
         self.assertLess(time.monotonic() - start, 2.5)
 
+    def test_a_tls_handshake_dripped_past_the_deadline_times_out_in_tls(self) -> None:
+        context = server_tls(shared_pki(), "good")
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def drip_handshake(sock: socket.socket) -> None:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing, server_side=True)
+            incoming.write(sock.recv(65536))  # the ClientHello
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.do_handshake()
+            for byte in outgoing.read():
+                if stop.wait(0.05):  # the hostile server's pace, not synchronisation
+                    return
+                sock.sendall(bytes([byte]))
+
+        start = time.monotonic()
+        with trusting(shared_pki()["ca.pem"]):
+            metrics = self.probe_local(drip_handshake, "wss", scrape_timeout="1.5")
+        self.assert_failed(metrics, "tls", "timeout")
+        self.assertLess(time.monotonic() - start, 2.5)
+
+    def test_an_upgrade_answer_dripped_over_tls_past_the_deadline_times_out(self) -> None:
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def slow_drip(sock: socket.socket) -> None:
+            read_request_head(sock)
+            for byte in b"HTTP/1.1 101 Switching Protocols\r\n" * 100:
+                if stop.wait(0.05):
+                    return
+                sock.sendall(bytes([byte]))  # a TLS record for each byte
+
+        start = time.monotonic()
+        with trusting(shared_pki()["ca.pem"]):
+            metrics = self.probe_local(slow_drip, "wss", scrape_timeout="1.5", tls=server_tls(shared_pki(), "good"))
+        self.assert_failed(metrics, "upgrade", "timeout")
+        self.assertLess(time.monotonic() - start, 2.5)
+
+    def test_a_frame_dripped_past_the_deadline_fails_the_check_in_time(self) -> None:
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def drip_pong(sock: socket.socket) -> None:
+            head, rest = read_request_head(sock)
+            sock.sendall(switching_response(request_key(head)))
+            _, payload, _ = read_client_frame(sock, rest)  # the ping
+            for byte in server_frame(wx.Opcode.PONG, payload):  # 18 bytes: 1.8 s, past the deadline
+                if stop.wait(0.1):
+                    return
+                sock.sendall(bytes([byte]))
+
+        start = time.monotonic()
+        server = self.serve(drip_pong)
+        metrics = self.exporter.probe("ws://127.0.0.1:%d/" % server.port, "1.5", module="ping")
+        self.assertEqual(failure_of(metrics)[1], "no_response")  # the pong was still arriving
+        self.assertLess(time.monotonic() - start, 2.5)
+
     def test_endless_and_oversized_heads_hit_the_limits(self) -> None:
         def endless(sock: socket.socket) -> None:
             read_request_head(sock)
@@ -1605,12 +1663,40 @@ class TestFailureEdges(unittest.TestCase):
         self.assertEqual(failure_of(metrics), ("connect", "connect_error"))
         self.assertNotIn("PORTKEY", fixture.log.getvalue())
 
-    def test_a_refused_resolver_thread_gives_its_slot_back(self) -> None:
+    def test_a_refused_resolver_thread_leaves_the_resolver_able_to_start_one_later(self) -> None:
+        resolver = wx.Resolver()
         with mock.patch.object(wx.threading.Thread, "start", side_effect=RuntimeError("can't start new thread")):
             for _ in range(wx.MAX_RESOLVER_THREADS + 1):
                 with self.assertRaises(RuntimeError):
-                    wx.resolve("localhost", 80, wx.Deadline(5))
-        self.assertTrue(wx.resolve("localhost", 80, wx.Deadline(5)))
+                    resolver.submit("localhost", 80)
+        self.assertEqual((resolver.threads, resolver.busy), (0, 0))
+        self.assertTrue(resolver.submit("localhost", 80).done.acquire(timeout=5))
+
+    def test_resolver_threads_stay_for_the_next_lookup_and_are_capped(self) -> None:
+        resolver = wx.Resolver()
+        for _ in range(5):
+            lookup = resolver.submit("localhost", 80)
+            self.assertTrue(lookup.done.acquire(timeout=5))
+            self.assertIsInstance(lookup.outcome, list)
+        self.assertEqual(resolver.threads, 1)  # one thread served all five, one after the other
+        release = threading.Event()
+        self.addCleanup(release.set)
+        started = threading.Semaphore(0)
+
+        def hang(host: str, port: int, flags: int) -> List[wx.AddrInfo]:
+            started.release()
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "late")
+
+        with mock.patch.object(wx, "_getaddrinfo", hang):
+            lookups = [resolver.submit("hung.example", 80) for _ in range(wx.MAX_RESOLVER_THREADS + 5)]
+            for _ in range(wx.MAX_RESOLVER_THREADS):
+                self.assertTrue(started.acquire(timeout=10))
+            self.assertEqual((resolver.threads, resolver.busy), (wx.MAX_RESOLVER_THREADS, wx.MAX_RESOLVER_THREADS + 5))
+            release.set()
+            for lookup in lookups:
+                self.assertTrue(lookup.done.acquire(timeout=10))
+        self.assertEqual((resolver.threads, resolver.busy), (wx.MAX_RESOLVER_THREADS, 0))
 
 
 # ==============================================================================================

@@ -258,6 +258,7 @@ SUBSTRATE_HASH_BYTES = 32  # a block header starts with its parent's hash
 RATE_LIMIT_CLOSE_CODES = frozenset((1008, 1013))  # RFC 6455 §7.4.1 policy violation, try again later
 HTTP_STATUS_REASONS = {401: "unauthorized", 403: "unauthorized", 429: "rate_limited"}  # upgrade answers
 
+MAIN_THREAD_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
 LOG_FORMATS = ("logfmt", "json")
 
@@ -1053,12 +1054,15 @@ class _Phase:
 
 
 class Connection:
-    """An open non-blocking socket with the frame reader that decodes what arrives on it.  Every
-    send and receive waits (in wait_ready) at most until the probe's deadline.
+    """An open socket with the frame reader that decodes what arrives on it; every send and
+    receive ends by the probe's deadline.
 
-    TLS (``start_tls``) runs through memory buffers: OpenSSL never touches the socket, so every
-    read is one recvmsg that takes all that has arrived, with its kernel arrival stamp, and the
-    client's last handshake message leaves with the first request."""
+    The socket blocks, with the time left set as the kernel's SO_RCVTIMEO or SO_SNDTIMEO before
+    each call (a setsockopt keeps the interpreter lock, where settimeout's ioctl or a poll()
+    would hand it to another thread): a read is one recvmsg, which also brings the kernel's
+    arrival stamp.  TLS (``start_tls``) runs through memory buffers: OpenSSL never touches the
+    socket, so TLS reads keep their stamps too, and the client's last handshake message leaves
+    with the first request."""
 
     def __init__(self, sock: socket.socket, deadline: Deadline) -> None:
         self.sock = sock
@@ -1124,30 +1128,38 @@ class Connection:
 
     def _receive(self, timeout: float) -> bytes:
         """One read of what has arrived (b"" at the end of the stream); sets ``arrived``."""
-        while True:
-            wait_ready(self.sock, READABLE, timeout)
-            try:
-                if not SO_TIMESTAMPNS:
-                    data = self.sock.recv(RECV_BYTES)
-                    self.arrived = time.perf_counter()
-                    return data
-                data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
-                self.arrived = arrival_time(ancillary)
+        kernel_timeout(self.sock, socket.SO_RCVTIMEO, timeout)
+        try:
+            if not SO_TIMESTAMPNS:
+                data = self.sock.recv(RECV_BYTES)
+                self.arrived = time.perf_counter()
                 return data
-            except BlockingIOError:  # woken for nothing: wait again
-                continue
+            data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            raise socket.timeout("timed out")
+        self.arrived = arrival_time(ancillary)
+        return data
 
 
 CAN_POLL = hasattr(select, "poll")  # not on Windows, which waits in select()
 READABLE = select.POLLIN if CAN_POLL else 1
 WRITABLE = select.POLLOUT if CAN_POLL else 4
+_TIMEVAL = struct.Struct("@ll")  # struct timeval {time_t tv_sec; suseconds_t tv_usec;}
+
+
+def kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """SO_RCVTIMEO or SO_SNDTIMEO: the kernel ends the next blocking read or write (connect too)
+    of ``sock`` after ``seconds``; socket.timeout when none are left."""
+    if seconds <= 0:
+        raise socket.timeout("timed out")
+    micro = max(int(seconds * 1e6), 1)  # zero would mean no limit
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(*divmod(micro, 1000000)))
 
 
 def wait_ready(sock: socket.socket, events: int, seconds: float) -> None:
     """Until the non-blocking ``sock`` is ready for ``events`` (READABLE or WRITABLE); socket.timeout
     after ``seconds``.  An error or hang-up ends the wait too: the read or write that follows
-    reports it.  A socket with a timeout would do this wait itself, but setting the timeout before
-    each call costs a system call that hands the interpreter to another thread."""
+    reports it."""
     if seconds <= 0:
         raise socket.timeout("timed out")
     if CAN_POLL:
@@ -1163,11 +1175,14 @@ def wait_ready(sock: socket.socket, events: int, seconds: float) -> None:
 
 
 def send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
-    """All of ``data`` on the non-blocking ``sock`` within ``seconds``, however slowly the peer
-    reads (socket.timeout after)."""
+    """All of ``data`` on ``sock`` within ``seconds``, however slowly the peer reads (socket.timeout
+    after): a blocking socket under SO_SNDTIMEO, a non-blocking one waiting in poll() for room."""
     view, end = memoryview(data), time.monotonic() + seconds
+    blocking = sock.gettimeout() is None
     while view:
         try:
+            if blocking:
+                kernel_timeout(sock, socket.SO_SNDTIMEO, end - time.monotonic())
             view = view[sock.send(view) :]
         except (BlockingIOError, ssl.SSLWantWriteError):  # the send buffer is full: wait for room
             wait_ready(sock, WRITABLE, end - time.monotonic())
@@ -1280,9 +1295,9 @@ def open_websocket(
         sock = connect(addresses, deadline, result)
         if proxy:
             tunnel(sock, target, proxy, deadline)
+    conn = Connection(sock, deadline)
     try:
         log.log("debug", "Connected", ip_protocol=result.ip_protocol)
-        conn = Connection(sock, deadline)
         if target.secure:
             with _Phase(result, "tls") as phase:
                 negotiate_tls(conn, target.host, result, module.tls_context, module.tls.server_name)
@@ -1305,41 +1320,85 @@ AddrInfo = Tuple[int, Tuple[object, ...]]  # (family, sockaddr)
 
 def resolve(host: str, port: int, deadline: Deadline) -> List[AddrInfo]:
     """getaddrinfo under the deadline: it has no timeout of its own, so a name (not an IP
-    literal) is looked up in a helper thread that the probe stops waiting for."""
+    literal) is looked up by a resolver thread that the probe stops waiting for."""
     try:
         return list(_literal_addresses(host, port))
     except ValueError:
         pass
-    box: List[Union[List[AddrInfo], BaseException]] = []
-    done = threading.Event()
-
-    def lookup() -> None:
-        try:
-            box.append(_getaddrinfo(host, port, 0))
-        except BaseException as err:
-            box.append(err)
-        finally:
-            _RESOLVER_SLOTS.release()
-            done.set()
-
-    if not _RESOLVER_SLOTS.acquire(timeout=deadline.remaining()):
-        raise ProbeError("timeout", "every resolver thread is busy")
-    try:
-        threading.Thread(target=lookup, name="resolve", daemon=True).start()
-    except BaseException:  # no thread (RuntimeError when the system refuses one): free its slot
-        _RESOLVER_SLOTS.release()
-        raise
-    if not done.wait(deadline.remaining()):
+    lookup = _RESOLVER.submit(host, port)
+    if not lookup.done.acquire(timeout=deadline.remaining()):
+        lookup.abandoned = True
         raise ProbeError("timeout", "name resolution did not finish before the deadline")
-    outcome = box[0]
-    if isinstance(outcome, socket.gaierror):
-        raise ProbeError("dns_error", outcome.strerror or str(outcome))
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    if isinstance(lookup.outcome, socket.gaierror):
+        raise ProbeError("dns_error", lookup.outcome.strerror or str(lookup.outcome))
+    if isinstance(lookup.outcome, BaseException):
+        raise lookup.outcome
+    return lookup.outcome
 
 
-_RESOLVER_SLOTS = threading.BoundedSemaphore(MAX_RESOLVER_THREADS)
+class Lookup:
+    """One name to resolve; ``done`` is released when ``outcome`` is set."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.outcome: Union[List[AddrInfo], BaseException] = []
+        self.abandoned = False  # the probe stopped waiting: a lookup not begun yet is skipped
+
+
+class Resolver:
+    """Threads that run getaddrinfo and stay for the next lookup, so that a lookup costs a
+    hand-off rather than a thread.  One starts when every one is busy, up to
+    MAX_RESOLVER_THREADS: a hung resolver cannot pile up threads, and lookups past that wait
+    (under their probes' deadlines) for a thread to come free."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: Deque[Lookup] = collections.deque()
+        self._ready = threading.Condition(self._lock)
+        self.threads = 0
+        self.busy = 0  # lookups submitted and not finished
+
+    def submit(self, host: str, port: int) -> Lookup:
+        lookup = Lookup(host, port)
+        with self._lock:
+            if self.busy >= self.threads and self.threads < MAX_RESOLVER_THREADS:
+                threading.Thread(target=self._serve, name="resolve", daemon=True).start()  # RuntimeError: none
+                self.threads += 1
+            self.busy += 1
+            self._queue.append(lookup)
+            self._ready.notify()
+        return lookup
+
+    def _serve(self) -> None:
+        block_signals()
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._ready.wait()
+                lookup = self._queue.popleft()
+            try:
+                if not lookup.abandoned:
+                    lookup.outcome = _getaddrinfo(lookup.host, lookup.port, 0)
+            except BaseException as err:
+                lookup.outcome = err
+            finally:
+                with self._lock:
+                    self.busy -= 1
+                lookup.done.release()
+
+
+_RESOLVER = Resolver()
+
+
+def block_signals() -> None:
+    """Leave the stop and reload signals to the main thread, which waits for them: caught by
+    this thread, one would interrupt a blocking call (EINTR), and CPython would begin its wait
+    again, a blocking connect's without a limit."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
 
 
 def proxy_for(target: Target, module: Module) -> Optional[urllib.parse.SplitResult]:
@@ -1422,11 +1481,12 @@ def _getaddrinfo(host: str, port: int, flags: int) -> List[AddrInfo]:
 
 
 def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) -> socket.socket:
-    """Try each address in turn within the deadline; the first that connects wins."""
+    """Try each address in turn within the deadline; the first that connects wins, as a blocking
+    socket (see Connection)."""
     last: Optional[Exception] = None
     for family, sockaddr in addresses:
         result.ip_protocol = 6 if family == socket.AF_INET6 else 4
-        sock = socket.socket(family, _NONBLOCKING_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             connect_within(sock, sockaddr, deadline)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1441,19 +1501,14 @@ def connect(addresses: List[AddrInfo], deadline: Deadline, result: ProbeResult) 
     raise last
 
 
-# Non-blocking from the start where the system allows it (Linux): no setblocking() call.
-_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
-
-
 def connect_within(sock: socket.socket, sockaddr: Tuple[object, ...], deadline: Deadline) -> None:
-    """A non-blocking connect, waited for under the deadline; the socket stays non-blocking.
-    Raises what a blocking connect would (ConnectionRefusedError and the like; socket.timeout)."""
-    if sock.gettimeout() != 0.0:
-        sock.setblocking(False)
+    """A blocking connect that the kernel ends at the deadline (SO_SNDTIMEO bounds connect too,
+    which then answers EINPROGRESS).  Raises what a connect would (ConnectionRefusedError and
+    the like; socket.timeout)."""
+    kernel_timeout(sock, socket.SO_SNDTIMEO, deadline.remaining())
     err = sock.connect_ex(sockaddr)
     if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-        wait_ready(sock, WRITABLE, deadline.remaining())
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        raise socket.timeout("timed out")
     if err:
         raise OSError(err, os.strerror(err))
 
@@ -2852,18 +2907,30 @@ class _RequestReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
-        while True:
-            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):  # none decrypted already
-                wait_ready(self.sock, READABLE, self.time_left())
-            try:
-                count = self.sock.recv_into(buffer)
-                break
-            except (BlockingIOError, ssl.SSLWantReadError):  # woken for nothing (or part of a TLS record)
-                continue
+        count = self._receive_tls(buffer) if isinstance(self.sock, ssl.SSLSocket) else self._receive(buffer)
         if count and self.deadline is None:
             self.started = time.monotonic()
             self.deadline = self.started + REQUEST_READ_SECONDS
         return count
+
+    def _receive(self, buffer: "bytearray | memoryview") -> int:
+        """One recv on the blocking socket, which the kernel ends when the time left is up (see
+        Connection)."""
+        kernel_timeout(self.sock, socket.SO_RCVTIMEO, self.time_left())
+        try:
+            return self.sock.recv_into(buffer)
+        except BlockingIOError:
+            raise socket.timeout("timed out")
+
+    def _receive_tls(self, buffer: "bytearray | memoryview") -> int:
+        assert isinstance(self.sock, ssl.SSLSocket)
+        while True:
+            if not self.sock.pending():  # none decrypted already
+                wait_ready(self.sock, READABLE, self.time_left())
+            try:
+                return self.sock.recv_into(buffer)
+            except ssl.SSLWantReadError:  # part of a TLS record
+                continue
 
     def time_left(self) -> float:
         return KEEPALIVE_IDLE_SECONDS if self.deadline is None else self.deadline - time.monotonic()
@@ -2885,13 +2952,18 @@ def reason_phrase(status: int) -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=1)  # formatted once a second, not once an answer
+def http_date(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)
+
+
 def response_bytes(status: int, body: str, content_type: str, headers: Sequence[Tuple[str, str]], close: bool) -> bytes:
     """A whole HTTP/1.1 response, head and body in one piece: sent in two, the body would meet
     Nagle's algorithm and the client's delayed ACK."""
     data = body.encode("utf-8")
     fields = [
         ("Server", SERVER_HEADER),
-        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Date", http_date(int(time.time()))),
         ("Content-Type", content_type),
         ("Content-Length", str(len(data))),
     ]
@@ -2913,7 +2985,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.setblocking(False)  # reads and writes wait in poll(), under their deadlines
+        if isinstance(self.connection, ssl.SSLSocket):  # TLS waits in poll(), plain sockets under kernel timeouts
+            self.connection.setblocking(False)
         self.rfile.close()  # replaced by a reader that keeps the request's deadline
         self.reader = _RequestReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
@@ -3192,6 +3265,7 @@ class ExporterServer(http.server.ThreadingHTTPServer):
         self.shutdown_request(request)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        block_signals()
         try:
             super().process_request_thread(request, client_address)
         finally:

@@ -51,6 +51,7 @@ ROOT = os.path.dirname(HERE)
 EXPORTER = os.path.join(ROOT, "ws_exporter.py")
 EXPORTER_ARGS: List[str] = []  # --exporter-arg, appended to our exporter's command line
 HOLD_SERVER = os.path.join(HERE, "hold_server.py")
+REFERENCE = os.path.join(HERE, "reference_exporter.py")
 METRICS_POLLER = os.path.join(HERE, "metrics_poller.py")
 NODE_ECHO_SERVER = os.path.join(HERE, "node_echo_server.js")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -75,6 +76,7 @@ SILENT_THREADS_WAIT = 3.0  # s after the last answer for the exporter's threads 
 FLOOR_WS_RATE = 0.8  # ws:// probes/s, c=16 and c=64, >= this times blackbox's
 FLOOR_WSS_RATE = 0.85  # wss:// probes/s, c=16
 FLOOR_WSS_CPU = 1.25  # wss:// exporter CPU per probe, <= this times blackbox's
+FLOOR_REFERENCE_CPU = 1.25  # exporter CPU per probe, c=16, ws:// and wss://, <= this times the design reference's
 FLOOR_UPGRADE_P99_MS = 2.0  # upgrade-phase error p99, c=64
 FLOOR_SILENT_LAST_S = 2.3
 FLOOR_SILENT_METRICS_S = 0.2
@@ -348,6 +350,17 @@ def start_ours(ca: str, tmp: str, extra: Sequence[str] = ()) -> Exporter:
                                 stderr=stderr, env=dict(os.environ, **({"SSL_CERT_FILE": ca} if ca else {})),
                                 cwd=os.path.dirname(EXPORTER))
     return Exporter("ours", proc, port, spawned, ours_probe_path, log)
+
+
+def start_reference(ca: str, tmp: str) -> Exporter:
+    """bench/reference_exporter.py: the smallest exporter of our design, the floor under ours."""
+    port = free_port()
+    fd, log = tempfile.mkstemp(prefix="reference-", suffix=".log", dir=tmp)
+    with os.fdopen(fd, "wb") as stderr:
+        spawned = time.monotonic()
+        proc = subprocess.Popen([sys.executable, REFERENCE, str(port)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=stderr, env=dict(os.environ, SSL_CERT_FILE=ca))
+    return Exporter("reference", proc, port, spawned, ours_probe_path, log)
 
 
 def start_blackbox(config: str, tmp: str) -> Exporter:
@@ -706,7 +719,7 @@ def silent_probes(exporter: Exporter, target_port: int, count: int,
 
 
 def make_pki(directory: str) -> Dict[str, str]:
-    """A CA and a server certificate for 127.0.0.1 (IP SAN), with the openssl CLI."""
+    """A CA and a server certificate for 127.0.0.1 and localhost, with the openssl CLI."""
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
 
@@ -716,7 +729,7 @@ def make_pki(directory: str) -> Dict[str, str]:
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
             "-subj", "/CN=127.0.0.1")
     with open(os.path.join(directory, "ext.cnf"), "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
     return {name: os.path.join(directory, name) for name in ("ca.pem", "server.pem", "server.key")}
@@ -744,7 +757,7 @@ def ratio(ours: float, theirs: float) -> str:
 class Table:
     """The report's lines, and the floors met and missed."""
 
-    HEAD = "%-50s %14s %14s %7s  %-12s %s"
+    HEAD = "%-46s %12s %12s %7s %12s %7s  %-12s %s"
 
     def __init__(self) -> None:
         self.lines: List[str] = []
@@ -755,18 +768,20 @@ class Table:
         self.lines.append(line)
 
     def cells(self, label: str, ours: str, theirs: str, ratio_text: str = "", floor: str = "",
-              met: Optional[bool] = None) -> None:
+              met: Optional[bool] = None, reference: str = "", reference_ratio: str = "") -> None:
         """One row; ``met`` None: no floor, True or False: the floor's verdict for ours."""
         verdict = "" if met is None else "ok" if met else "MISSED"
         if met is not None:
             self.met += met
             if not met:
                 self.missed.append("%s: %s%s, floor %s" % (label, ours.strip(), ratio_text and " (%s)" % ratio_text, floor))
-        self.lines.append((self.HEAD % (label, ours, theirs, ratio_text, floor, verdict)).rstrip())
+        self.lines.append((self.HEAD % (label, ours, theirs, ratio_text, reference, reference_ratio, floor, verdict)).rstrip())
 
     def row(self, label: str, ours: float, theirs: float, fmt: str = "%.1f", floor: str = "",
-            met: Optional[bool] = None, show_ratio: bool = True) -> None:
-        self.cells(label, fmt % ours, fmt % theirs, ratio(ours, theirs) if show_ratio else "", floor, met)
+            met: Optional[bool] = None, show_ratio: bool = True, reference: Optional[float] = None) -> None:
+        """``reference``: the design reference's figure (bench/reference_exporter.py), when measured."""
+        shown = ("", "") if reference is None else (fmt % reference, ratio(ours, reference))
+        self.cells(label, fmt % ours, fmt % theirs, ratio(ours, theirs) if show_ratio else "", floor, met, *shown)
 
 
 def at_least(ours: float, theirs: float, factor: float) -> bool:
@@ -845,11 +860,13 @@ def run(args: argparse.Namespace, sections: Set[str], tmp: str, children: List["
     secure = start_node((pki["server.pem"], pki["server.key"]))
     children.append(secure.proc)
     exporters = [start_ours(pki["ca.pem"], tmp), start_blackbox(config, tmp)]
-    children.extend(e.proc for e in exporters)
+    reference = start_reference(pki["ca.pem"], tmp)
+    children.extend(e.proc for e in exporters + [reference])
+    wait_healthy(reference)
     first_answer = {e.name: [wait_healthy(e)] for e in exporters}
     idle = {e.name: idle_status(e) for e in exporters}
     ok = True
-    for e in exporters:
+    for e in exporters + [reference]:
         for tls, peer in ((False, plain), (True, secure)):
             if not check_probe(e, e.probe_url("/", peer.port, tls)):
                 print("bench: %s %s probe did not succeed" % (e.name, "wss" if tls else "ws"), file=sys.stderr)
@@ -857,16 +874,17 @@ def run(args: argparse.Namespace, sections: Set[str], tmp: str, children: List["
     if not ok:
         return 1
     table = Table()
-    table.text("ws-exporter vs blackbox_exporter 0.23 (tcp + query_response), %s, %d CPUs, Python %s"
+    table.text("ws-exporter vs blackbox_exporter 0.23 (tcp + query_response) and, under load, the design reference "
+               "(bench/reference_exporter.py), %s, %d CPUs, Python %s"
                % (time.strftime("%Y-%m-%d %H:%M"), os.cpu_count() or 0, sys.version.split()[0]))
     table.text("medians of %d alternating rounds, %gs per wrk run, after a warm-up load per exporter and case"
                % (args.rounds, args.duration))
     table.text("ours: %s   (in %s)" % (describe_ours(), os.path.dirname(EXPORTER)))
     table.text("each exporter is one process: RSS = VmRSS, peak = VmHWM since the case began, CPU = utime + stime")
     table.text()
-    table.text((Table.HEAD % ("", "ours", "blackbox", "ratio", "floor", "")).rstrip())
+    table.text((Table.HEAD % ("", "ours", "blackbox", "ratio", "reference", "ratio", "floor", "")).rstrip())
     if "load" in sections:
-        ok &= report_load(args, exporters, plain, secure, table)
+        ok &= report_load(args, exporters + [reference], plain, secure, table)
     if "timing" in sections:
         timing = HoldServer("%g" % TIMING_DELAY)
         children.append(timing.peer.proc)
@@ -918,36 +936,42 @@ def report_load(args: argparse.Namespace, exporters: List[Exporter], plain: Peer
                 results.setdefault((e.name, tls, c), []).append(result)
     errors = 0
     for tls, c in cases:
-        ours, theirs = results[("ours", tls, c)], results[("blackbox", tls, c)]
-        scheme = "wss" if tls else "ws"
-        table.text()
-        rate = med([r.rate for r in ours]), med([r.rate for r in theirs])
-        rate_floor = FLOOR_WSS_RATE if tls else FLOOR_WS_RATE
-        if tls and c != 16:
-            table.row("%s c=%d probes/s" % (scheme, c), *rate, fmt="%.0f")
-        else:
-            table.row("%s c=%d probes/s" % (scheme, c), *rate, fmt="%.0f", floor=">= %gx" % rate_floor,
-                      met=at_least(*rate, rate_floor))
-        table.row("%s c=%d latency p50 (ms)" % (scheme, c), med([r.p50_ms for r in ours]),
-                  med([r.p50_ms for r in theirs]), "%.2f")
-        table.row("%s c=%d latency p99 (ms)" % (scheme, c), med([r.p99_ms for r in ours]),
-                  med([r.p99_ms for r in theirs]), "%.2f")
-        cpu = med([r.cpu_ms for r in ours]), med([r.cpu_ms for r in theirs])
-        if tls:
-            table.row("%s c=%d exporter CPU ms / probe" % (scheme, c), *cpu, fmt="%.3f",
-                      floor="<= %gx" % FLOOR_WSS_CPU, met=at_most(*cpu, FLOOR_WSS_CPU))
-        else:
-            table.row("%s c=%d exporter CPU ms / probe" % (scheme, c), *cpu, fmt="%.3f")
-        table.row("%s c=%d server CPU ms / probe" % (scheme, c), med([r.server_cpu_ms for r in ours]),
-                  med([r.server_cpu_ms for r in theirs]), "%.3f")
-        table.row("%s c=%d peak RSS (MB)" % (scheme, c), max(r.peak_rss_mb for r in ours),
-                  max(r.peak_rss_mb for r in theirs))
-        table.cells("%s c=%d rounds probes/s" % (scheme, c), "/".join("%.0f" % r.rate for r in ours),
-                    "/".join("%.0f" % r.rate for r in theirs))
-        errors += sum(r.errors for r in ours + theirs)
+        errors += report_load_case(tls, c, *(results[(name, tls, c)] for name in ("ours", "blackbox", "reference")), table)
     if errors:
         table.text("!! %d non-2xx answers or socket errors during load" % errors)
     return errors == 0
+
+
+def report_load_case(tls: bool, c: int, ours: List[LoadResult], theirs: List[LoadResult], reference: List[LoadResult],
+                     table: Table) -> int:
+    """One case's rows; its count of errors."""
+    scheme = "wss" if tls else "ws"
+    table.text()
+
+    def figures(pick: Callable[[LoadResult], float], merge: Callable[[List[float]], float] = med) -> Tuple[float, float]:
+        return merge([pick(r) for r in ours]), merge([pick(r) for r in theirs])
+
+    def ref(pick: Callable[[LoadResult], float], merge: Callable[[List[float]], float] = med) -> float:
+        return merge([pick(r) for r in reference])
+
+    rate, rate_floor = figures(lambda r: r.rate), FLOOR_WSS_RATE if tls else FLOOR_WS_RATE
+    floor = ("", None) if tls and c != 16 else (">= %gx" % rate_floor, at_least(*rate, rate_floor))
+    table.row("%s c=%d probes/s" % (scheme, c), *rate, "%.0f", *floor, reference=ref(lambda r: r.rate))
+    table.row("%s c=%d latency p50 (ms)" % (scheme, c), *figures(lambda r: r.p50_ms), "%.2f", reference=ref(lambda r: r.p50_ms))
+    table.row("%s c=%d latency p99 (ms)" % (scheme, c), *figures(lambda r: r.p99_ms), "%.2f", reference=ref(lambda r: r.p99_ms))
+    cpu, ref_cpu = figures(lambda r: r.cpu_ms), ref(lambda r: r.cpu_ms)
+    floor = ("<= %gx" % FLOOR_WSS_CPU, at_most(*cpu, FLOOR_WSS_CPU)) if tls else ("", None)
+    table.row("%s c=%d exporter CPU ms / probe" % (scheme, c), *cpu, "%.3f", *floor, reference=ref_cpu)
+    if c == 16:
+        table.cells("%s c=%d exporter CPU / the reference's" % (scheme, c), ratio(cpu[0], ref_cpu), "", "",
+                    "<= %gx" % FLOOR_REFERENCE_CPU, at_most(cpu[0], ref_cpu, FLOOR_REFERENCE_CPU))
+    table.row("%s c=%d server CPU ms / probe" % (scheme, c), *figures(lambda r: r.server_cpu_ms), "%.3f",
+              reference=ref(lambda r: r.server_cpu_ms))
+    table.row("%s c=%d peak RSS (MB)" % (scheme, c), *figures(lambda r: r.peak_rss_mb, max),
+              reference=ref(lambda r: r.peak_rss_mb, max))
+    table.cells("%s c=%d rounds probes/s" % (scheme, c), "/".join("%.0f" % r.rate for r in ours),
+                "/".join("%.0f" % r.rate for r in theirs), reference="/".join("%.0f" % r.rate for r in reference))
+    return sum(r.errors for r in ours + theirs + reference)
 
 
 def report_timing(args: argparse.Namespace, exporters: List[Exporter], server: HoldServer, table: Table) -> None:

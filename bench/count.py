@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""What one probe costs an exporter in system calls, context switches and releases of the
+interpreter's lock, for ws_exporter.py and bench/reference_exporter.py side by side.
+
+    . .cache/peers/env.sh && python3 bench/count.py [--probes N] [--host 127.0.0.1|localhost]
+
+Each exporter runs as a process of its own; after a warm-up over one keep-alive connection,
+``perf stat`` attaches to it (every thread) while N more probes go over that connection, one at
+a time, to a node ``ws`` echo server (ws:// and wss://).  Counted: raw_syscalls:sys_enter,
+context-switches and a uprobe on libpython's PyEval_SaveThread (each call is one release of
+the lock).  ``strace -f -c`` then gives the system calls by name for one more run.  Needs perf
+with uprobes (run as root) and strace; prints what it cannot measure instead of a number.
+"""
+import argparse
+import http.client
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import run  # noqa: E402  (the benchmark's helpers: node server, certificates, processes)
+
+LIBPYTHON = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+GIL_EVENT = "probe_libpython3:PyEval_SaveThread"  # perf names the group after the library
+EVENTS = ["raw_syscalls:sys_enter", "context-switches", GIL_EVENT]
+
+
+def add_uprobe() -> bool:
+    if not os.path.exists(LIBPYTHON):
+        return False
+    subprocess.run(["perf", "probe", "-q", "-d", GIL_EVENT], capture_output=True)
+    added = subprocess.run(["perf", "probe", "-q", "-x", LIBPYTHON, "--add", "PyEval_SaveThread"], capture_output=True)
+    return added.returncode == 0
+
+
+def start(kind: str, port: int, ca: str) -> "subprocess.Popen[bytes]":
+    if kind == "ours":
+        argv = run.ours_argv(port)
+        cwd = os.path.dirname(run.EXPORTER)
+    else:
+        argv = [sys.executable, os.path.join(HERE, "reference_exporter.py"), str(port)]
+        cwd = HERE
+    return subprocess.Popen(argv, cwd=cwd, env=dict(os.environ, SSL_CERT_FILE=ca),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def probe_loop(port: int, path: str, count: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for _ in range(count):
+        conn.request("GET", path)
+        body = conn.getresponse().read()
+        if b"probe_success 1" not in body:
+            sys.exit("count: a probe failed: %s" % body[:400])
+    conn.close()
+
+
+def measure(tool: list, pid: int, port: int, path: str, count: int) -> str:
+    """Warm up, attach ``tool`` to ``pid``, run ``count`` probes, stop the tool; its report."""
+    probe_loop(port, path, 20)
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as out:
+        proc = subprocess.Popen(tool + ["-o", out.name, "-p", str(pid)], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # attaching takes a moment; nothing runs meanwhile
+        probe_loop(port, path, count)
+        proc.send_signal(2)
+        proc.wait(30)
+        return out.read()
+
+
+def cpu_ms(pid: int, port: int, path: str, count: int) -> float:
+    """The exporter's CPU ms per probe, nothing attached to it."""
+    probe_loop(port, path, 20)
+    before = run.cpu_seconds(pid)
+    probe_loop(port, path, count)
+    return (run.cpu_seconds(pid) - before) * 1000 / count
+
+
+def perf_counts(report: str, count: int) -> list:
+    found = []
+    for event in EVENTS:
+        match = re.search(r"^\s*([\d,]+)\s+%s" % re.escape(event), report, re.M)
+        found.append(int(match.group(1).replace(",", "")) / count if match else float("nan"))
+    return found
+
+
+def strace_top(report: str, count: int, top: int = 8) -> str:
+    rows = []
+    for line in report.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1].isidentifier() and fields[3].isdigit() and fields[-1] != "total":
+            rows.append((int(fields[3]) / count, fields[-1]))
+    return ", ".join("%s %.1f" % (name, n) for n, name in sorted(rows, reverse=True)[:top])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="ws-count-")
+    pki = run.make_pki(tmp)
+    ca, cert, key = pki["ca.pem"], pki["server.pem"], pki["server.key"]
+    uprobe = add_uprobe()
+    servers = {"ws": run.start_node(None), "wss": run.start_node((cert, key))}
+    print("per probe, %d probes, target host %s%s" % (args.probes, args.host, "" if uprobe else " (no uprobe: lock releases not counted)"))
+    print("| exporter | scheme | CPU ms | system calls | context switches | lock releases | system calls by name |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in ("reference", "ours"):
+        for scheme, server in servers.items():
+            port = run.free_port()
+            proc = start(kind, port, ca)
+            try:
+                time.sleep(1.0)
+                path = "/probe?target=%s://%s:%d/" % (scheme, args.host, server.port)
+                events = EVENTS if uprobe else EVENTS[:2]
+                counts = perf_counts(measure(["perf", "stat", "-e", ",".join(events)], proc.pid, port, path, args.probes), args.probes)
+                names = strace_top(measure(["strace", "-f", "-c"], proc.pid, port, path, args.probes), args.probes)
+                cpu = cpu_ms(proc.pid, port, path, max(args.probes, 1000))
+                print("| %s | %s | %.2f | %.1f | %.1f | %.1f | %s |" % (kind, scheme, cpu, counts[0], counts[1], counts[2], names))
+            finally:
+                proc.kill()
+                proc.wait()
+    for server in servers.values():
+        run.stop(server.proc)
+
+
+if __name__ == "__main__":
+    main()
