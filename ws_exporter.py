@@ -1141,9 +1141,8 @@ class Connection:
         return data
 
 
-CAN_POLL = hasattr(select, "poll")  # not on Windows, which waits in select()
-READABLE = select.POLLIN if CAN_POLL else 1
-WRITABLE = select.POLLOUT if CAN_POLL else 4
+READABLE = select.POLLIN
+WRITABLE = select.POLLOUT
 _TIMEVAL = struct.Struct("@ll")  # struct timeval {time_t tv_sec; suseconds_t tv_usec;}
 
 
@@ -1162,15 +1161,9 @@ def wait_ready(sock: socket.socket, events: int, seconds: float) -> None:
     reports it."""
     if seconds <= 0:
         raise socket.timeout("timed out")
-    if CAN_POLL:
-        poller = select.poll()
-        poller.register(sock, events)
-        ready = bool(poller.poll(seconds * 1000))
-    else:  # Windows
-        watched = [sock]
-        lists = select.select(watched if events == READABLE else [], watched if events == WRITABLE else [], watched, seconds)
-        ready = any(lists)
-    if not ready:
+    poller = select.poll()
+    poller.register(sock, events)
+    if not poller.poll(seconds * 1000):
         raise socket.timeout("timed out")
 
 
@@ -2670,6 +2663,9 @@ def process_figures() -> Optional[ProcessFigures]:
         with open("/proc/stat", "rb") as f:
             boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime"))
         open_fds = len(os.listdir("/proc/self/fd"))
+        import resource  # Unix only, as /proc is
+
+        max_fds = max(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 0)  # RLIM_INFINITY is -1: none shown
     except (OSError, StopIteration, IndexError, ValueError):
         return None
     ticks = float(os.sysconf("SC_CLK_TCK"))
@@ -2679,19 +2675,8 @@ def process_figures() -> Optional[ProcessFigures]:
         int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
         boot + float(fields[19]) / ticks,
         open_fds,
-        _max_fds(),
+        max_fds,
     )
-
-
-def _max_fds() -> int:
-    try:
-        with open("/proc/self/limits", "r") as f:
-            for line in f:
-                if line.startswith("Max open files"):
-                    return int(line.split()[3])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 # ==============================================================================================
@@ -3247,7 +3232,8 @@ class ExporterServer(http.server.ThreadingHTTPServer):
     def answered(self, handler: Handler) -> None:
         with self._lock:
             self.answering.discard(handler)
-            self._lock.notify_all()
+            if self.stopping:  # drain() is waiting
+                self._lock.notify_all()
 
     def drain(self, seconds: float) -> int:
         """Wait up to ``seconds`` for the requests being answered; how many remain."""

@@ -2,13 +2,15 @@
 """What one probe costs an exporter in system calls, context switches and releases of the
 interpreter's lock, for ws_exporter.py and bench/reference_exporter.py side by side.
 
-    . .cache/peers/env.sh && python3 bench/count.py [--probes N] [--host 127.0.0.1|localhost]
+    . .cache/peers/env.sh && python3 bench/count.py [--probes N] [--host 127.0.0.1|localhost] [--exporter PATH]
 
 Each exporter runs as a process of its own; after a warm-up over one keep-alive connection,
 ``perf stat`` attaches to it (every thread) while N more probes go over that connection, one at
 a time, to a node ``ws`` echo server (ws:// and wss://).  Counted: raw_syscalls:sys_enter,
 context-switches and a uprobe on libpython's PyEval_SaveThread (each call is one release of
-the lock).  ``strace -f -c`` then gives the system calls by name for one more run.  Needs perf
+the lock).  ``strace -f -c`` then gives the system calls by name for one more run.  Then the
+same counts and the CPU per probe while wrk keeps --load probes in flight (default 16), where
+each release of the lock is a hand-off to another thread.  Needs perf
 with uprobes (run as root) and strace; prints what it cannot measure instead of a number.
 """
 import argparse
@@ -20,6 +22,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from typing import List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -79,7 +82,21 @@ def cpu_ms(pid: int, port: int, path: str, count: int) -> float:
     return (run.cpu_seconds(pid) - before) * 1000 / count
 
 
-def perf_counts(report: str, count: int) -> list:
+def measure_load(pid: int, url: str, connections: int, events: List[str]) -> Tuple[List[float], float]:
+    """perf stat over one wrk run of 3 s: per-probe counts and the exporter's CPU ms per probe."""
+    run.run_wrk(url, connections, 1)  # every handler thread started
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as out:
+        proc = subprocess.Popen(["perf", "stat", "-e", ",".join(events), "-o", out.name, "-p", str(pid)], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        before = run.cpu_seconds(pid)
+        requests = run.run_wrk(url, connections, 3)[0]
+        cpu = (run.cpu_seconds(pid) - before) * 1000 / max(requests, 1)
+        proc.send_signal(2)
+        proc.wait(30)
+        return perf_counts(out.read(), requests), cpu
+
+
+def perf_counts(report: str, count: int) -> List[float]:
     found = []
     for event in EVENTS:
         match = re.search(r"^\s*([\d,]+)\s+%s" % re.escape(event), report, re.M)
@@ -100,15 +117,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--load", type=int, default=16, help="wrk connections for the counts under load")
+    parser.add_argument("--exporter", default=run.EXPORTER, help="the ws_exporter.py to count (for before/after)")
     args = parser.parse_args()
+    run.EXPORTER = os.path.abspath(args.exporter)
     tmp = tempfile.mkdtemp(prefix="ws-count-")
     pki = run.make_pki(tmp)
     ca, cert, key = pki["ca.pem"], pki["server.pem"], pki["server.key"]
     uprobe = add_uprobe()
     servers = {"ws": run.start_node(None), "wss": run.start_node((cert, key))}
     print("per probe, %d probes, target host %s%s" % (args.probes, args.host, "" if uprobe else " (no uprobe: lock releases not counted)"))
-    print("| exporter | scheme | CPU ms | system calls | context switches | lock releases | system calls by name |")
-    print("|---|---|---|---|---|---|---|")
+    print("| exporter | scheme | probes | CPU ms | system calls | context switches | lock releases | system calls by name |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind in ("reference", "ours"):
         for scheme, server in servers.items():
             port = run.free_port()
@@ -118,9 +138,12 @@ def main() -> None:
                 path = "/probe?target=%s://%s:%d/" % (scheme, args.host, server.port)
                 events = EVENTS if uprobe else EVENTS[:2]
                 counts = perf_counts(measure(["perf", "stat", "-e", ",".join(events)], proc.pid, port, path, args.probes), args.probes)
+                counts += [float("nan")] * (3 - len(counts))
                 names = strace_top(measure(["strace", "-f", "-c"], proc.pid, port, path, args.probes), args.probes)
                 cpu = cpu_ms(proc.pid, port, path, max(args.probes, 1000))
-                print("| %s | %s | %.2f | %.1f | %.1f | %.1f | %s |" % (kind, scheme, cpu, counts[0], counts[1], counts[2], names))
+                print("| %s | %s | one at a time | %.2f | %.1f | %.1f | %.1f | %s |" % (kind, scheme, cpu, *counts, names))
+                loaded, cpu = measure_load(proc.pid, "http://127.0.0.1:%d%s" % (port, path), args.load, events)
+                print("| %s | %s | %d at once | %.2f | %.1f | %.1f | %.1f | |" % (kind, scheme, args.load, cpu, *loaded))
             finally:
                 proc.kill()
                 proc.wait()
