@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import gc
 import hashlib
 import http.client
 import io
@@ -2701,6 +2702,28 @@ class TestHTTP(unittest.TestCase):
         self.assertLess(abs(metrics["process_start_time_seconds"] - time.time()), 3600)
         self.assertFalse(any(k.startswith("probe_") for k in metrics))
 
+    def test_metrics_carry_the_gc_counters_by_generation_and_the_os_thread_count(self) -> None:
+        families = {"python_gc_objects_collected": "counter", "python_gc_objects_uncollectable": "counter",
+                    "python_gc_collections": "counter", "process_threads": "gauge"}
+        text = self.exporter.get("/metrics")[2]
+        openmetrics = self.exporter.get("/metrics", {"Accept": wx.OPENMETRICS_MEDIA_TYPE})[2]
+        for family, kind in families.items():
+            self.assertIn("# TYPE %s %s\n" % (family + "_total" if kind == "counter" else family, kind), text)
+            self.assertIn("# TYPE %s %s\n" % (family, kind), openmetrics)
+        self.assertIn("# HELP python_gc_objects_uncollectable_total Uncollectable objects found during GC\n", text)
+        before = parse_metrics(text)
+        generations = sorted(k for k in before if k.startswith("python_gc_collections_total"))
+        self.assertEqual(generations, ['python_gc_collections_total{generation="%d"}' % g for g in range(3)])
+        self.assertGreaterEqual(before["process_threads"], threading.active_count())
+        cycle: List[object] = []
+        cycle.append(cycle)
+        del cycle
+        gc.collect()
+        after = parse_metrics(self.exporter.get("/metrics")[2])
+        for name in ("python_gc_collections_total", "python_gc_objects_collected_total"):
+            key = '%s{generation="2"}' % name
+            self.assertGreater(after[key], before[key], key)
+
     def test_debug_page_has_logs_metrics_and_module_without_secrets(self) -> None:
         status, headers, body = self.exporter.get("/probe?" + wx.urllib.parse.urlencode(
             {"target": "ws://u:pw@127.0.0.1:%d/v1/SECRETTOKEN?apikey=SECRETKEY" % free_port(), "debug": "true"}))
@@ -5152,6 +5175,8 @@ class TestPrometheusScrape(ScrapeTestCase):
         probes = scraper.wait_for('ws_exporter_probes_total{job="ws-exporter-self",module="connect"}', 1)
         self.assertEqual([p["instance"] for p in probes], [exporter])
         self.assertEqual(scraper.active_targets("ws-exporter-self")[0]["lastError"], "")
+        collections = scraper.wait_for('python_gc_collections_total{job="ws-exporter-self"}', 3)
+        self.assertEqual(sorted(c["generation"] for c in collections), ["0", "1", "2"])
         self.assertTrue(self.accepts)
         accepts = list(self.accepts)
         self.assertTrue(all(self.negotiate(a) == wx.OPENMETRICS_FORMAT for a in accepts), accepts)

@@ -49,6 +49,7 @@ import enum
 import errno
 import fnmatch
 import functools
+import gc
 import hashlib
 import hmac
 import http
@@ -2402,7 +2403,11 @@ METRICS: Dict[str, Tuple[str, str]] = {
     "process_start_time_seconds": ("gauge", "Start time of the process since unix epoch in seconds."),
     "process_open_fds": ("gauge", "Number of open file descriptors."),
     "process_max_fds": ("gauge", "Maximum number of open file descriptors."),
+    "process_threads": ("gauge", "Number of OS threads in the process."),
     "python_info": ("gauge", "Python platform information"),
+    "python_gc_objects_collected_total": ("counter", "Objects collected during gc"),
+    "python_gc_objects_uncollectable_total": ("counter", "Uncollectable objects found during GC"),
+    "python_gc_collections_total": ("counter", "Number of times this generation was collected"),
 }
 
 
@@ -2631,6 +2636,22 @@ def build_samples() -> List[Sample]:
     return [Sample("ws_exporter_build_info", info, 1), Sample("python_info", py_labels, 1)]
 
 
+# python_gc_* as client_python's GCCollector exports them: gc.get_stats() per generation.
+_GC_FIGURES = (
+    ("python_gc_objects_collected_total", "collected"),
+    ("python_gc_objects_uncollectable_total", "uncollectable"),
+    ("python_gc_collections_total", "collections"),
+)
+
+
+def gc_samples() -> List[Sample]:
+    """The garbage collector's counters by generation; none outside CPython (as in client_python)."""
+    if sys.implementation.name != "cpython":
+        return []
+    stats = gc.get_stats()
+    return [Sample(name, (("generation", str(g)),), figures[key]) for name, key in _GC_FIGURES for g, figures in enumerate(stats)]
+
+
 class ProcessFigures(NamedTuple):
     """What process_* report."""
 
@@ -2640,6 +2661,7 @@ class ProcessFigures(NamedTuple):
     start_time: float
     open_fds: int
     max_fds: int
+    threads: int
 
     def samples(self) -> List[Sample]:
         out = [
@@ -2651,6 +2673,7 @@ class ProcessFigures(NamedTuple):
         ]
         if self.max_fds:
             out.append(Sample("process_max_fds", (), self.max_fds))
+        out.append(Sample("process_threads", (), self.threads))
         return out
 
 
@@ -2676,6 +2699,9 @@ def process_figures() -> Optional[ProcessFigures]:
         boot + float(fields[19]) / ticks,
         open_fds,
         max_fds,
+        # num_threads: OS threads, not threading.active_count(), so that threads the threading
+        # module never sees (native code's, _thread's) count too: each has a stack and an arena.
+        int(fields[17]),
     )
 
 
@@ -4236,7 +4262,7 @@ class Exporter:
     def telemetry_samples(self) -> List[Sample]:
         figures = process_figures()
         counters = self.stats.samples(self.config.modules)
-        return build_samples() + counters + self.reload_samples() + (figures.samples() if figures else [])
+        return build_samples() + counters + self.reload_samples() + (figures.samples() if figures else []) + gc_samples()
 
 
 class ProbeRequest(NamedTuple):
