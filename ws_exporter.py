@@ -140,7 +140,7 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one (reassembled) message
 MAX_CLOSE_FRAMES = 1000  # frames we read while waiting for the server's close
 CLOSE_WAIT_SECONDS = 2.0  # how long a probe waits for the server to answer our close
 TLS_CLOSE_WAIT_SECONDS = 0.05  # then how long for its close_notify (see tls_closed)
-RECV_BYTES = 65536
+RECV_BYTES = 16384  # one read; RFC 8446 §5.1: a TLS record carries at most 2^14 bytes
 MAX_RESOLVER_THREADS = 64  # lookups running at once; a hung resolver cannot pile up threads
 # Linux socket(7) SO_TIMESTAMPNS (the socket module does not name it): the kernel stamps each
 # received segment, so a phase can end when the answer arrived rather than when a thread got the
@@ -1112,7 +1112,9 @@ class Connection:
         assert self.tls is not None
         while True:
             try:
-                return self.tls.read(RECV_BYTES)  # what OpenSSL holds decrypted, or can decrypt
+                view = _THREAD.buffer  # what OpenSSL holds decrypted, or can decrypt
+                count: int = self.tls.read(RECV_BYTES, view)  # type: ignore[assignment]  # a count, given a buffer
+                return bytes(view[:count])
             except ssl.SSLWantReadError:
                 pass
             except ssl.SSLZeroReturnError:  # the peer's close_notify
@@ -1130,16 +1132,34 @@ class Connection:
     def _receive(self, timeout: float) -> bytes:
         """One read of what has arrived (b"" at the end of the stream); sets ``arrived``."""
         kernel_timeout(self.sock, socket.SO_RCVTIMEO, timeout)
+        view = _THREAD.buffer
         try:
             if not SO_TIMESTAMPNS:
-                data = self.sock.recv(RECV_BYTES)
+                count = self.sock.recv_into(view)
                 self.arrived = time.perf_counter()
-                return data
-            data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, _ANCILLARY_BYTES)
+                return bytes(view[:count])
+            count, ancillary, _, _ = self.sock.recvmsg_into((view,), _ANCILLARY_BYTES)
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise socket.timeout("timed out")
         self.arrived = arrival_time(ancillary)
-        return data
+        return bytes(view[:count])
+
+
+class _ThreadBuffer(threading.local):
+    """Each thread's receive buffer, made once and read into by every probe the thread runs.
+
+    A ``recv(n)`` makes a bytes object of n bytes and shrinks it to what arrived: with n = 64 KiB
+    each read took a block of malloc's arena of this thread and freed most of it again.  Blocks
+    cut that way, across a handler thread per scraper connection, left the arenas' free space
+    in pieces too small for the next one, and the exporter's memory grew for hours (measured in
+    docs/internals.md, "Memory").  Reading into this buffer, a read allocates only the bytes it
+    returns, mostly few enough for Python's own small-object allocator."""
+
+    def __init__(self) -> None:
+        self.buffer = memoryview(bytearray(RECV_BYTES))
+
+
+_THREAD = _ThreadBuffer()
 
 
 READABLE = select.POLLIN

@@ -7,8 +7,9 @@ interpreter's lock, for ws_exporter.py and bench/reference_exporter.py side by s
 Each exporter runs as a process of its own; after a warm-up over one keep-alive connection,
 ``perf stat`` attaches to it (every thread) while N more probes go over that connection, one at
 a time, to a node ``ws`` echo server (ws:// and wss://).  Counted: raw_syscalls:sys_enter,
-context-switches and a uprobe on libpython's PyEval_SaveThread (each call is one release of
-the lock).  ``strace -f -c`` then gives the system calls by name for one more run.  Then the
+context-switches, a uprobe on libpython's PyEval_SaveThread (each call is one release of
+the lock) and uprobes on libc's malloc, calloc and realloc (the native allocations, which
+fragment malloc's arenas: docs/internals.md, "Memory").  ``strace -f -c`` then gives the system calls by name for one more run.  Then the
 same counts and the CPU per probe while wrk keeps --load probes in flight (default 16), where
 each release of the lock is a hand-off to another thread.  Needs perf
 with uprobes (run as root) and strace; prints what it cannot measure instead of a number.
@@ -29,15 +30,17 @@ sys.path.insert(0, HERE)
 import run  # noqa: E402  (the benchmark's helpers: node server, certificates, processes)
 
 LIBPYTHON = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 GIL_EVENT = "probe_libpython3:PyEval_SaveThread"  # perf names the group after the library
-EVENTS = ["raw_syscalls:sys_enter", "context-switches", GIL_EVENT]
+ALLOC_EVENTS = ["probe_libc:malloc", "probe_libc:calloc", "probe_libc:realloc"]
+EVENTS = ["raw_syscalls:sys_enter", "context-switches", GIL_EVENT] + ALLOC_EVENTS
 
 
-def add_uprobe() -> bool:
-    if not os.path.exists(LIBPYTHON):
+def add_uprobe(library: str, event: str) -> bool:
+    if not os.path.exists(library):
         return False
-    subprocess.run(["perf", "probe", "-q", "-d", GIL_EVENT], capture_output=True)
-    added = subprocess.run(["perf", "probe", "-q", "-x", LIBPYTHON, "--add", "PyEval_SaveThread"], capture_output=True)
+    subprocess.run(["perf", "probe", "-q", "-d", event], capture_output=True)
+    added = subprocess.run(["perf", "probe", "-q", "-x", library, "--add", event.split(":")[1]], capture_output=True)
     return added.returncode == 0
 
 
@@ -104,6 +107,11 @@ def perf_counts(report: str, count: int) -> List[float]:
     return found
 
 
+def columns(counts: List[float]) -> str:
+    """System calls, context switches, lock releases, and malloc + calloc + realloc as one."""
+    return "%.1f | %.1f | %.1f | %.1f" % (*counts[:3], sum(counts[3:]))
+
+
 def strace_top(report: str, count: int, top: int = 8) -> str:
     rows = []
     for line in report.splitlines():
@@ -124,11 +132,11 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="ws-count-")
     pki = run.make_pki(tmp)
     ca, cert, key = pki["ca.pem"], pki["server.pem"], pki["server.key"]
-    uprobe = add_uprobe()
+    uprobe = add_uprobe(LIBPYTHON, GIL_EVENT) and all([add_uprobe(LIBC, event) for event in ALLOC_EVENTS])
     servers = {"ws": run.start_node(None), "wss": run.start_node((cert, key))}
-    print("per probe, %d probes, target host %s%s" % (args.probes, args.host, "" if uprobe else " (no uprobe: lock releases not counted)"))
-    print("| exporter | scheme | probes | CPU ms | system calls | context switches | lock releases | system calls by name |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("per probe, %d probes, target host %s%s" % (args.probes, args.host, "" if uprobe else " (no uprobes: lock releases and allocations not counted)"))
+    print("| exporter | scheme | probes | CPU ms | system calls | context switches | lock releases | native allocations | system calls by name |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for kind in ("reference", "ours"):
         for scheme, server in servers.items():
             port = run.free_port()
@@ -138,12 +146,11 @@ def main() -> None:
                 path = "/probe?target=%s://%s:%d/" % (scheme, args.host, server.port)
                 events = EVENTS if uprobe else EVENTS[:2]
                 counts = perf_counts(measure(["perf", "stat", "-e", ",".join(events)], proc.pid, port, path, args.probes), args.probes)
-                counts += [float("nan")] * (3 - len(counts))
                 names = strace_top(measure(["strace", "-f", "-c"], proc.pid, port, path, args.probes), args.probes)
                 cpu = cpu_ms(proc.pid, port, path, max(args.probes, 1000))
-                print("| %s | %s | one at a time | %.2f | %.1f | %.1f | %.1f | %s |" % (kind, scheme, cpu, *counts, names))
+                print("| %s | %s | one at a time | %.2f | %s | %s |" % (kind, scheme, cpu, columns(counts), names))
                 loaded, cpu = measure_load(proc.pid, "http://127.0.0.1:%d%s" % (port, path), args.load, events)
-                print("| %s | %s | %d at once | %.2f | %.1f | %.1f | %.1f | |" % (kind, scheme, args.load, cpu, *loaded))
+                print("| %s | %s | %d at once | %.2f | %s | |" % (kind, scheme, args.load, cpu, columns(loaded)))
             finally:
                 proc.kill()
                 proc.wait()
