@@ -33,7 +33,7 @@ bench:
 	bash .ci/peers && . ./$(PEERS_ENV) && $(PYTHON) bench/run.py
 
 soak:
-	bash .ci/peers && . ./$(PEERS_ENV) && $(PYTHON) bench/soak.py
+	bash .ci/peers && . ./$(PEERS_ENV) && $(PYTHON) bench/soak.py --report-dir docs/soak
 
 peers:
 	bash .ci/peers

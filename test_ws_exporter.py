@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import unittest
+import xml.etree.ElementTree
 from typing import IO, Callable, Dict, Iterator, List, NoReturn, Optional, Set, Tuple
 from unittest import mock
 
@@ -5399,10 +5400,18 @@ class TestShortSoak(unittest.TestCase):
         if not (IN_CI or os.environ.get("WS_SOAK")):
             self.skipTest("the short soak runs under CI=true (or with WS_SOAK=1)")
         require_peer(self, "WS_VICTORIA_METRICS", "WS_PEER_NODE", "WS_PEER_NODE_PATH", "WS_GANACHE", "WS_ANVIL")
-        result = subprocess.run([sys.executable, os.path.join(HERE, "bench", "soak.py"), "--seconds", "60"],
-                                capture_output=True, text=True, timeout=240)
+        reports = tempfile.mkdtemp(prefix="ws-soak-report-")
+        self.addCleanup(shutil.rmtree, reports, True)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "bench", "soak.py"), "--seconds", "60",
+                                 "--report-dir", reports], capture_output=True, text=True, timeout=240)
         self.assertEqual(result.returncode, 0, result.stdout[-6000:] + result.stderr[-2000:])
         self.assertIn("floors:", result.stdout)
+        with open(os.path.join(reports, "report.txt")) as f:
+            self.assertIn("RSS last half", f.read())
+        picture = xml.etree.ElementTree.parse(os.path.join(reports, "resources.svg")).getroot()
+        lines = picture.findall("{http://www.w3.org/2000/svg}polyline")
+        self.assertEqual(len(lines), 6, "RSS, threads and fds, each for the process killed and the one restarted")
+        self.assertGreater(min(len(line.get("points", "").split()) for line in lines), 2)
 
 
 @unittest.skipUnless(RUN_ONCE, "runs with one interpreter: the bench is under test, not the language")

@@ -24,8 +24,12 @@ close code (3000 + id) or status code: an answer carrying another target's resul
 
 The exporter's RSS, threads and open fds come from /proc every 10 s; the RSS floor compares the
 medians of the first and last quarters of the restarted process's samples, its first quarter of
-life (warm-up) left out; threads and fds must be back to their idle level of the start once the
-scraper is stopped.
+life (warm-up) left out, and a run of two hours or more must grow by at most 1 MB over its last
+hour (median of its last 10 minutes against its first 10); threads and fds must be back to their
+idle level of the start once the scraper is stopped.  The samples go to resources.tsv and are
+drawn, by hand, as resources.svg; with --report-dir the report and the picture are written there
+too (``make soak`` writes docs/soak/, which the README shows).  --draw DIR draws the picture again
+from a kept work directory.
 
 Length: --seconds, else $SOAK_S, else 600.  Runs under 300 s scale the fault schedule (reloads
 every seconds/4, flaps every seconds/5 to seconds/3.5, resources sampled every seconds/30), and
@@ -78,6 +82,9 @@ FLOOR_RSS_GROWTH = 1.10  # last-quarter median RSS <= this times the first quart
 FLOOR_THREADS_TOLERANCE = 1  # idle threads at the end <= idle threads at the start + this
 FLOOR_FDS_TOLERANCE = 2
 FLOOR_RESTART_S = 10.0  # kill -9 to answering /-/healthy again
+FLOOR_LAST_HOUR_MB = 1.0  # RSS growth over the last hour of a run of 2 h or more: the median of its
+LAST_HOUR_S = 3600.0  # last 10 minutes against the median of its first 10
+HOUR_ENDS_S = 600.0
 IDLE_WAIT = 20.0  # s to wait, once the scraper is stopped, for threads and fds to drop
 
 NAN = float("nan")
@@ -728,6 +735,79 @@ class Report:
         self.lines.append(("%-58s %s" % (label, value)).rstrip())
 
 
+def last_hour_ends(samples: Sequence[Tuple[float, float, int, float, int, int]], begin: float,
+                   end: float) -> Tuple[float, float]:
+    """Median RSS of the first and of the last sixth (10 minutes of an hour) of [begin, end]."""
+    span = (end - begin) * HOUR_ENDS_S / LAST_HOUR_S
+    return (med([s[3] for s in samples if begin <= s[1] < begin + span]),
+            med([s[3] for s in samples if end - span <= s[1] <= end]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The picture: RSS, threads and open fds over the run, an SVG drawn by hand
+# ----------------------------------------------------------------------------------------------
+
+SVG_WIDTH, SVG_PANEL, SVG_LEFT, SVG_TOP = 860, 150, 70, 40
+
+
+def draw_resources(work: str) -> str:
+    """resources.svg from the work directory's resources.tsv and timeline.jsonl; its path."""
+    with open(os.path.join(work, "resources.tsv")) as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    samples = [(float(at) / 60, int(pid), float(rss), int(threads), int(fds)) for at, pid, rss, threads, fds in rows]
+    with open(os.path.join(work, "timeline.jsonl")) as f:
+        kills = [event["at"] / 60 for event in map(json.loads, f) if event["kind"] == "exporter_kill"]
+    minutes = max([s[0] for s in samples] + [1.0])
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="11">'
+             % (SVG_WIDTH, SVG_TOP + 3 * (SVG_PANEL + 30) + 20),
+             '<rect width="100%" height="100%" fill="white"/>',
+             '<text x="%d" y="20" font-size="14">ws_exporter under the soak, %.0f minutes: from /proc, the kill -9 dashed</text>'
+             % (SVG_LEFT, minutes)]
+    for index, (column, title) in enumerate(((2, "RSS (MB)"), (3, "threads"), (4, "open fds"))):
+        top = SVG_TOP + index * (SVG_PANEL + 30)
+        parts += _svg_panel(top, title, minutes, [(s[0], s[1], s[column]) for s in samples], kills)
+    parts.append("</svg>")
+    path = os.path.join(work, "resources.svg")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return path
+
+
+def _svg_panel(top: int, title: str, minutes: float, points: List[Tuple[float, int, float]],
+               kills: List[float]) -> List[str]:
+    """One panel: axes, four value ticks, minute ticks, a line per process, the kills."""
+    width = SVG_WIDTH - SVG_LEFT - 20
+    values = [p[2] for p in points] or [0.0]
+    rough = max((max(values) - min(values)) / 4, 0.5)
+    decade = 10.0 ** math.floor(math.log10(rough))
+    tick = next(m * decade for m in (1, 2, 5, 10) if m * decade >= rough)  # 1, 2 or 5 times a power of ten
+    low, high = math.floor(min(values) / tick) * tick, math.ceil(max(values) / tick) * tick
+    high = max(high, low + tick)
+
+    def x(minute: float) -> float:
+        return SVG_LEFT + width * minute / minutes
+
+    def y(value: float) -> float:
+        return top + SVG_PANEL - SVG_PANEL * (value - low) / (high - low)
+
+    out = ['<text x="%d" y="%d" font-weight="bold">%s</text>' % (SVG_LEFT, top - 6, title),
+           '<rect x="%d" y="%d" width="%d" height="%d" fill="none" stroke="#999"/>' % (SVG_LEFT, top, width, SVG_PANEL)]
+    for i in range(int(round((high - low) / tick)) + 1):
+        value = low + tick * i
+        out.append('<text x="%d" y="%.1f" text-anchor="end">%g</text>' % (SVG_LEFT - 6, y(value) + 4, round(value, 1)))
+        out.append('<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#eee"/>' % (SVG_LEFT, SVG_LEFT + width, y(value), y(value)))
+    step = max(1, int(minutes / 12 / 5 + 1) * 5) if minutes > 12 else 1
+    for minute in range(0, int(minutes) + 1, step):
+        out.append('<text x="%.1f" y="%d" text-anchor="middle">%d min</text>' % (x(minute), top + SVG_PANEL + 14, minute))
+    for kill in kills:
+        out.append('<line x1="%.1f" x2="%.1f" y1="%d" y2="%d" stroke="#c00" stroke-dasharray="4 3"/>'
+                   % (x(kill), x(kill), top, top + SVG_PANEL))
+    for pid in sorted(set(p[1] for p in points), key=[p[1] for p in points].index):
+        line = " ".join("%.1f,%.1f" % (x(m), y(v)) for m, owner, v in points if owner == pid)
+        out.append('<polyline points="%s" fill="none" stroke="#1f5fbf" stroke-width="1.2"/>' % line)
+    return out
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return NAN
@@ -1181,6 +1261,7 @@ def analyse(soak: Soak, answers: Dict[Tuple[str, int], Answer], start: float, en
     with open(os.path.join(soak.work, "resources.tsv"), "w") as f:
         f.write("at_s\tpid\trss_mb\tthreads\tfds\n")
         f.writelines("%.1f\t%d\t%.2f\t%d\t%d\n" % (s[1] - start, s[2], s[3], s[4], s[5]) for s in soak.samples)
+    draw_resources(soak.work)
     quarter = len(steady) // 4
     if quarter >= 1:
         first = [s[3] for s in steady[:quarter]]
@@ -1202,6 +1283,12 @@ def analyse(soak: Soak, answers: Dict[Tuple[str, int], Answer], start: float, en
     else:
         report.floor("RSS median first / last quarter", "%d samples after the restart" % len(steady),
                      ">= 4 samples", False)
+    first_rss, last_rss = last_hour_ends([s for s in soak.samples if s[2] == final_pid], end - min(LAST_HOUR_S, (end - start) / 2), end)
+    if end - start >= 2 * LAST_HOUR_S:
+        report.floor("RSS last hour: median first / last 10 min (MB)", "%.1f / %.1f" % (first_rss, last_rss),
+                     "last <= first + %g" % FLOOR_LAST_HOUR_MB, last_rss <= first_rss + FLOOR_LAST_HOUR_MB)
+    else:
+        report.info("RSS last half: median of its first / last sixth (MB)", "%.1f / %.1f" % (first_rss, last_rss))
     rss0, threads0, fds0 = soak.idle_start
     rss1, threads1, fds1, waited = idle_end
     report.floor("threads idle: start / end (%.1fs after the scraper stopped)" % waited, "%d / %d" % (threads0, threads1),
@@ -1253,7 +1340,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="for the fault schedule")
     parser.add_argument("--exporter", default=EXPORTER, help="the ws_exporter.py to soak (for A/B runs)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory even after a clean run")
+    parser.add_argument("--report-dir", help="also write report.txt and resources.svg here")
+    parser.add_argument("--draw", metavar="DIR", help="only draw DIR/resources.svg again, from a kept work directory")
     args = parser.parse_args(argv)
+    if args.draw:
+        print(draw_resources(args.draw))
+        return 0
     if args.seconds < 30:
         parser.error("--seconds must be at least 30")
     missing = [name for name in ("WS_VICTORIA_METRICS", "WS_PEER_NODE", "WS_PEER_NODE_PATH") if not os.environ.get(name)]
@@ -1304,6 +1396,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.text("soak took %.0f s; timeline, logs and data in %s%s" % (
             time.monotonic() - began, work, " (kept)" if (keep or report.missed) else " (removed)"))
         print("\n".join(report.lines), flush=True)
+        if args.report_dir:
+            os.makedirs(args.report_dir, exist_ok=True)
+            with open(os.path.join(args.report_dir, "report.txt"), "w") as f:
+                f.write("\n".join(report.lines) + "\n")
+            shutil.copy(os.path.join(work, "resources.svg"), args.report_dir)
         keep = keep or bool(report.missed)
         soak.timeline.close()
         return 1 if report.missed else 0
