@@ -1921,6 +1921,22 @@ class TestChecks(ChecksTestCase):
         metrics = self.probe_rpc({"eth_chainId": replies("0x1"), "eth_getBlockByNumber": replies({"hash": "0x0"})}, "evm")
         self.assert_check_failed(metrics, "bad_json")
 
+    def test_a_failed_probe_leaves_no_cycle_for_the_garbage_collector(self) -> None:
+        """A frame that raised while holding an exception is a cycle: the probe's connection,
+        buffers and session would wait for a collection, all the more with every failure."""
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.set_debug, 0)
+        self.addCleanup(gc.garbage.clear)
+        refused = self.exporter.probe("ws://127.0.0.1:%d/" % free_port(), "5")
+        self.assert_failed(refused, "connect", "connect_refused")
+        error = self.probe_rpc({"eth_chainId": lambda r: [rpc_error(r["id"], -32000, "boom")]}, "evm")
+        self.assert_check_failed(error, "rpc_error")
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if getattr(getattr(o, "f_code", None), "co_filename", "") == wx.__file__
+                or type(o).__module__ == wx.__name__]
+        self.assertEqual(left, [])
+
     def test_server_closing_during_the_check(self) -> None:
         metrics = self.probe_rpc({"eth_chainId": lambda r: [server_close(1001)]}, "evm")
         self.assert_failed(metrics, "check", "connection_closed", up=1)

@@ -1250,10 +1250,26 @@ def run_probe(
         close_websocket(conn, result, log)
     except Exception as err:  # whatever it was, a failed probe, never a 500
         _record_failure(result, as_probe_error(err, result, log), log)
+        forget_frames(err)
     finally:
         if sock is not None:
             sock.close()
         result.total = time.perf_counter() - start
+
+
+def forget_frames(err: Optional[BaseException]) -> None:
+    """Clear the variables of the finished frames an exception's traceback holds, and those of
+    the exceptions it was raised while handling.  A frame that raises from an ``except ... as e``
+    block, or keeps an exception in a variable, holds the exception whose traceback holds the
+    frame: a cycle that only the garbage collector frees, and with it the probe's connection,
+    buffers and session.  A failed probe made one every time; cleared, its objects go at once."""
+    while err is not None:
+        trace = err.__traceback__
+        while trace is not None:
+            with contextlib.suppress(RuntimeError):  # a frame still running (this probe's caller)
+                trace.tb_frame.clear()
+            trace = trace.tb_next
+        err = err.__context__
 
 
 def _record_failure(result: ProbeResult, err: ProbeError, log: ProbeLog) -> None:
