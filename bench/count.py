@@ -88,6 +88,7 @@ def cpu_ms(pid: int, port: int, path: str, count: int) -> float:
 def measure_load(pid: int, url: str, connections: int, events: List[str]) -> Tuple[List[float], float]:
     """perf stat over one wrk run of 3 s: per-probe counts and the exporter's CPU ms per probe."""
     run.run_wrk(url, connections, 1)  # every handler thread started
+    settle(pid)
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as out:
         proc = subprocess.Popen(["perf", "stat", "-e", ",".join(events), "-o", out.name, "-p", str(pid)], stderr=subprocess.DEVNULL)
         time.sleep(0.5)
@@ -97,6 +98,18 @@ def measure_load(pid: int, url: str, connections: int, events: List[str]) -> Tup
         proc.send_signal(2)
         proc.wait(30)
         return perf_counts(out.read(), requests), cpu
+
+
+def settle(pid: int, seconds: float = 10.0) -> None:
+    """Until the warm-up's handler threads have ended: perf cannot attach to a thread that ends
+    while it does, and gives up on the whole process."""
+    def threads() -> int:
+        return len(os.listdir("/proc/%d/task" % pid))
+
+    deadline, last = time.monotonic() + seconds, -1
+    while time.monotonic() < deadline and threads() != last:
+        last = threads()
+        time.sleep(0.3)
 
 
 def perf_counts(report: str, count: int) -> List[float]:
