@@ -3787,6 +3787,18 @@ class TestProgram(unittest.TestCase):
         with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
             scraper.getresponse()
 
+    def test_a_stop_signal_as_the_exporter_exits_still_ends_it_with_0(self) -> None:
+        """A second SIGTERM after the drain, while the process exits: neither a KeyboardInterrupt
+        outside the drain (exit by SIGINT) nor the default action restored at exit (by SIGTERM)."""
+        for _ in range(10):  # the window is short: one try in about eight fell in it
+            proc = ExporterProcess()
+            self.addCleanup(proc.stop)
+            proc.proc.send_signal(signal.SIGTERM)
+            self.log_line(proc, "Shut down")
+            with contextlib.suppress(ProcessLookupError):
+                proc.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.proc.wait(10), 0)
+
     def test_the_shutdown_timeout_bounds_the_wait_for_probes_in_flight(self) -> None:
         proc, _, _ = self.probe_in_flight("--timeout=60s", "--web.shutdown-timeout=1s")
         proc.proc.send_signal(signal.SIGTERM)

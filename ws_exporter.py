@@ -4457,8 +4457,17 @@ def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> 
     (at once on a second stop signal, those answers lost)."""
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     signum = wait_for_stop(wakeup, exporter)
+    draining = [True]
+
+    def second_stop(*_: object) -> None:
+        """Ends the drain, once and only while it runs: a KeyboardInterrupt raised anywhere else
+        (as the process exits) would end the process by SIGINT rather than with 0."""
+        if draining[0]:
+            draining[0] = False
+            raise KeyboardInterrupt
+
     for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.default_int_handler)  # raises KeyboardInterrupt
+        signal.signal(stop, second_stop)
     log = exporter.logger.log
     try:
         server.stopping = True  # a request on a kept-alive connection now gets a 503
@@ -4466,9 +4475,13 @@ def serve(server: ExporterServer, exporter: Exporter, wakeup: socket.socket) -> 
         server.server_close()
         log("info", "Shutting down", signal=signal.Signals(signum).name if signum else "", in_flight=exporter.stats.in_flight)
         unanswered = server.drain(exporter.settings.shutdown_timeout)
+        draining[0] = False
     except KeyboardInterrupt:
         log("warn", "Stopped by a second signal", unanswered=len(server.answering))
         return 0
+    finally:
+        for stop in STOP_SIGNALS:  # exiting: Python would restore the default, death by the signal
+            signal.signal(stop, signal.SIG_IGN)
     log("warn" if unanswered else "info", "Shut down", unanswered=unanswered)
     return 0
 
