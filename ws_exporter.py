@@ -1267,7 +1267,7 @@ def forget_frames(err: Optional[BaseException]) -> None:
     while err is not None:
         trace = err.__traceback__
         while trace is not None:
-            with contextlib.suppress(RuntimeError):  # a frame still running (this probe's caller)
+            with contextlib.suppress(RuntimeError):  # a frame still running: run_probe's own
                 trace.tb_frame.clear()
             trace = trace.tb_next
         err = err.__context__
