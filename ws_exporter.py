@@ -152,13 +152,6 @@ CLOCK_STEP_SECONDS = 60.0  # a stamp this old or from the future means the wall 
 
 # The exporter's own HTTP server.
 KEEPALIVE_IDLE_SECONDS = 90.0  # an idle keep-alive connection is closed after this
-# The first answer after this long on one connection says "Connection: close" and the handler
-# thread ends.  A thread's malloc cache (glibc's tcache: up to 7 freed blocks of each size up to
-# 1 KiB, kept for the thread, counted as in use) fills as a long-lived thread runs probes of
-# every kind, and is only given back when the thread ends; with a thread per scraper connection
-# kept alive for ever, the exporter's memory grew with it for hours (docs/internals.md, "Memory").
-# The scraper opens a new connection for its next request, as it does after any restart.
-KEEPALIVE_MAX_SECONDS = 300.0
 REQUEST_READ_SECONDS = 10.0  # a client must send a whole request within this
 RESPONSE_WRITE_SECONDS = 30.0
 LISTEN_BACKLOG = 1024
@@ -3045,7 +3038,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.rfile.close()  # replaced by a reader that keeps the request's deadline
         self.reader = _RequestReader(self.connection)
         self.rfile = io.BufferedReader(self.reader)
-        self.retire_at = time.monotonic() + KEEPALIVE_MAX_SECONDS
 
     def handle_one_request(self) -> None:
         self.reader.next_request()
@@ -3065,8 +3057,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.respond(503, "Shutting down\n")
             return False
-        if time.monotonic() >= self.retire_at:  # this answer is the connection's last
-            self.close_connection = True
         return True
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
