@@ -73,6 +73,9 @@ SCRAPE_INTERVAL = 5.0
 SCRAPE_TIMEOUT = 4.0
 DEFAULT_SECONDS = 600.0
 START_TIMEOUT = 30.0
+# The environment the shipped Dockerfile and systemd unit give the exporter: glibc's cache of
+# freed blocks for each thread off (docs/internals.md, "Memory").
+EXPORTER_ENV = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}
 RESTART_PAUSE = 1.0  # s between the exporter's kill -9 and its restart, as a supervisor would wait
 CLOSE_BASE = 3000  # bench/soak_server.py answers a close with 3000 + the target's id
 
@@ -509,7 +512,7 @@ class Exporter:
             self.proc = self.children.spawn(
                 [sys.executable, os.path.basename(self.path), "--config.file=" + self.config,
                  "--web.listen-address=" + self.address],
-                stderr=log, cwd=os.path.dirname(self.path))
+                stderr=log, cwd=os.path.dirname(self.path), env=EXPORTER_ENV)
         self.pids.append(self.proc.pid)
 
     def healthy(self) -> bool:
