@@ -1084,11 +1084,8 @@ class Connection:
                 break
             except ssl.SSLWantReadError:
                 self._send(self._outgoing.read())
-                data = self._receive(self.deadline.remaining())
-                if data:
-                    self._incoming.write(data)
-                else:  # the server closed: do_handshake raises SSLEOFError next
-                    self._incoming.write_eof()
+                if not self._feed_tls(self.deadline.remaining()):  # the server closed:
+                    self._incoming.write_eof()  # do_handshake raises SSLEOFError next
         self.tls = tls
 
     def send(self, data: bytes) -> None:
@@ -1121,28 +1118,37 @@ class Connection:
                 return b""
             if self._outgoing.pending:  # a handshake message still to go (TLS 1.3's Finished)
                 self._send(self._outgoing.read())
-            data = self._receive(until - time.monotonic())
-            if not data:
+            if not self._feed_tls(until - time.monotonic()):
                 return b""
-            self._incoming.write(data)
 
     def _send(self, data: bytes) -> None:
         send_within(self.sock, data, self.deadline.remaining())
 
     def _receive(self, timeout: float) -> bytes:
         """One read of what has arrived (b"" at the end of the stream); sets ``arrived``."""
+        return bytes(_THREAD.buffer[: self._read(timeout)])
+
+    def _feed_tls(self, timeout: float) -> int:
+        """One read of TLS records straight into OpenSSL's buffer; 0 at the end of the stream."""
+        count = self._read(timeout)
+        if count:
+            self._incoming.write(_THREAD.buffer[:count])
+        return count
+
+    def _read(self, timeout: float) -> int:
+        """One read into the thread's buffer: how many bytes arrived (0 at the end of the
+        stream); sets ``arrived``."""
         kernel_timeout(self.sock, socket.SO_RCVTIMEO, timeout)
-        view = _THREAD.buffer
         try:
             if not SO_TIMESTAMPNS:
-                count = self.sock.recv_into(view)
+                count = self.sock.recv_into(_THREAD.buffer)
                 self.arrived = time.perf_counter()
-                return bytes(view[:count])
-            count, ancillary, _, _ = self.sock.recvmsg_into((view,), _ANCILLARY_BYTES)
+                return count
+            count, ancillary, _, _ = self.sock.recvmsg_into((_THREAD.buffer,), _ANCILLARY_BYTES)
         except BlockingIOError:  # SO_RCVTIMEO ran out
             raise socket.timeout("timed out")
         self.arrived = arrival_time(ancillary)
-        return bytes(view[:count])
+        return count
 
 
 class _ThreadBuffer(threading.local):
