@@ -778,7 +778,8 @@ def draw_resources(work: str) -> str:
 
 def _svg_panel(top: int, title: str, minutes: float, points: List[Tuple[float, int, float]],
                kills: List[float]) -> List[str]:
-    """One panel: axes, four value ticks, minute ticks, a line per process, the kills."""
+    """One panel: axes, value ticks at 1, 2 or 5 times a power of ten, minute ticks, a line per
+    process, the kills."""
     width = SVG_WIDTH - SVG_LEFT - 20
     values = [p[2] for p in points] or [0.0]
     rough = max((max(values) - min(values)) / 4, 0.5)
